@@ -1,0 +1,21 @@
+"""fusionblocks: composable CNN-Transformer fusion blocks for medical imaging.
+
+Blocks take NCHW ``(B, C, H, W)`` in and out unless their name says tokens. Models come from
+:func:`create_model`; the functional ops and their backends live in :mod:`fusionblocks.ops`.
+"""
+__version__ = "0.1.0"
+
+from .layers.conv import ConvBN
+from .layers.gates import ChannelAttn, SpatialAttn
+from .layers.norm import LayerNorm2d
+from .models.registry import create_model, list_models
+
+__all__ = [
+    "__version__",
+    "ChannelAttn",
+    "ConvBN",
+    "LayerNorm2d",
+    "SpatialAttn",
+    "create_model",
+    "list_models",
+]

@@ -1,0 +1,62 @@
+"""``create_model`` / ``list_models``: the model registry."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from typing import Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+_MODELS: Dict[str, Callable[..., nn.Module]] = {}
+_MODEL_MODULES = ("hifuse", "hemf", "hatr")
+_loaded = False
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register a model factory under its function name."""
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for name in _MODEL_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+    _loaded = True
+
+
+def list_models(pattern: Optional[str] = None) -> List[str]:
+    """Sorted registered model names, optionally filtered by a glob ``pattern`` (e.g. ``"hifuse*"``)."""
+    _load()
+    names = sorted(_MODELS)
+    return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
+
+
+def create_model(name: str, num_classes: int = 1000, pretrained_official: Optional[str] = None, **kwargs) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: one of :func:`list_models`.
+        num_classes: classifier outputs.
+        pretrained_official: path to a checkpoint of the official repository; its state_dict is
+            loaded strictly through ``model.load_official_state_dict``.
+        **kwargs: passed to the model's constructor.
+    """
+    _load()
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"create_model: unknown model {name!r}{hint} Available: {', '.join(sorted(_MODELS))}")
+    model = _MODELS[name](num_classes=num_classes, **kwargs)
+    if pretrained_official is not None:
+        import torch
+
+        sd = torch.load(pretrained_official, map_location="cpu", weights_only=True)
+        for key in ("model", "state_dict"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+        model.load_official_state_dict(sd)
+    return model

@@ -1,0 +1,56 @@
+"""Rebuild the official weights and inputs of ``tests/golden`` by the fill rule of its README."""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> Dict[str, Any]:
+    """A model record (``hifuse_tiny``, ``hemf``, ...) or ``blocks`` (the dict of block records)."""
+    return torch.load(GOLDEN / f"{name}.pt", weights_only=True)
+
+
+def block(name: str) -> Dict[str, Any]:
+    return load("blocks")[name]
+
+
+def official_state_dict(record: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    """The official state_dict that produced ``record``'s outputs."""
+    sd: Dict[str, torch.Tensor] = {}
+    buffers = record.get("buffers", {})
+    for i, (key, shape, dtype) in enumerate(record["keys"]):
+        shape = tuple(shape)
+        g = torch.Generator().manual_seed(record["fill_seed"] + i)
+        if "float" not in dtype or key.endswith((".angle", ".decay")):
+            if key in buffers:
+                sd[key] = buffers[key].clone()
+            else:  # num_batches_tracked: the module's own value
+                sd[key] = torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1]))
+        elif key.endswith("running_var"):
+            sd[key] = 0.5 + torch.rand(shape, generator=g)
+        elif key.endswith("running_mean"):
+            sd[key] = 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            sd[key] = (1.0 if key.endswith("weight") else 0.0) + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[key] = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    return sd
+
+
+def make_input(spec: Any) -> Any:
+    """A stored input: ``{"seed", "shape"}`` -> the tensor; anything else as it is."""
+    if isinstance(spec, dict) and "seed" in spec:
+        return torch.randn(*spec["shape"], generator=torch.Generator().manual_seed(spec["seed"]))
+    return spec
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max|a - b| / max|b|``: the parity measure (must be <= 1e-5)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
