@@ -1,0 +1,1 @@
+"""Training and evaluation: datasets, transforms, recipes, metrics, plots, the train/evaluate engine."""

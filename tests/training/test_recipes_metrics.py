@@ -1,0 +1,69 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from fusionblocks.training import recipes as R
+from fusionblocks.training.metrics import classification_metrics
+
+
+def test_recipes_match_the_papers():
+    h, a = R.get_recipe("hifuse"), R.get_recipe("hatr")
+    assert (h.optimizer, h.lr, h.weight_decay, h.min_lr, h.warmup_epochs, h.batch_size) == ("adamw", 1e-4, 0.01, 1e-6, 1.0, 32)
+    assert h.mean == [0.5] and h.std == [0.5] and h.augment == {"random_resized_crop": True, "hflip": True}
+    assert (a.optimizer, a.lr, a.batch_size, a.epochs) == ("adam", 1e-4, 32, 20)
+    assert a.class_weights == {"normal": 3.0, "pneumonia": 1.0}
+    assert a.mean == [0.485] and a.std == [0.229]
+    assert a.augment["rotation"] == 10.0 and a.augment["brightness"] == 0.1
+    with pytest.raises(ValueError, match="unknown recipe 'sgd'"):
+        R.get_recipe("sgd")
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    m(torch.randn(1, 3, 5, 5))
+    opt = R.build_optimizer(m, R.get_recipe("hifuse"))
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert id(m[0].weight) in decayed and id(m[0].bias) not in decayed and id(m[1].weight) not in decayed
+
+
+def test_warmup_then_cosine_to_min_lr():
+    f = lambda s: R.lr_factor(s, total_steps=100, warmup_steps=10, base_lr=1e-4, min_lr=1e-6)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.01 + 0.99 * 0.5, rel=1e-6)
+    assert f(100) == pytest.approx(0.01)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+def test_class_weights():
+    assert R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["NORMAL", "PNEUMONIA"], [10, 30]) == [3.0, 1.0]
+    assert R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["a", "b"], [10, 30]) == [2.0, 2 / 3]
+    assert R.resolve_class_weights("none", ["a"], [1]) is None
+    with pytest.raises(ValueError, match="expected 2 values"):
+        R.resolve_class_weights([1.0], ["a", "b"], [1, 1])
+
+
+def test_metrics_binary_hand_checked():
+    y = [0, 0, 1, 1, 1]
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    m = classification_metrics(y, probs, ["normal", "pneumonia"])
+    # predictions 0,1,1,1,0: TP=2 FP=1 FN=1 TN=1
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert m["recall_macro"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["precision_macro"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert m["mcc"] == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    assert m["auc"] == pytest.approx(5 / 6)  # 5 of the 6 (pos, neg) pairs ranked right
+    assert set(m["per_class"]) >= {"normal", "pneumonia", "macro avg"}
+
+
+def test_metrics_multiclass_perfect_and_missing_class():
+    probs = np.eye(3)[[0, 1, 2, 1]]
+    m = classification_metrics([0, 1, 2, 1], probs, ["a", "b", "c"])
+    assert m["accuracy"] == 1 and m["mcc"] == 1 and m["kappa"] == 1 and m["auc"] == 1
+    m = classification_metrics([0, 0, 1], np.eye(3)[[0, 1, 1]], ["a", "b", "c"])
+    assert m["auc"] is None and "auc_note" in m
