@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 from .layers.conv import ConvBN
 from .layers.gates import ChannelAttn, SpatialAttn
 from .layers.norm import LayerNorm2d
+from .models.features import FeatureExtractor
 from .models.registry import create_model, list_models
 
 __all__ = [
@@ -16,6 +17,11 @@ __all__ = [
     "ConvBN",
     "LayerNorm2d",
     "SpatialAttn",
+    "FeatureExtractor",
     "create_model",
     "list_models",
 ]
+
+from .models.features import register_with_timm as _register_with_timm  # noqa: E402
+
+_register_with_timm()

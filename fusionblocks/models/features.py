@@ -1,0 +1,92 @@
+"""``features_only`` views of fusionblocks models, and their registration in timm when timm is importable.
+
+Every fusionblocks model offers ``forward_intermediates(x)`` (a list of NCHW maps, strides 4/8/16/32)
+and ``feature_info`` (``[{"num_chs", "reduction", "module"}, ...]``). :class:`FeatureExtractor` turns
+one into an encoder whose ``forward`` returns the selected maps, as timm's ``features_only=True`` does.
+
+With timm installed, ``import fusionblocks`` registers every model in timm's registry, so
+``timm.create_model("hifuse_tiny", features_only=True, out_indices=(1, 2, 3))`` works.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__: List[str] = ["FeatureExtractor", "register_with_timm"]
+
+
+def _feature_info_object(info: List[dict], out_indices: Sequence[int]):
+    try:
+        from timm.models._features import FeatureInfo
+    except ImportError:
+        return [dict(info[i]) for i in out_indices]
+    return FeatureInfo(info, tuple(out_indices))
+
+
+class FeatureExtractor(nn.Module):
+    """Wrap a model so ``forward(x)`` returns ``[intermediates[i] for i in out_indices]``.
+
+    Args:
+        model: a fusionblocks model (``forward_intermediates`` + ``feature_info``).
+        out_indices: which of the model's feature levels to return (negative indices count from the end).
+
+    ``feature_info`` is timm's ``FeatureInfo`` when timm is importable (``.channels()``,
+    ``.reduction()``), else a list of dicts for the selected levels.
+    """
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3)):
+        super().__init__()
+        name = type(model).__name__
+        if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
+            raise TypeError(f"FeatureExtractor: expected a model with forward_intermediates and feature_info, got {name}")
+        n = len(model.feature_info)
+        idx = []
+        for i in out_indices:
+            if not -n <= i < n:
+                raise ValueError(f"FeatureExtractor: {name} has {n} feature levels, got out_indices {tuple(out_indices)}")
+            idx.append(i % n)
+        self.model = model
+        self.out_indices = tuple(idx)
+        self.feature_info = _feature_info_object(list(model.feature_info), self.out_indices)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feats = self.model.forward_intermediates(x)
+        return [feats[i] for i in self.out_indices]
+
+
+def _timm_entrypoint(name: str):
+    from .registry import create_model
+
+    def entry(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, features_only: bool = False,
+              out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs):
+        if pretrained:
+            raise ValueError(
+                f"{name}: fusionblocks publishes no timm weights; load an official checkpoint with "
+                f"fusionblocks.create_model({name!r}, pretrained_official=PATH)"
+            )
+        model = create_model(name, **kwargs)
+        return FeatureExtractor(model, out_indices) if features_only else model
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__module__ = __name__
+    entry.__doc__ = f"fusionblocks {name} (see fusionblocks.create_model)."
+    return entry
+
+
+def register_with_timm() -> List[str]:
+    """Register every fusionblocks model with timm (if timm is installed); returns the names registered."""
+    if importlib.util.find_spec("timm") is None:
+        return []
+    from timm.models import is_model, register_model
+
+    from .registry import list_models
+
+    done = []
+    for name in list_models():
+        if not is_model(name):
+            register_model(_timm_entrypoint(name))
+            done.append(name)
+    return done

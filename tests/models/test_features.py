@@ -1,0 +1,52 @@
+"""features_only views of models, and timm registration (skipped where timm is not installed)."""
+import importlib.util
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusionblocks
+from fusionblocks import FeatureExtractor
+
+
+class _Pyramid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3 if i == 0 else 4 * i, 4 * (i + 1), 3, 4 if i == 0 else 2, 1) for i in range(4)])
+        self.feature_info = [dict(num_chs=4 * (i + 1), reduction=2 ** (i + 2), module=f"convs.{i}") for i in range(4)]
+
+    def forward_intermediates(self, x):
+        out = []
+        for c in self.convs:
+            x = c(x)
+            out.append(x)
+        return out
+
+
+def test_feature_extractor_selects_levels():
+    fx = FeatureExtractor(_Pyramid(), out_indices=(1, -1))
+    feats = fx(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(2, 8, 8, 12), (2, 16, 2, 3)]
+    assert fx.out_indices == (1, 3)
+
+
+def test_feature_extractor_errors():
+    with pytest.raises(ValueError, match=r"FeatureExtractor: _Pyramid has 4 feature levels, got out_indices \(0, 4\)"):
+        FeatureExtractor(_Pyramid(), out_indices=(0, 4))
+    with pytest.raises(TypeError, match="expected a model with forward_intermediates and feature_info, got Linear"):
+        FeatureExtractor(nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
+def test_timm_create_model_features_only():
+    import timm
+
+    for name in fusionblocks.list_models():
+        assert timm.is_model(name), name
+    model = timm.create_model("hifuse_tiny", features_only=True, out_indices=(1, 2, 3), num_classes=3)
+    feats = model(torch.randn(1, 3, 64, 64))
+    assert [f.shape[-1] for f in feats] == [8, 4, 2]
+    assert model.feature_info.channels() == [f.shape[1] for f in feats]
+    assert model.feature_info.reduction() == [8, 16, 32]
+    with pytest.raises(ValueError, match="publishes no timm weights"):
+        timm.create_model("hifuse_tiny", pretrained=True)
