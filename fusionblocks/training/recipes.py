@@ -5,8 +5,8 @@ of linear warm-up then cosine decay to 1e-6 (stepped per iteration), batch 32, R
 horizontal flip, mean/std 0.5.
 
 ``hatr`` (HATR, seed paper 000 §3): Adam lr 1e-4, batch 32, 20 epochs, weighted cross-entropy with
-normal:pneumonia = 3:1 (inverse-frequency weights when the classes are not named so), horizontal and
-vertical flips, ±10° rotation, ±10 % brightness, mean 0.485 / std 0.229 on every channel.
+normal:pneumonia = 3:1 (inverse-frequency weights when the classes are not named so), horizontal
+flips, ±10° rotation, ±10 % brightness, mean 0.485 / std 0.229 on every channel.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ RECIPES: Dict[str, Recipe] = {
     "hatr": Recipe(
         name="hatr", optimizer="adam", lr=1e-4, weight_decay=0.0, no_decay_on_norm_and_bias=False,
         warmup_epochs=0.0, min_lr=None, batch_size=32, epochs=20, mean=[0.485], std=[0.229],
-        augment={"hflip": True, "vflip": True, "rotation": 10.0, "brightness": 0.1},
+        augment={"hflip": True, "rotation": 10.0, "brightness": 0.1},
         class_weights={"normal": 3.0, "pneumonia": 1.0}, default_model="hatr_resnet50",
         notes="HATR paper: weighted CE normal:pneumonia 3:1",
     ),

@@ -16,7 +16,7 @@ def test_recipes_match_the_papers():
     assert (a.optimizer, a.lr, a.batch_size, a.epochs) == ("adam", 1e-4, 32, 20)
     assert a.class_weights == {"normal": 3.0, "pneumonia": 1.0}
     assert a.mean == [0.485] and a.std == [0.229]
-    assert a.augment["rotation"] == 10.0 and a.augment["brightness"] == 0.1
+    assert a.augment == {"hflip": True, "rotation": 10.0, "brightness": 0.1}  # paper §2.2: horizontal flips only
     with pytest.raises(ValueError, match="unknown recipe 'sgd'"):
         R.get_recipe("sgd")
 

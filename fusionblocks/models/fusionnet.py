@@ -1,0 +1,281 @@
+"""``FusionNet``: the dual-branch CNN-Transformer assembly shared by HiFuse and HEMF.
+
+Contract (stable; HiFuse and HEMF are configurations of it)::
+
+    image (B, in_chans, H, W)
+      -> zero-pad bottom/right to multiples of ``pad_to`` (32 = the total stride; a no-op at 224)
+      -> local_branch:  stem (stride 4) -> stages[0..3]   -> l_1..l_4   (dims[i] channels, strides 4/8/16/32)
+      -> global_branch: stem (stride 4) -> stages[0..3]   -> g_1..g_4
+      -> f_i = fusion[i](l_i, g_i, f_{i-1})  with f_0 = None            (the four fusion outputs)
+      -> head: mean over H, W -> LayerNorm(dims[-1], eps 1e-6) -> Linear(dims[-1], num_classes)
+
+Factories (all return NCHW-in/NCHW-out modules):
+
+- ``stem(in_chans, dim) -> nn.Module``: stride 4. Default :func:`conv_stem` (Conv 4x4/4 + LayerNorm2d).
+- ``stage(i, in_dim, dim) -> nn.Module``: stage ``i`` in 0..3; stage 0 gets the stem output
+  (``in_dim == dims[0]``) and keeps its size, stages 1..3 map ``dims[i-1] -> dims[i]`` and halve ``H, W``.
+  :func:`conv_stages` wraps a ``blocks(i, dim)`` factory into the ConvNeXt-style stage used by both
+  official local branches and HEMF's global branch (``LayerNorm2d + Conv 2x2/2`` downsampling, then the
+  blocks), as a :class:`Stage` with submodules ``downsample`` and ``blocks``.
+- ``fusion(i, dim) -> nn.Module`` called as ``fusion(l, g, f)`` where ``f`` is ``None`` at stage 0 and the
+  previous fusion output ``(B, dims[i-1], 2H, 2W)`` after.
+
+Module tree: ``local_branch.{stem, stages.i}``, ``global_branch.{stem, stages.i}``, ``fusion.i``,
+``head.{norm, fc}``. Model API: ``forward``, ``forward_features`` (last fusion map, unpooled),
+``forward_head(x, pre_logits=False)``, ``forward_intermediates`` (the four fusion maps), ``feature_info``,
+``load_official_state_dict`` (subclasses implement :meth:`FusionNet.official_key_rules`; the helpers
+:func:`conv_branch_rules`, :func:`fusion_rules`, :func:`prefixed_rules` build the usual renames).
+
+Input sizes: any ``H, W >= 1``; sizes that are not multiples of ``pad_to`` are zero-padded at the
+bottom/right, so every map has ``ceil(H / 32) * 32 / stride`` rows (e.g. 100x76 -> fusion maps 32x24,
+16x12, 8x6, 4x3). At multiples of 32 (224 included) the network is the official function.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._validate import expect_nchw, expect_positive_int
+from ..layers.norm import LayerNorm2d
+from .convert import Rule, load_official
+
+__all__ = [
+    "FusionNet",
+    "Branch",
+    "Stage",
+    "ClassifierHead",
+    "conv_stem",
+    "conv_downsample",
+    "conv_stages",
+    "conv_branch_rules",
+    "fusion_rules",
+    "prefixed_rules",
+]
+
+StemFn = Callable[[int, int], nn.Module]
+StageFn = Callable[[int, int, int], nn.Module]
+FusionFn = Callable[[int, int], nn.Module]
+
+
+def conv_stem(in_chans: int, dim: int) -> nn.Module:
+    """ConvNeXt stem of the official code: ``Conv2d(in_chans, dim, 4, stride 4) -> LayerNorm2d(dim, 1e-6)``.
+
+    Keys ``0.weight/bias`` (conv) and ``1.weight/bias`` (norm), as the official ``downsample_layers[0]``.
+    """
+    return nn.Sequential(nn.Conv2d(in_chans, dim, 4, stride=4), LayerNorm2d(dim, eps=1e-6))
+
+
+def conv_downsample(in_dim: int, dim: int) -> nn.Module:
+    """``LayerNorm2d(in_dim, 1e-6) -> Conv2d(in_dim, dim, 2, stride 2)`` (official ``downsample_layers[1:]``)."""
+    return nn.Sequential(LayerNorm2d(in_dim, eps=1e-6), nn.Conv2d(in_dim, dim, 2, stride=2))
+
+
+class Stage(nn.Module):
+    """``downsample`` (``Identity`` at stage 0) then ``blocks``. Shapes: ``(B, in_dim, H, W) -> (B, dim, H', W')``."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: nn.Module):
+        super().__init__()
+        self.downsample = nn.Identity() if downsample is None else downsample
+        self.blocks = blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+def conv_stages(blocks: Callable[[int, int], nn.Module]) -> StageFn:
+    """A stage factory: :func:`conv_downsample` (stages 1..3) followed by ``blocks(i, dim)``.
+
+    ``blocks(i, dim)`` returns the NCHW module of stage ``i`` (e.g. ``nn.Sequential`` of ``LocalBlock``).
+    """
+
+    def make(i: int, in_dim: int, dim: int) -> nn.Module:
+        return Stage(conv_downsample(in_dim, dim) if i > 0 else None, blocks(i, dim))
+
+    return make
+
+
+class Branch(nn.Module):
+    """A stem and four stages; ``forward`` returns the four stage outputs (strides 4, 8, 16, 32)."""
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module]):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        x = self.stem(x)
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool -> ``LayerNorm(dim)`` -> ``Linear(dim, num_classes)`` (official ``conv_norm``/``conv_head``).
+
+    Shapes: ``(B, C, H, W) -> (B, num_classes)``, or ``(B, C)`` with ``pre_logits=True``.
+    """
+
+    def __init__(self, dim: int, num_classes: int, *, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean((-2, -1)))
+        return x if pre_logits else self.fc(x)
+
+
+class FusionNet(nn.Module):
+    """Dual-branch (local CNN + global Transformer) network with hierarchical fusion; see the module docstring.
+
+    Args:
+        local_stage: stage factory ``(i, in_dim, dim) -> module`` of the local branch.
+        global_stage: stage factory of the global branch.
+        fusion: ``(i, dim) -> module`` called as ``(l, g, f)``.
+        dims: channels of the four stages.
+        in_chans: image channels.
+        num_classes: classifier outputs (``0``: no classifier, ``forward`` returns pooled features).
+        local_stem: ``(in_chans, dims[0]) -> module`` of stride 4.
+        global_stem: same for the global branch.
+        head_norm_eps: epsilon of the head LayerNorm (official: 1e-6).
+        pad_to: inputs are zero-padded (bottom/right) to multiples of this (default 32, the total stride).
+
+    Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``.
+    """
+
+    official_source: str = "official"
+
+    def __init__(
+        self,
+        local_stage: StageFn,
+        global_stage: StageFn,
+        fusion: FusionFn,
+        *,
+        dims: Sequence[int] = (96, 192, 384, 768),
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        local_stem: StemFn = conv_stem,
+        global_stem: StemFn = conv_stem,
+        head_norm_eps: float = 1e-6,
+        pad_to: int = 32,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        if len(dims) != 4:
+            raise ValueError(f"{name}: expected 4 stage dims, got {tuple(dims)}")
+        for d in dims:
+            expect_positive_int(name, "dims", d)
+        expect_positive_int(name, "in_chans", in_chans)
+        expect_positive_int(name, "pad_to", pad_to)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"{name}: expected num_classes as an int >= 0, got {num_classes!r}")
+        self.dims = tuple(dims)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = dims[-1]
+        self.pad_to = pad_to
+        in_dims = (dims[0],) + tuple(dims[:-1])
+        self.local_branch = Branch(local_stem(in_chans, dims[0]), [local_stage(i, in_dims[i], dims[i]) for i in range(4)])
+        self.global_branch = Branch(global_stem(in_chans, dims[0]), [global_stage(i, in_dims[i], dims[i]) for i in range(4)])
+        self.fusion = nn.ModuleList(fusion(i, dims[i]) for i in range(4))
+        self.head = ClassifierHead(dims[-1], num_classes, norm_eps=head_norm_eps)
+        self.feature_info: List[Dict[str, object]] = [
+            {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"fusion.{i}"} for i in range(4)
+        ]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final Linear (``0`` removes it)."""
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        expect_nchw(type(self).__name__, "x", x, self.in_chans)
+        ph, pw = (-x.shape[-2]) % self.pad_to, (-x.shape[-1]) % self.pad_to
+        return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The four fusion outputs ``[(B, dims[i], H_i, W_i)]`` at strides 4, 8, 16, 32 (of the padded input)."""
+        x = self._pad(x)
+        ls = self.local_branch(x)
+        gs = self.global_branch(x)
+        outs: List[torch.Tensor] = []
+        f: Optional[torch.Tensor] = None
+        for fuse, l, g in zip(self.fusion, ls, gs):
+            f = fuse(l, g, f)
+            outs.append(f)
+        return outs
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last fusion map ``(B, dims[-1], H/32, W/32)``, before pooling."""
+        return self.forward_intermediates(x)[-1]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool + norm (+ classifier unless ``pre_logits``): ``(B, C, h, w) -> (B, num_classes)`` or ``(B, C)``."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def official_key_rules(self) -> Tuple[List[Rule], List[str]]:
+        """``(rules, drop)`` mapping the official state_dict onto this model (see ``models/convert.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no official checkpoint mapping")
+
+    def load_official_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Load a state_dict of the official repository strictly (missing/unexpected keys are named).
+
+        Which official keys are dropped is documented by the subclass.
+        """
+        rules, drop = self.official_key_rules()
+        load_official(self, state_dict, rules, drop, source=self.official_source)
+
+
+def prefixed_rules(
+    official_prefix: str, our_prefix: str, rules: Sequence[Rule] = (), drop: Sequence[str] = ()
+) -> Tuple[List[Rule], List[str]]:
+    """Move a block's own ``(rules, drop)`` under a prefix and add a catch-all ``prefix.rest`` rename.
+
+    ``official_prefix`` is a regex without groups (e.g. ``r"fu1\\."``), ``our_prefix`` a literal (``"fusion.0."``).
+    The block's patterns may not use ``^``/``$`` anchors other than at their ends (they are stripped).
+    """
+    out_rules = [(official_prefix + p.lstrip("^").rstrip("$"), our_prefix.replace("\\", r"\\") + r) for p, r in rules]
+    out_rules.append((official_prefix + r"(.*)", our_prefix.replace("\\", r"\\") + r"\1"))
+    out_drop = [official_prefix + p.lstrip("^").rstrip("$") for p in drop]
+    return out_rules, out_drop
+
+
+def conv_branch_rules(downsample_key: str, stages_key: str, ours: str) -> List[Rule]:
+    """Renames of an official ConvNeXt-style branch (``downsample_layers`` + ``stages``) onto a :class:`Branch`
+    built with :func:`conv_stem` / :func:`conv_stages`.
+
+    ``{downsample_key}.0.*`` -> ``{ours}.stem.*``; ``{downsample_key}.i.*`` -> ``{ours}.stages.i.downsample.*``;
+    ``{stages_key}.i.*`` -> ``{ours}.stages.i.blocks.*``.
+    """
+    return [
+        (rf"{downsample_key}\.0\.(.*)", rf"{ours}.stem.\1"),
+        (rf"{downsample_key}\.([1-3])\.(.*)", rf"{ours}.stages.\1.downsample.\2"),
+        (rf"{stages_key}\.([0-3])\.(.*)", rf"{ours}.stages.\1.blocks.\2"),
+    ]
+
+
+def fusion_rules(blocks: Sequence[nn.Module], official_fmt: str = "fu{n}") -> Tuple[List[Rule], List[str]]:
+    """Official ``fu1..fu4.*`` -> ``fusion.0..3.*``, applying each fusion block's own renames inside.
+
+    A block may define ``OFFICIAL_KEY_RULES`` (block-level ``(regex, replacement)`` pairs) and
+    ``official_key_drop()`` (block-level regexes of official keys it does not hold), as ``HFF``/``HEF`` do.
+    """
+    rules: List[Rule] = []
+    drop: List[str] = []
+    for i, blk in enumerate(blocks):
+        own_rules = list(getattr(blk, "OFFICIAL_KEY_RULES", ()))
+        own_drop = list(blk.official_key_drop()) if hasattr(blk, "official_key_drop") else []
+        prefix = re.escape(official_fmt.format(n=i + 1) + ".")
+        r, d = prefixed_rules(prefix, f"fusion.{i}.", own_rules, own_drop)
+        rules += r
+        drop += d
+    return rules, drop

@@ -1,0 +1,117 @@
+"""The model API of FusionNet models (here HiFuse at a small width): intermediates, feature_info, input
+sizes, the head, the registry and strict official loading."""
+import pytest
+import torch
+
+from fusionblocks import create_model, list_models
+from fusionblocks.models.fusionnet import FusionNet
+from fusionblocks.models.hifuse import HiFuse
+from golden_utils import load
+
+DIMS = (16, 32, 64, 128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=5).eval()
+
+
+def test_feature_info(model):
+    assert isinstance(model, FusionNet)
+    assert model.feature_info == [
+        {"num_chs": d, "reduction": r, "module": f"fusion.{i}"} for i, (d, r) in enumerate(zip(DIMS, (4, 8, 16, 32)))
+    ]
+    names = dict(model.named_modules())
+    assert all(info["module"] in names for info in model.feature_info)
+
+
+@pytest.mark.parametrize("hw, padded", [((64, 64), (64, 64)), ((96, 160), (96, 160)), ((100, 76), (128, 96)), ((32, 33), (32, 64))])
+def test_intermediates_shapes_and_strides(model, hw, padded):
+    x = torch.randn(1, 3, *hw)
+    with torch.no_grad():
+        feats = model.forward_intermediates(x)
+        logits = model(x)
+    assert [tuple(f.shape) for f in feats] == [
+        (1, info["num_chs"], padded[0] // info["reduction"], padded[1] // info["reduction"]) for info in model.feature_info
+    ]
+    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+
+
+def test_forward_is_head_of_features_and_padding_is_explicit(model):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 100, 76)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert torch.equal(model(x), model.forward_head(feats))
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, DIMS[-1])
+        assert torch.equal(model.head.fc(pre), model.forward_head(feats))
+        padded = torch.nn.functional.pad(x, (0, 20, 0, 28))
+        assert torch.equal(model(padded), model(x))
+
+
+def test_batch_items_are_independent(model):
+    torch.manual_seed(2)
+    x = torch.randn(3, 3, 64, 96)
+    with torch.no_grad():
+        both = model(x)
+        one = model(x[1:2])
+    assert torch.allclose(both[1:2], one, rtol=1e-5, atol=1e-6)
+
+
+def test_backward_reaches_every_parameter():
+    torch.manual_seed(3)
+    m = HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=3).train()
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_wrong_input_channels(model):
+    with pytest.raises(ValueError, match=r"HiFuse: expected x with 3 channels, got \(1, 1, 64, 64\)"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match=r"HiFuse: expected x as a 4-D"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_registry():
+    assert {"hifuse_tiny", "hifuse_small", "hifuse_base"} <= set(list_models("hifuse*"))
+    with pytest.raises(ValueError, match=r"unknown model 'hifuse_tiyn'.*did you mean 'hifuse_tiny'"):
+        create_model("hifuse_tiyn", num_classes=2)
+
+
+def test_reset_classifier(model):
+    m = HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=5).eval()
+    m.reset_classifier(0)
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, DIMS[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny_and_official_keys():
+    rec = load("hifuse_tiny")
+    sd = {k: torch.zeros(s, dtype=getattr(torch, d.split(".")[-1])) for k, s, d in rec["keys"]}
+    return create_model("hifuse_tiny", num_classes=rec["num_classes"]), sd
+
+
+def test_official_state_dict_missing_key_is_named(tiny_and_official_keys):
+    m, sd = tiny_and_official_keys
+    sd = dict(sd)
+    del sd["layers3.blocks.1.attn.qkv.weight"]
+    with pytest.raises(KeyError, match=r"HiFuse.*missing.*global_branch\.stages\.2\.blocks\.1\.attn\.qkv\.weight"):
+        m.load_official_state_dict(sd)
+
+
+def test_official_state_dict_unexpected_key_is_named(tiny_and_official_keys):
+    m, sd = tiny_and_official_keys
+    sd = dict(sd, **{"layers1.blocks.0.mlp.fc2.weight": torch.zeros(96, 384)})
+    with pytest.raises(KeyError, match=r"unexpected.*layers1\.blocks\.0\.mlp\.fc2\.weight"):
+        m.load_official_state_dict(sd)
+
+
+def test_official_state_dict_shape_mismatch_is_named(tiny_and_official_keys):
+    m, sd = tiny_and_official_keys
+    sd = dict(sd, **{"conv_head.weight": torch.zeros(8, 768)})
+    with pytest.raises(ValueError, match=r"'conv_head.weight' -> 'head.fc.weight': expected shape \(7, 768\), got \(8, 768\)"):
+        m.load_official_state_dict(sd)
