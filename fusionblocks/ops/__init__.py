@@ -6,7 +6,9 @@ by :mod:`fusionblocks.ops.dispatch` (``backend=None`` picks the fastest that can
 """
 from . import reference
 from .decay import decay_attention
-from .dispatch import BACKENDS, BackendUnavailable, explain, select
+from .dispatch import BACKENDS, BackendUnavailable, explain, load_backends, select
 from .window import window_attention
 
-__all__ = ["decay_attention", "window_attention", "reference", "explain", "select", "BACKENDS", "BackendUnavailable"]
+load_backends()
+
+__all__ = ["decay_attention", "window_attention", "reference", "explain", "select", "BACKENDS", "BackendUnavailable", "load_backends"]

@@ -5,8 +5,9 @@ run a given call (an empty list means it can). ``backend=None`` (or the environm
 ``FUSIONBLOCKS_BACKEND`` when set) picks the highest-priority backend that can run; naming a backend
 that cannot run raises :class:`BackendUnavailable` listing every candidate's reasons.
 
-Backends live in provider modules that are imported on first use, so a missing Triton or an unbuilt
-extension costs nothing until asked about, and its import error becomes the reason it cannot run.
+Backends live in provider modules, imported once by :func:`load_backends` (``import fusionblocks.ops``
+calls it, so nothing is imported while ``torch.compile`` traces a call); a missing Triton or an unbuilt
+extension does not fail the import: its import error becomes the reason that backend cannot run.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def register_backend(op: str, name: str, *, priority: int, check: Optional[Calla
     return deco
 
 
-def _load_providers() -> None:
+def load_backends() -> None:
+    """Import every provider module once (idempotent); failures are kept as reasons."""
     global _providers_loaded
     if _providers_loaded:
         return
@@ -77,7 +79,7 @@ def _load_providers() -> None:
 
 
 def backends_for(op: str) -> Dict[str, Backend]:
-    _load_providers()
+    load_backends()
     return dict(_REGISTRY.get(op, {}))
 
 

@@ -59,3 +59,21 @@ def test_env_var_forces_backend(monkeypatch):
 def test_register_backend_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown backend"):
         dispatch.register_backend("decay_attention", "magic", priority=1)
+
+
+def test_compile_fullgraph_first_call_in_a_fresh_process():
+    """Backends are loaded at import, so the first op call may happen inside torch.compile(fullgraph=True)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fusionblocks.ops as O\n"
+        "lg = torch.tensor([-0.5, -1.0]); q = torch.randn(1, 2, 6, 16); t = torch.randn(9, 2); w = torch.randn(1, 2, 16, 16)\n"
+        "f = torch.compile(lambda q: O.decay_attention(q, q, q, lg, hw=(2, 3)), fullgraph=True, backend='aot_eager')\n"
+        "g = torch.compile(lambda w: O.window_attention(w, w, w, t, hw=(4, 4), window_size=2, shift=1), fullgraph=True, backend='aot_eager')\n"
+        "e1 = (f(q) - O.decay_attention(q, q, q, lg, hw=(2, 3), backend='reference')).abs().max().item()\n"
+        "e2 = (g(w) - O.window_attention(w, w, w, t, hw=(4, 4), window_size=2, shift=1, backend='reference')).abs().max().item()\n"
+        "assert e1 < 1e-5 and e2 < 1e-5, (e1, e2)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -1,0 +1,221 @@
+"""C++ CPU backends (``cpp``) of ``decay_attention`` and ``window_attention``, from ``fusionblocks._C``.
+
+The kernels (``csrc/cpu``) stream over key blocks with an online softmax and compute the decay, the
+relative-position bias and the shift mask from token indices, so memory stays O(N * D): the forward
+saves one log-sum-exp per query and the backward recomputes the probabilities. ``at::parallel_for``
+spreads batch x heads x query blocks (forward) or batch x heads / lines / windows (backward) over the
+intra-op threads (``torch.set_num_threads``).
+
+Dtypes: float64 is computed in float64 and float32 in float32; bfloat16 and float16 inputs are
+accepted and computed in float32 (more accurate than the reference, which forms scores in the input
+dtype), the result is cast back. Gradients flow to q, k, v, ``log_gamma`` and ``bias_table``.
+
+The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` with TORCH_LIBRARY
+schemas; their fake (meta) kernels and autograd formulas are registered here, so they trace under
+``torch.compile`` and pass ``torch.library.opcheck``. When the extension is not built, the backends
+stay registered and ``fusionblocks.ops.explain`` says how to build it.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .dispatch import register_backend
+
+try:
+    from .. import _C  # noqa: F401  (loading it registers the TORCH_LIBRARY schemas and kernels)
+
+    LOAD_ERROR: Optional[str] = None
+except ImportError as e:
+    _C = None
+    LOAD_ERROR = f"{type(e).__name__}: {e}"
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` or `python setup.py build_ext --inplace` "
+    "(needs torch and a C++ compiler at build time)"
+)
+
+# input dtype -> dtype the kernels compute (and store) in
+COMPUTE_DTYPES = {
+    torch.float64: torch.float64,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
+
+__all__ = ["available", "LOAD_ERROR", "BUILD_HINT", "COMPUTE_DTYPES", "decay_attention_cpp", "window_attention_cpp"]
+
+
+def available() -> bool:
+    """True when ``fusionblocks._C`` is built and loaded."""
+    return _C is not None
+
+
+def extension_reasons() -> List[str]:
+    if _C is None:
+        return [f"the compiled extension fusionblocks._C is not built ({LOAD_ERROR}); {BUILD_HINT}"]
+    return []
+
+
+def _common_reasons(what: str, tensors) -> List[str]:
+    reasons = extension_reasons()
+    devices = sorted({str(t.device) for t in tensors if t is not None and t.device.type != "cpu"})
+    if devices:
+        reasons.append(f"{what} runs on CPU tensors only, got {', '.join(devices)}")
+    q = tensors[0]
+    if q.dtype not in COMPUTE_DTYPES:
+        reasons.append(f"{what} supports float32/float64 (bfloat16/float16 computed in float32), got {q.dtype}")
+    return reasons
+
+
+def _fake_like(t: torch.Tensor, shape=None) -> torch.Tensor:
+    return t.new_empty(tuple(t.shape) if shape is None else tuple(shape))
+
+
+if _C is not None:
+    _ops = torch.ops.fusionblocks_C
+
+    # ---- fake kernels: shapes/dtypes of the results, all contiguous ----
+    @torch.library.register_fake("fusionblocks_C::decay_full_fwd")
+    def _decay_full_fwd_fake(q, k, v, log_gamma, H, W, scale):
+        return _fake_like(q), _fake_like(q, q.shape[:3])
+
+    @torch.library.register_fake("fusionblocks_C::decay_full_bwd")
+    def _decay_full_bwd_fake(grad, q, k, v, log_gamma, out, lse, H, W, scale):
+        return _fake_like(q), _fake_like(q), _fake_like(q), _fake_like(q, (q.shape[1],))
+
+    @torch.library.register_fake("fusionblocks_C::decay_dec_fwd")
+    def _decay_dec_fwd_fake(q, k, v, log_gamma, H, W, scale):
+        return _fake_like(q), _fake_like(q), _fake_like(q, q.shape[:3]), _fake_like(q, q.shape[:3])
+
+    @torch.library.register_fake("fusionblocks_C::decay_dec_bwd")
+    def _decay_dec_bwd_fake(grad, q, k, v, log_gamma, out, mid, lse_row, lse_col, H, W, scale):
+        return _fake_like(q), _fake_like(q), _fake_like(q), _fake_like(q, (q.shape[1],))
+
+    @torch.library.register_fake("fusionblocks_C::window_fwd")
+    def _window_fwd_fake(q, k, v, bias_table, H, W, window_size, shift, scale):
+        return _fake_like(q)
+
+    @torch.library.register_fake("fusionblocks_C::window_bwd")
+    def _window_bwd_fake(grad, q, k, v, bias_table, H, W, window_size, shift, scale):
+        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
+        return _fake_like(q), _fake_like(q), _fake_like(q), table
+
+    # ---- autograd: the backward ops recompute from the saved log-sum-exp ----
+    def _decay_full_setup(ctx, inputs, output):
+        q, k, v, log_gamma, H, W, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, log_gamma, out, lse)
+        ctx.args = (H, W, scale)
+
+    def _decay_full_backward(ctx, grad_out, grad_lse):
+        q, k, v, log_gamma, out, lse = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv, dlg = _ops.decay_full_bwd(grad_out, q, k, v, log_gamma, out, lse, *ctx.args)
+        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
+
+    def _decay_dec_setup(ctx, inputs, output):
+        q, k, v, log_gamma, H, W, scale = inputs
+        out, mid, lse_row, lse_col = output
+        ctx.save_for_backward(q, k, v, log_gamma, out, mid, lse_row, lse_col)
+        ctx.args = (H, W, scale)
+
+    def _decay_dec_backward(ctx, grad_out, grad_mid, grad_lse_row, grad_lse_col):
+        q, k, v, log_gamma, out, mid, lse_row, lse_col = ctx.saved_tensors
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
+        dq, dk, dv, dlg = _ops.decay_dec_bwd(grad_out, q, k, v, log_gamma, out, mid, lse_row, lse_col, *ctx.args)
+        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
+
+    def _window_setup(ctx, inputs, output):
+        q, k, v, bias_table, H, W, window_size, shift, scale = inputs
+        ctx.has_table = bias_table is not None
+        ctx.save_for_backward(q, k, v, bias_table if bias_table is not None else q.new_empty(0))
+        ctx.args = (H, W, window_size, shift, scale)
+
+    def _window_backward(ctx, grad_out):
+        q, k, v, table = ctx.saved_tensors
+        table = table if ctx.has_table else None
+        dq, dk, dv, dtable = _ops.window_bwd(grad_out, q, k, v, table, *ctx.args)
+        return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "fusionblocks cpp/cuda attention kernels have no double backward (gradients of gradients); "
+            "use backend='reference' for that"
+        )
+
+    for _bwd in ("decay_full_bwd", "decay_dec_bwd", "window_bwd"):
+        torch.library.register_autograd(f"fusionblocks_C::{_bwd}", _no_double_backward)
+
+    torch.library.register_autograd("fusionblocks_C::decay_full_fwd", _decay_full_backward, setup_context=_decay_full_setup)
+    torch.library.register_autograd("fusionblocks_C::decay_dec_fwd", _decay_dec_backward, setup_context=_decay_dec_setup)
+    torch.library.register_autograd("fusionblocks_C::window_fwd", _window_backward, setup_context=_window_setup)
+
+
+def check_decay_cpp(q, k, v, log_gamma, *, hw, mode, scale, auto: bool = False) -> List[str]:
+    """Reasons the ``cpp`` backend cannot run this (validated) ``decay_attention`` call; empty when it can."""
+    return _common_reasons("cpp decay_attention", (q, k, v, log_gamma))
+
+
+def check_window_cpp(q, k, v, bias_table, *, hw, window_size, shift, scale, auto: bool = False) -> List[str]:
+    """Reasons the ``cpp`` backend cannot run this (validated) ``window_attention`` call; empty when it can."""
+    return _common_reasons("cpp window_attention", (q, k, v, bias_table))
+
+
+@register_backend("decay_attention", "cpp", priority=10, check=check_decay_cpp)
+def decay_attention_cpp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
+    hw: Tuple[int, int], mode: str = "full", scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Decay attention on the C++ CPU kernels; math of :func:`fusionblocks.ops.reference.decay_attention`.
+
+    Args:
+        q, k, v: ``(B, heads, H*W, D)`` raster order, any strides, CPU.
+        log_gamma: ``(heads,)``.
+        hw: ``(H, W)``.
+        mode: ``"full"`` or ``"decomposed"``.
+        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``(B, heads, H*W, D)`` in the dtype of ``q``.
+    """
+    if _C is None:
+        raise RuntimeError(extension_reasons()[0])
+    h, w = hw
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ct = COMPUTE_DTYPES[q.dtype]
+    args = (q.to(ct), k.to(ct), v.to(ct), log_gamma.to(ct), h, w, scale)
+    if mode == "full":
+        out = _ops.decay_full_fwd(*args)[0]
+    else:
+        out = _ops.decay_dec_fwd(*args)[0]
+    return out.to(q.dtype)
+
+
+@register_backend("window_attention", "cpp", priority=10, check=check_window_cpp)
+def window_attention_cpp(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Shifted-window attention on the C++ CPU kernel; math of :func:`fusionblocks.ops.reference.window_attention`.
+
+    Args:
+        q, k, v: ``(B, heads, H*W, D)`` raster order of the unshifted grid, any strides, CPU.
+        bias_table: ``((2ws-1)**2, heads)`` or ``None``.
+        hw: ``(H, W)``, multiples of ``window_size``.
+        window_size: window side.
+        shift: cyclic shift in ``[0, window_size)``.
+        scale: multiplies ``q``; ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``(B, heads, H*W, D)`` in the dtype of ``q``.
+    """
+    if _C is None:
+        raise RuntimeError(extension_reasons()[0])
+    h, w = hw
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ct = COMPUTE_DTYPES[q.dtype]
+    table = None if bias_table is None else bias_table.to(ct)
+    out = _ops.window_fwd(q.to(ct), k.to(ct), v.to(ct), table, h, w, window_size, shift, scale)
+    return out.to(q.dtype)

@@ -1,0 +1,72 @@
+"""CUDA backend (``cuda``) of ``window_attention``, from ``fusionblocks._C`` built with ``FUSIONBLOCKS_CUDA=1``.
+
+One thread block per (window, head, batch element) holds the window's q, k, v and its score matrix in
+shared memory; the shift, partition, bias gather and shift mask are index arithmetic inside the kernel
+(``csrc/cuda/window_attention.cu``). float32/float64 math; float16/bfloat16 stored as such, computed in
+float32. Supports window_size <= 8 and head dim <= 128. Autograd and fake kernels are shared with the
+``cpp`` backend (same ``torch.ops.fusionblocks_C.window_fwd`` op, CUDA dispatch key).
+
+Build: ``FUSIONBLOCKS_CUDA=1 pip install --no-build-isolation -e .`` with a CUDA build of torch and nvcc.
+Benchmark against Triton on a GPU: ``python -m pytest -q tests/ops/test_cpp_ext.py -m gpu -s``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import cpp
+from .dispatch import register_backend
+
+MAX_WINDOW = 8
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CUDA_BUILD_HINT = (
+    "rebuild it with CUDA: `FUSIONBLOCKS_CUDA=1 pip install --no-build-isolation -e .` (needs a CUDA build of torch and nvcc)"
+)
+
+__all__ = ["available", "check_window_cuda", "window_attention_cuda"]
+
+
+def available() -> bool:
+    """True when ``fusionblocks._C`` is loaded and was built with the CUDA kernels."""
+    return cpp._C is not None and bool(getattr(cpp._C, "with_cuda", 0))
+
+
+def check_window_cuda(q, k, v, bias_table, *, hw, window_size, shift, scale, auto: bool = False) -> List[str]:
+    """Reasons the ``cuda`` backend cannot run this (validated) ``window_attention`` call; empty when it can."""
+    reasons = cpp.extension_reasons()
+    if not reasons and not available():
+        reasons.append(f"fusionblocks._C was built without CUDA kernels; {CUDA_BUILD_HINT}")
+    if q.device.type != "cuda":
+        reasons.append(f"cuda window_attention runs on CUDA tensors only, got {q.device}")
+    if q.dtype not in DTYPES:
+        reasons.append(f"cuda window_attention supports float32/float64/float16/bfloat16, got {q.dtype}")
+    if window_size > MAX_WINDOW:
+        reasons.append(f"window_size {window_size} above the supported {MAX_WINDOW}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} above the supported {MAX_HEAD_DIM}")
+    return reasons
+
+
+@register_backend("window_attention", "cuda", priority=30, check=check_window_cuda)
+def window_attention_cuda(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Shifted-window attention on the CUDA kernel; math of :func:`fusionblocks.ops.reference.window_attention`.
+
+    Args:
+        q, k, v: ``(B, heads, H*W, D)`` raster order of the unshifted grid, any strides, one CUDA device.
+        bias_table: ``((2ws-1)**2, heads)`` or ``None``.
+        hw: ``(H, W)``, multiples of ``window_size``.
+        window_size: window side, at most 8.
+        shift: cyclic shift in ``[0, window_size)``.
+        scale: multiplies ``q``; ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``(B, heads, H*W, D)`` in the dtype of ``q``.
+    """
+    h, w = hw
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return torch.ops.fusionblocks_C.window_fwd(q, k, v, bias_table, h, w, window_size, shift, scale)

@@ -1,0 +1,546 @@
+"""Triton Manhattan-decay attention (RMT's MaSA): full 2-D and decomposed, forward and backward.
+
+Flash-style kernels: scores are never stored. The decay ``log_gamma[h] * (|dy| + |dx|)`` is computed
+inside the kernel from token indices (row ``n // W``, column ``n % W``); the forward keeps only the
+log-sum-exp of every query row and the backward recomputes the probabilities from it.
+
+One set of kernels serves both modes. A *line* is a run of ``N_CTX`` tokens at token offsets
+``line * LINE_OFF + i * TOK_STEP``; attention runs within each line:
+
+- full: one line of ``H*W`` tokens, distance ``|i//W - j//W| + |i%W - j%W|``;
+- decomposed, row pass: ``H`` lines of ``W`` tokens (step 1), distance ``|i - j|``;
+- decomposed, column pass: ``W`` lines of ``H`` tokens (step ``W``), distance ``|i - j|``, over the
+  row pass's output.
+
+Lines are addressed through strides, so the column pass needs no transpose and inputs of any
+layout are read in place. Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
+``torch.ops.fusionblocks.decay_attention_decomposed`` (``torch.library.custom_op`` with fake and
+autograd registrations), and as the ``"triton"`` backend of ``fusionblocks.ops.decay_attention``.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import register_backend
+from ._common import acc_dtype_of, device_reasons, lazy_jit, next_pow2, triton_built_interpreted
+
+__all__ = ["decay_attention_triton", "SUPPORTED_MAX_HEAD_DIM"]
+
+SUPPORTED_MAX_HEAD_DIM = 128
+_MAX_GRID_Y = 65535
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+
+
+@lazy_jit
+def _decay_fwd_kernel(
+    Q, K, V, LG, SCALE, O, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    bh = pid // NLINES
+    line = pid % NLINES
+    b = (bh // NH).to(tl.int64)
+    h = (bh % NH).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    O += b * sob + h * soh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < D
+    tok_m = line * LINE_OFF + offs_m * TOK_STEP
+    ym = offs_m // W
+    xm = offs_m % W
+
+    q = tl.load(Q + tok_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    lg = tl.load(LG + h).to(ACC)
+    scale = tl.load(SCALE).to(ACC)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, N_CTX, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        tok_n = line * LINE_OFF + offs_n * TOK_STEP
+        kt = tl.load(K + tok_n[None, :] * skn + offs_d[:, None] * skd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC, out_dtype=ACC) * scale
+        yn = offs_n // W
+        xn = offs_n % W
+        dist = tl.abs(ym[:, None] - yn[None, :]) + tl.abs(xm[:, None] - xn[None, :])
+        s = s + lg * dist.to(ACC)
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + tok_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PREC, out_dtype=ACC)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(O + tok_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N_TOT + tok_m, m_i + tl.log(l_i), mask=mask_m)
+
+
+@lazy_jit
+def _decay_delta_kernel(
+    O, DO, DELTA,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    NH, N_TOT,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // NH).to(tl.int64)
+    h = (bh % NH).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N_TOT)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0).to(ACC)
+    tl.store(DELTA + bh.to(tl.int64) * N_TOT + offs_m, tl.sum(o * do, 1), mask=offs_m < N_TOT)
+
+
+@lazy_jit
+def _decay_bwd_dkdv_kernel(
+    Q, K, V, LG, SCALE, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, ACCUM_DK: tl.constexpr,
+):
+    start_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    bh = pid // NLINES
+    line = pid % NLINES
+    b = (bh // NH).to(tl.int64)
+    h = (bh % NH).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdob + h * sdoh
+    DK += b * sdkb + h * sdkh
+    DV += b * sdvb + h * sdvh
+    LSE += bh.to(tl.int64) * N_TOT
+    DELTA += bh.to(tl.int64) * N_TOT
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_CTX
+    mask_d = offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    tok_n = line * LINE_OFF + offs_n * TOK_STEP
+    yn = offs_n // W
+    xn = offs_n % W
+
+    k = tl.load(K + tok_n[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+    v = tl.load(V + tok_n[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+    lg = tl.load(LG + h).to(ACC)
+    scale = tl.load(SCALE).to(ACC)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start_m in range(0, N_CTX, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < N_CTX
+        tok_m = line * LINE_OFF + offs_m * TOK_STEP
+        qt = tl.load(Q + tok_m[None, :] * sqn + offs_d[:, None] * sqd, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        do = tl.load(DO + tok_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lse = tl.load(LSE + tok_m, mask=mask_m, other=0.0)
+        delta = tl.load(DELTA + tok_m, mask=mask_m, other=0.0)
+        st = tl.dot(k, qt, input_precision=PREC, out_dtype=ACC) * scale
+        ym = offs_m // W
+        xm = offs_m % W
+        dist = tl.abs(yn[:, None] - ym[None, :]) + tl.abs(xn[:, None] - xm[None, :])
+        st = st + lg * dist.to(ACC)
+        pt = tl.exp(st - lse[None, :])
+        pt = tl.where(mask_m[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(DO.dtype.element_ty), do, input_precision=PREC, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(Q.dtype.element_ty), tl.trans(qt), input_precision=PREC, out_dtype=ACC)
+
+    dk = dk * scale
+    dk_ptrs = DK + tok_n[:, None] * sdkn + offs_d[None, :] * sdkd
+    if ACCUM_DK:
+        dk += tl.load(dk_ptrs, mask=mask_nd, other=0.0).to(ACC)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + tok_n[:, None] * sdvn + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=mask_nd)
+
+
+@lazy_jit
+def _decay_bwd_dq_kernel(
+    Q, K, V, LG, SCALE, DO, LSE, DELTA, DQ, DLG,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd,
+    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP, NUM_M,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, ACCUM_DQ: tl.constexpr, WITH_DLG: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    bh = pid // NLINES
+    line = pid % NLINES
+    b = (bh // NH).to(tl.int64)
+    h = (bh % NH).to(tl.int64)
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    DO += b * sdob + h * sdoh
+    DQ += b * sdqb + h * sdqh
+    LSE += bh.to(tl.int64) * N_TOT
+    DELTA += bh.to(tl.int64) * N_TOT
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_CTX
+    mask_d = offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    tok_m = line * LINE_OFF + offs_m * TOK_STEP
+    ym = offs_m // W
+    xm = offs_m % W
+
+    q = tl.load(Q + tok_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_md, other=0.0)
+    do = tl.load(DO + tok_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_md, other=0.0)
+    lse = tl.load(LSE + tok_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + tok_m, mask=mask_m, other=0.0)
+    lg = tl.load(LG + h).to(ACC)
+    scale = tl.load(SCALE).to(ACC)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    pd_dp = tl.zeros([BLOCK_M], ACC)
+    pd_sum = tl.zeros([BLOCK_M], ACC)
+    p_dp = tl.zeros([BLOCK_M], ACC)
+    for start_n in range(0, N_CTX, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N_CTX
+        tok_n = line * LINE_OFF + offs_n * TOK_STEP
+        kt = tl.load(K + tok_n[None, :] * skn + offs_d[:, None] * skd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        vt = tl.load(V + tok_n[None, :] * svn + offs_d[:, None] * svd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC, out_dtype=ACC) * scale
+        yn = offs_n // W
+        xn = offs_n % W
+        dist = (tl.abs(ym[:, None] - yn[None, :]) + tl.abs(xm[:, None] - xn[None, :])).to(ACC)
+        s = s + lg * dist
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PREC, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(K.dtype.element_ty), tl.trans(kt), input_precision=PREC, out_dtype=ACC)
+        if WITH_DLG:
+            pd = p * dist
+            pd_dp += tl.sum(pd * dp, 1)
+            pd_sum += tl.sum(pd, 1)
+            p_dp += tl.sum(p * dp, 1)
+
+    dq = dq * scale
+    dq_ptrs = DQ + tok_m[:, None] * sdqn + offs_d[None, :] * sdqd
+    if ACCUM_DQ:
+        dq += tl.load(dq_ptrs, mask=mask_md, other=0.0).to(ACC)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_md)
+    if WITH_DLG:
+        # sum_j dS_ij dist_ij with row i's delta recomputed as sum_j P_ij dP_ij, so that the rows of
+        # dS sum to zero exactly; DELTA (from the rounded output) would leak its rounding times the
+        # mean distance into this sum.
+        tl.store(DLG + pid.to(tl.int64) * NUM_M + start_m, tl.sum(pd_dp - p_dp * pd_sum, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, int, int, int]:
+    return tuple(t.stride())  # type: ignore[return-value]
+
+
+def _lines(h: int, w: int, kind: str) -> Tuple[int, int, int, int, int]:
+    """``(NLINES, N_CTX, W, LINE_OFF, TOK_STEP)`` of one attention pass over an ``h x w`` grid."""
+    if kind == "full":
+        return 1, h * w, w, 0, 1
+    if kind == "rows":
+        return h, w, w, w, 1
+    return w, h, h, 1, w  # columns
+
+
+def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes and launch options for lines of ``n_ctx`` tokens, head dim ``d`` and ``dtype`` inputs."""
+    block_d = next_pow2(d)
+    cap = next_pow2(n_ctx)
+    if triton_built_interpreted():  # fewest programs and loop trips: the interpreter pays per operation
+        return dict(BLOCK_M=min(64, cap), BLOCK_N=min(64, cap), BLOCK_D=block_d)
+    if dtype in (torch.float32, torch.float64):  # IEEE dots run on FMA units: smaller tiles
+        bm = min(32 if backward or block_d > 64 else 64, cap)
+        bn = min(32, cap)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    if backward:
+        bm = min(32 if block_d > 64 else 64, cap)
+        bn = min(64, cap)
+        warps = 8 if block_d > 64 else 4
+    else:
+        bm = min(128 if block_d <= 64 else 64, cap)
+        bn = min(64, cap)
+        warps = 8 if bm * block_d >= 128 * 64 else 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2 if block_d > 64 else 3)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """IEEE dots for float32/float64 (no TF32); 16-bit operands ignore the setting."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalars(q: torch.Tensor, log_gamma: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    acc = _acc_torch(q.dtype)
+    return log_gamma.detach().to(acc).contiguous(), torch.full((1,), scale, dtype=acc, device=q.device)
+
+
+def _fwd_pass(q, k, v, lg, sc, o, lse, h, w, kind) -> None:
+    b, nh, _, d = q.shape
+    nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
+    cfg = _config(n_ctx, d, backward=False, dtype=q.dtype)
+    grid = (triton.cdiv(n_ctx, cfg["BLOCK_M"]), b * nh * nlines)
+    _decay_fwd_kernel[grid](
+        q, k, v, lg, sc, o, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        nh, nlines, n_ctx, h * w, wd, line_off, step,
+        D=d, ACC=acc_dtype_of(q.dtype), PREC=_precision(q.dtype), **cfg,
+    )
+
+
+def _delta(o, do, h, w) -> torch.Tensor:
+    b, nh, n, d = o.shape
+    delta = torch.empty((b, nh, n), dtype=_acc_torch(o.dtype), device=o.device)
+    bm = min(64, next_pow2(n))
+    _decay_delta_kernel[(triton.cdiv(n, bm), b * nh)](
+        o, do, delta, *_strides(o), *_strides(do), nh, n,
+        D=d, BLOCK_M=bm, BLOCK_D=next_pow2(d), ACC=acc_dtype_of(o.dtype),
+    )
+    return delta
+
+
+def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumulate, with_dlg):
+    """One pass's gradients: writes ``dv``, writes or adds ``dq``/``dk``; returns the ``log_gamma`` partials."""
+    b, nh, _, d = q.shape
+    nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
+    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype)
+    acc, prec = acc_dtype_of(q.dtype), _precision(q.dtype)
+    common = (nh, nlines, n_ctx, h * w, wd, line_off, step)
+    _decay_bwd_dkdv_kernel[(triton.cdiv(n_ctx, cfg["BLOCK_N"]), b * nh * nlines)](
+        q, k, v, lg, sc, do, lse, delta, dk, dv,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+        *common, D=d, ACC=acc, PREC=prec, ACCUM_DK=accumulate, **cfg,
+    )
+    num_m = triton.cdiv(n_ctx, cfg["BLOCK_M"])
+    dlg = torch.empty((b, nh, nlines * num_m) if with_dlg else (1,), dtype=_acc_torch(q.dtype), device=q.device)
+    _decay_bwd_dq_kernel[(num_m, b * nh * nlines)](
+        q, k, v, lg, sc, do, lse, delta, dq, dlg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        *common, num_m, D=d, ACC=acc, PREC=prec, ACCUM_DQ=accumulate, WITH_DLG=with_dlg, **cfg,
+    )
+    return dlg.sum(dim=(0, 2)) if with_dlg else None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+def _lse_like(q: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[:3], dtype=_acc_torch(q.dtype))
+
+
+@torch.library.custom_op("fusionblocks::decay_attention_full", mutates_args=())
+def decay_attention_full(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, h: int, w: int, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full 2-D decay attention. Returns ``(out (B, heads, N, D), lse (B, heads, N))``."""
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = _lse_like(q)
+    if q.numel():
+        lg, sc = _scalars(q, log_gamma, scale)
+        _fwd_pass(q, k, v, lg, sc, o, lse, h, w, "full")
+    return o, lse
+
+
+@decay_attention_full.register_fake
+def _(q, k, v, log_gamma, h, w, scale):
+    return q.new_empty(q.shape), _lse_like(q)
+
+
+@torch.library.custom_op("fusionblocks::decay_attention_full_backward", mutates_args=())
+def decay_attention_full_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+    o: torch.Tensor, lse: torch.Tensor, h: int, w: int, scale: float, with_dlg: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dlog_gamma)`` of :func:`decay_attention_full` (``dlog_gamma`` is zeros unless ``with_dlg``)."""
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    dlg = torch.zeros(log_gamma.shape, dtype=log_gamma.dtype, device=log_gamma.device)
+    if q.numel():
+        lg, sc = _scalars(q, log_gamma, scale)
+        delta = _delta(o, do, h, w)
+        g = _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, "full", accumulate=False, with_dlg=with_dlg)
+        if g is not None:
+            dlg = g.to(log_gamma.dtype)
+    return dq, dk, dv, dlg
+
+
+@decay_attention_full_backward.register_fake
+def _(do, q, k, v, log_gamma, o, lse, h, w, scale, with_dlg):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), log_gamma.new_empty(log_gamma.shape)
+
+
+def _full_setup(ctx, inputs, output):
+    q, k, v, log_gamma, h, w, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, log_gamma, o, lse)
+    ctx.args = (h, w, scale)
+
+
+def _full_grad(ctx, do, dlse):
+    q, k, v, log_gamma, o, lse = ctx.saved_tensors
+    h, w, scale = ctx.args
+    with_dlg = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dlg = torch.ops.fusionblocks.decay_attention_full_backward(
+        do, q, k, v, log_gamma, o, lse, h, w, scale, with_dlg
+    )
+    return dq, dk, dv, (dlg if with_dlg else None), None, None, None
+
+
+decay_attention_full.register_autograd(_full_grad, setup_context=_full_setup)
+
+
+@torch.library.custom_op("fusionblocks::decay_attention_decomposed", mutates_args=())
+def decay_attention_decomposed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, h: int, w: int, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decomposed decay attention (rows, then columns). Returns ``(out, row_out, row_lse, col_lse)``."""
+    o1 = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse1, lse2 = _lse_like(q), _lse_like(q)
+    if q.numel():
+        lg, sc = _scalars(q, log_gamma, scale)
+        _fwd_pass(q, k, v, lg, sc, o1, lse1, h, w, "rows")
+        _fwd_pass(q, k, o1, lg, sc, o, lse2, h, w, "cols")
+    return o, o1, lse1, lse2
+
+
+@decay_attention_decomposed.register_fake
+def _(q, k, v, log_gamma, h, w, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), _lse_like(q), _lse_like(q)
+
+
+@torch.library.custom_op("fusionblocks::decay_attention_decomposed_backward", mutates_args=())
+def decay_attention_decomposed_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
+    o: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, lse2: torch.Tensor,
+    h: int, w: int, scale: float, with_dlg: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv, dlog_gamma)`` of :func:`decay_attention_decomposed`."""
+    dq, dk, dv, do1 = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(4))
+    dlg = torch.zeros(log_gamma.shape, dtype=log_gamma.dtype, device=log_gamma.device)
+    if q.numel():
+        lg, sc = _scalars(q, log_gamma, scale)
+        g2 = _bwd_pass(q, k, o1, lg, sc, do, lse2, _delta(o, do, h, w), dq, dk, do1, h, w, "cols",
+                       accumulate=False, with_dlg=with_dlg)
+        g1 = _bwd_pass(q, k, v, lg, sc, do1, lse1, _delta(o1, do1, h, w), dq, dk, dv, h, w, "rows",
+                       accumulate=True, with_dlg=with_dlg)
+        if with_dlg:
+            dlg = (g1 + g2).to(log_gamma.dtype)
+    return dq, dk, dv, dlg
+
+
+@decay_attention_decomposed_backward.register_fake
+def _(do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), log_gamma.new_empty(log_gamma.shape)
+
+
+def _decomposed_setup(ctx, inputs, output):
+    q, k, v, log_gamma, h, w, scale = inputs
+    o, o1, lse1, lse2 = output
+    ctx.save_for_backward(q, k, v, log_gamma, o, o1, lse1, lse2)
+    ctx.args = (h, w, scale)
+
+
+def _decomposed_grad(ctx, do, do1, dlse1, dlse2):
+    q, k, v, log_gamma, o, o1, lse1, lse2 = ctx.saved_tensors
+    h, w, scale = ctx.args
+    with_dlg = bool(ctx.needs_input_grad[3])
+    dq, dk, dv, dlg = torch.ops.fusionblocks.decay_attention_decomposed_backward(
+        do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg
+    )
+    return dq, dk, dv, (dlg if with_dlg else None), None, None, None
+
+
+decay_attention_decomposed.register_autograd(_decomposed_grad, setup_context=_decomposed_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# backend
+
+
+def _check(q, k, v, log_gamma, *, hw, mode, scale, auto: bool = False) -> List[str]:
+    reasons = device_reasons(q, auto=auto, what="triton decay_attention")
+    d = q.shape[-1]
+    if d > SUPPORTED_MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} > {SUPPORTED_MAX_HEAD_DIM} is not supported")
+    h, w = hw
+    lines = 1 if mode == "full" else max(h, w)
+    if q.shape[0] * q.shape[1] * lines > _MAX_GRID_Y:
+        reasons.append(f"B*heads*lines = {q.shape[0] * q.shape[1] * lines} exceeds the launch grid limit {_MAX_GRID_Y}")
+    return reasons
+
+
+@register_backend("decay_attention", "triton", priority=20, check=_check)
+def decay_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_gamma: torch.Tensor,
+    *,
+    hw: Tuple[int, int],
+    mode: str = "full",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Triton decay attention; same contract as :func:`fusionblocks.ops.reference.decay_attention`.
+
+    Args:
+        q, k, v: ``(B, heads, H*W, D)`` in raster order, any strides, ``D <= 128``.
+        log_gamma: ``(heads,)``; receives a gradient when it requires one.
+        hw: ``(H, W)``.
+        mode: ``"full"`` or ``"decomposed"``.
+        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``(B, heads, H*W, D)`` contiguous, in the dtype of ``q``.
+    """
+    h, w = hw
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if mode == "full":
+        return torch.ops.fusionblocks.decay_attention_full(q, k, v, log_gamma, h, w, scale)[0]
+    return torch.ops.fusionblocks.decay_attention_decomposed(q, k, v, log_gamma, h, w, scale)[0]

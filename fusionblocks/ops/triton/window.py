@@ -1,0 +1,393 @@
+"""Triton shifted-window attention (Swin W-MSA / SW-MSA with relative-position bias), forward and backward.
+
+One program handles one ``ws x ws`` window of one (batch, head): the cyclic shift, the window
+partition and its reverse are address arithmetic on the loads and the store, the relative-position
+bias is gathered from the ``((2ws-1)**2, heads)`` table inside the kernel, and the -100 shift mask is
+computed from token coordinates. Nothing of size ``(nW, L, L)`` (``L = ws*ws``) is ever stored; the
+forward saves only the per-row log-sum-exp ``(B, heads, H*W)`` in float32 for the backward.
+
+The backward recomputes the scores. Each backward program walks a run of windows of one head and
+sums ``dS`` over them in registers; the per-program ``(L, L)`` sums (a few hundred programs, not one
+per window) are reduced on the host and scattered into ``d(bias_table)`` through the relative
+position index, so the bias gradient is deterministic and free of atomics.
+
+The ops are registered with ``torch.library`` as ``fusionblocks::window_attention_fwd`` /
+``fusionblocks::window_attention_bwd`` (custom ops with fake kernels and autograd; calls that need no
+gradient use ``fusionblocks::window_attention_infer``, which skips the log-sum-exp), so they work
+under ``torch.compile(fullgraph=True)``. On CPU they run under the Triton interpreter, which is how
+the tests exercise them; ``TRITON_INTERPRET=1`` must be set before triton is imported, because the
+kernels call ``triton.language``'s own jitted helpers (``tl.max``, ``tl.sum``), which triton builds at
+import (so these kernels are plain ``@triton.jit``, not ``_common.lazy_jit``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dispatch import register_backend
+from ..reference import relative_position_index
+from ._common import acc_dtype_of, device_reasons, interpreting, next_pow2
+
+__all__ = ["window_attention_triton", "check_window_triton", "MIN_WINDOW", "MAX_WINDOW", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
+
+MIN_WINDOW, MAX_WINDOW = 2, 12
+MIN_HEAD_DIM, MAX_HEAD_DIM = 12, 128
+
+
+def _interpreting() -> bool:
+    """Whether these kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
+    return _INTERPRETED
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _window_fwd_kernel(
+    Q, K, V, TABLE, O, LSE,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    stt, sth,
+    sob, soh, son, sod,
+    NH, H, W, NWX, scale,
+    D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    pid_w = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NH
+    hd = pid_bh % NH
+    wy = pid_w // NWX
+    wx = pid_w % NWX
+    L: tl.constexpr = WS * WS
+
+    i = tl.arange(0, BLOCK_L)
+    r = i // WS
+    c = i % WS
+    valid = i < L
+    y = (wy * WS + r + SHIFT) % H
+    x = (wx * WS + c + SHIFT) % W
+    tok = (y * W + x).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = valid[:, None] & dmask[None, :]
+    b64 = b.to(tl.int64)
+    h64 = hd.to(tl.int64)
+
+    q = tl.load(Q + b64 * sqb + h64 * sqh + tok[:, None] * sqn + d[None, :] * sqd, mask=m2, other=0.0)
+    k = tl.load(K + b64 * skb + h64 * skh + tok[:, None] * skn + d[None, :] * skd, mask=m2, other=0.0)
+    v = tl.load(V + b64 * svb + h64 * svh + tok[:, None] * svn + d[None, :] * svd, mask=m2, other=0.0)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    if HAS_BIAS:
+        idx = (r[:, None] - r[None, :] + WS - 1) * (2 * WS - 1) + (c[:, None] - c[None, :] + WS - 1)
+        pair = valid[:, None] & valid[None, :]
+        bias = tl.load(TABLE + idx * stt + hd * sth, mask=pair, other=0.0)
+        s = s + bias.to(ACC)
+    if SHIFT > 0:
+        ys = wy * WS + r
+        xs = wx * WS + c
+        reg = ((ys >= H - WS).to(tl.int32) + (ys >= H - SHIFT).to(tl.int32)) * 3 \
+            + (xs >= W - WS).to(tl.int32) + (xs >= W - SHIFT).to(tl.int32)
+        s = tl.where(reg[:, None] != reg[None, :], s - 100.0, s)
+    s = tl.where(valid[None, :], s, float("-inf"))
+
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    den = tl.sum(p, axis=1)
+    p = p / den[:, None]
+    o = tl.dot(p.to(v.dtype), v, input_precision=PREC, out_dtype=ACC)
+    tl.store(O + b64 * sob + h64 * soh + tok[:, None] * son + d[None, :] * sod, o.to(O.dtype.element_ty), mask=m2)
+    if STORE_LSE:
+        lse = m + tl.log(den)
+        tl.store(LSE + pid_bh.to(tl.int64) * H * W + tok, lse.to(LSE.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _window_bwd_kernel(
+    Q, K, V, O, DO, LSE, TABLE, DQ, DK, DV, DB,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sob, soh, son, sod,
+    sdb, sdh, sdn, sdd,
+    stt, sth,
+    NH, H, W, NWX, NWIN, WPP, scale,
+    D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+):
+    hd = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    L: tl.constexpr = WS * WS
+
+    i = tl.arange(0, BLOCK_L)
+    r = i // WS
+    c = i % WS
+    valid = i < L
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    m2 = valid[:, None] & dmask[None, :]
+    h64 = hd.to(tl.int64)
+    pair = valid[:, None] & valid[None, :]
+    if HAS_BIAS:
+        idx = (r[:, None] - r[None, :] + WS - 1) * (2 * WS - 1) + (c[:, None] - c[None, :] + WS - 1)
+        bias = tl.load(TABLE + idx * stt + hd * sth, mask=pair, other=0.0).to(ACC)
+    dbias = tl.zeros([BLOCK_L, BLOCK_L], dtype=ACC)
+
+    start = pid_c * WPP
+    end = tl.minimum(start + WPP, NWIN)
+    for t in range(start, end):
+        b = t // (H // WS * NWX)
+        wid = t % (H // WS * NWX)
+        wy = wid // NWX
+        wx = wid % NWX
+        y = (wy * WS + r + SHIFT) % H
+        x = (wx * WS + c + SHIFT) % W
+        tok = (y * W + x).to(tl.int64)
+        b64 = b.to(tl.int64)
+
+        q = tl.load(Q + b64 * sqb + h64 * sqh + tok[:, None] * sqn + d[None, :] * sqd, mask=m2, other=0.0)
+        k = tl.load(K + b64 * skb + h64 * skh + tok[:, None] * skn + d[None, :] * skd, mask=m2, other=0.0)
+        v = tl.load(V + b64 * svb + h64 * svh + tok[:, None] * svn + d[None, :] * svd, mask=m2, other=0.0)
+        o = tl.load(O + b64 * sob + h64 * soh + tok[:, None] * son + d[None, :] * sod, mask=m2, other=0.0)
+        do = tl.load(DO + b64 * sdb + h64 * sdh + tok[:, None] * sdn + d[None, :] * sdd, mask=m2, other=0.0)
+        lse = tl.load(LSE + (b64 * NH + h64) * H * W + tok, mask=valid, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+        if HAS_BIAS:
+            s = s + bias
+        if SHIFT > 0:
+            ys = wy * WS + r
+            xs = wx * WS + c
+            reg = ((ys >= H - WS).to(tl.int32) + (ys >= H - SHIFT).to(tl.int32)) * 3 \
+                + (xs >= W - WS).to(tl.int32) + (xs >= W - SHIFT).to(tl.int32)
+            s = tl.where(reg[:, None] != reg[None, :], s - 100.0, s)
+        p = tl.exp(s - lse[:, None].to(ACC))
+        p = tl.where(pair, p, 0.0)
+
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+        delta = tl.sum(do.to(ACC) * o.to(ACC), axis=1)
+        ds = p * (dp - delta[:, None])
+        if HAS_BIAS:
+            dbias += ds
+        dsq = ds.to(q.dtype)
+        dq = tl.dot(dsq, k, input_precision=PREC, out_dtype=ACC) * scale
+        dk = tl.dot(tl.trans(dsq), q, input_precision=PREC, out_dtype=ACC) * scale
+        base = (b64 * NH + h64) * H * W * D
+        optr = base + tok[:, None] * D + d[None, :]
+        tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=m2)
+        tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=m2)
+        tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=m2)
+
+    if HAS_BIAS:
+        off = ((pid_c.to(tl.int64) * NH + h64) * L + i[:, None]) * L + i[None, :]
+        tl.store(DB + off, dbias, mask=pair)
+
+
+# The kernels use triton.language's own jitted helpers (tl.max, tl.sum), which triton builds when it is
+# imported; the interpreter works only if those, and these kernels, were built in interpreter mode.
+_INTERPRETED = all(
+    type(f).__name__ == "InterpretedFunction" for f in (_window_fwd_kernel, _window_bwd_kernel, tl.standard.max)
+)
+
+
+@functools.lru_cache(maxsize=32)
+def _rel_index(ws: int, device: torch.device) -> torch.Tensor:
+    return relative_position_index(ws, device).reshape(-1)
+
+
+def _meta(dtype: torch.dtype, d: int, ws: int) -> Tuple[int, int, str, object]:
+    prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    return next_pow2(ws * ws), next_pow2(d), prec, acc_dtype_of(dtype)
+
+
+def _num_warps(block_l: int, block_d: int) -> int:
+    return 4 if block_l * max(block_l, block_d) <= 64 * 64 else 8
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _fwd_launch(q, k, v, table, h, w, ws, shift, scale, store_lse: bool = True):
+    b, nh, n, d = q.shape
+    out = torch.empty((b, nh, n, d), device=q.device, dtype=q.dtype)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((b, nh, n) if store_lse else (0,), device=q.device, dtype=lse_dtype)
+    block_l, block_d, prec, acc = _meta(q.dtype, d, ws)
+    has_bias = table is not None
+    tab = table if has_bias else q
+    st = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
+    grid = ((h // ws) * (w // ws), b * nh)
+    _window_fwd_kernel[grid](
+        q, k, v, tab, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *st, *out.stride(),
+        nh, h, w, w // ws, float(scale),
+        D=d, WS=ws, SHIFT=shift, BLOCK_L=block_l, BLOCK_D=block_d,
+        HAS_BIAS=has_bias, PREC=prec, ACC=acc, STORE_LSE=store_lse, num_warps=_num_warps(block_l, block_d),
+    )
+    return out, lse
+
+
+def _windows_per_program(n_windows: int, heads: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    chunks = max(1, target // heads)
+    return max(1, triton.cdiv(n_windows, chunks))
+
+
+def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optional[int] = None):
+    b, nh, n, d = q.shape
+    dq = torch.empty((b, nh, n, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    block_l, block_d, prec, acc = _meta(q.dtype, d, ws)
+    n_windows = b * (h // ws) * (w // ws)
+    wpp = wpp or _windows_per_program(n_windows, nh, q.device)
+    chunks = triton.cdiv(n_windows, wpp)
+    has_bias = table is not None
+    part_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    big_l = ws * ws
+    part = torch.empty((chunks, nh, big_l, big_l) if has_bias else (1,), device=q.device, dtype=part_dtype)
+    tab = table if has_bias else q
+    st = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
+    _window_bwd_kernel[(nh, chunks)](
+        q, k, v, out, do, lse, tab, dq, dk, dv, part,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *st,
+        nh, h, w, w // ws, n_windows, wpp, float(scale),
+        D=d, WS=ws, SHIFT=shift, BLOCK_L=block_l, BLOCK_D=block_d,
+        HAS_BIAS=has_bias, PREC=prec, ACC=acc, num_warps=_num_warps(block_l, block_d),
+    )
+    if not has_bias:
+        return dq, dk, dv, q.new_empty((0,))
+    pair = part.sum(0).reshape(nh, big_l * big_l).t()
+    dtable = torch.zeros(((2 * ws - 1) ** 2, nh), device=q.device, dtype=part_dtype)
+    dtable.index_add_(0, _rel_index(ws, q.device), pair)
+    return dq, dk, dv, dtable.to(table.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusionblocks::window_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor],
+    h: int, w: int, window_size: int, shift: int, scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(q, k, v, bias_table, h, w, window_size, shift, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, bias_table, h, w, window_size, shift, scale):
+    b, nh, n, d = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty((b, nh, n, d)), q.new_empty((b, nh, n), dtype=lse_dtype)
+
+
+@torch.library.custom_op("fusionblocks::window_attention_infer", mutates_args=())
+def _infer_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor],
+    h: int, w: int, window_size: int, shift: int, scale: float,
+) -> torch.Tensor:
+    return _fwd_launch(q, k, v, bias_table, h, w, window_size, shift, scale, store_lse=False)[0]
+
+
+@_infer_op.register_fake
+def _(q, k, v, bias_table, h, w, window_size, shift, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fusionblocks::window_attention_bwd", mutates_args=())
+def _bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, bias_table: Optional[torch.Tensor],
+    h: int, w: int, window_size: int, shift: int, scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_launch(grad_out, q, k, v, out, lse, bias_table, h, w, window_size, shift, scale)
+
+
+@_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, bias_table, h, w, window_size, shift, scale):
+    b, nh, n, d = q.shape
+    g = q.new_empty((b, nh, n, d))
+    dt = bias_table.new_empty(bias_table.shape) if bias_table is not None else q.new_empty((0,))
+    return g, q.new_empty((b, nh, n, d)), q.new_empty((b, nh, n, d)), dt
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias_table, h, w, window_size, shift, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias_table)
+    ctx.cfg = (h, w, window_size, shift, scale)
+    ctx.has_bias = bias_table is not None
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias_table = ctx.saved_tensors
+    if not ctx.has_bias:
+        bias_table = None
+    dq, dk, dv, dtable = _bwd_op(grad_out, q, k, v, out, lse, bias_table, *ctx.cfg)
+    return dq, dk, dv, (dtable if ctx.has_bias else None), None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# backend
+# --------------------------------------------------------------------------------------------------
+
+
+def check_window_triton(q, k, v, bias_table, *, hw, window_size, shift, scale, auto: bool = False) -> List[str]:
+    """Reasons the Triton backend cannot run this (validated) call; empty when it can."""
+    reasons = device_reasons(q, auto=auto, what="triton window_attention")
+    if q.device.type == "cpu" and interpreting() and not _INTERPRETED:
+        reasons.append("triton was imported before TRITON_INTERPRET=1 was set, so its kernels are not interpreted")
+    if not MIN_WINDOW <= window_size <= MAX_WINDOW:
+        reasons.append(f"window_size {window_size} outside the supported {MIN_WINDOW}..{MAX_WINDOW}")
+    d = q.shape[-1]
+    if not MIN_HEAD_DIM <= d <= MAX_HEAD_DIM:
+        reasons.append(f"head dim {d} outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    return reasons
+
+
+@register_backend("window_attention", "triton", priority=20, check=check_window_triton)
+def window_attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Fused shifted-window attention; same math and layout as :func:`fusionblocks.ops.reference.window_attention`.
+
+    Args:
+        q, k, v: ``(B, heads, H*W, D)`` raster order, any strides.
+        bias_table: ``((2ws-1)**2, heads)`` or ``None``.
+        hw: ``(H, W)``, multiples of ``window_size``.
+        window_size: window side, 2..12.
+        shift: cyclic shift in ``[0, window_size)``.
+        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+
+    Returns:
+        ``(B, heads, H*W, D)`` contiguous, raster order, dtype of ``q``.
+    """
+    h, w = hw
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    tensors = (q, k, v) if bias_table is None else (q, k, v, bias_table)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _infer_op(q, k, v, bias_table, h, w, window_size, shift, scale)
+    out, _ = _fwd_op(q, k, v, bias_table, h, w, window_size, shift, scale)
+    return out

@@ -1,0 +1,408 @@
+"""The compiled extension ``fusionblocks._C`` (``cpp`` backend): parity of outputs and of every gradient
+with the reference, dispatch reasons, opcheck / torch.compile, and the golden blocks on the cpp kernels."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import fusionblocks.ops.cpp as cpp
+from fusionblocks.ops import decay_attention, explain, reference, select, window_attention
+
+needs_ext = pytest.mark.skipif(not cpp.available(), reason=f"fusionblocks._C not built: {cpp.LOAD_ERROR}")
+
+
+def test_extension_is_built_where_a_compiler_is():
+    if os.environ.get("FUSIONBLOCKS_NO_EXT") or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here, or the extension was switched off")
+    assert cpp.available(), f"fusionblocks._C failed to load: {cpp.LOAD_ERROR}; {cpp.BUILD_HINT}"
+
+
+def _qkv(b, heads, n, d, dtype=torch.float64, noncontig=False):
+    if noncontig:  # views of a packed (B, N, 3, heads, D) projection, as attention layers produce them
+        qkv = torch.randn(b, n, 3, heads, d, dtype=dtype).permute(2, 0, 3, 1, 4)
+        return [t.requires_grad_() for t in (qkv[0].detach(), qkv[1].detach(), qkv[2].detach())]
+    return [torch.randn(b, heads, n, d, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _grads(out, inputs, g):
+    inputs = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, inputs, g)
+
+
+def _assert_parity(ref_fn, cpp_fn, inputs, atol, rtol):
+    out_ref, out_cpp = ref_fn(*inputs), cpp_fn(*inputs)
+    torch.testing.assert_close(out_cpp, out_ref, atol=atol, rtol=rtol)
+    g = torch.randn_like(out_ref)
+    for got, want in zip(_grads(out_cpp, inputs, g), _grads(out_ref, inputs, g)):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+
+
+def _decay_case(mode, hw, b, heads, d, dtype=torch.float64, noncontig=False, lg_grad=True):
+    q, k, v = _qkv(b, heads, hw[0] * hw[1], d, dtype, noncontig)
+    assert not noncontig or not q.is_contiguous()
+    log_gamma = torch.log(1 - 2.0 ** (-5 - torch.arange(heads, dtype=dtype))).requires_grad_(lg_grad)
+    return q, k, v, log_gamma
+
+
+# ---------------------------------------------------------------- decay attention
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+@pytest.mark.parametrize("hw, b, noncontig", [((5, 7), 2, False), ((13, 11), 1, True), ((1, 1), 1, False), ((1, 9), 1, True)])
+def test_decay_float64_parity(mode, hw, b, noncontig):
+    inputs = _decay_case(mode, hw, b, 3, 16, noncontig=noncontig)
+    _assert_parity(
+        lambda *a: reference.decay_attention(*a, hw=hw, mode=mode),
+        lambda *a: decay_attention(*a, hw=hw, mode=mode, backend="cpp"),
+        inputs, atol=1e-10, rtol=1e-9,
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+@pytest.mark.parametrize("d", [12, 16, 24, 32, 48, 64, 96])
+def test_decay_head_dims(mode, d):
+    hw = (4, 6)
+    inputs = _decay_case(mode, hw, 1, 2, d)
+    _assert_parity(
+        lambda *a: reference.decay_attention(*a, hw=hw, mode=mode, scale=0.3),
+        lambda *a: decay_attention(*a, hw=hw, mode=mode, scale=0.3, backend="cpp"),
+        inputs, atol=1e-10, rtol=1e-9,
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("mode, hw, heads", [("full", (23, 29), 2), ("full", (23, 29), 1), ("decomposed", (3, 150), 2),
+                                             ("decomposed", (131, 2), 2)])
+def test_decay_several_query_and_key_blocks(mode, hw, heads):
+    """More tokens than one query block (64) and, for full, than one key block (512): the online softmax;
+    with one head on two threads the full backward also splits the keys across threads."""
+    inputs = _decay_case(mode, hw, 1, heads, 8)
+    with torch.no_grad():
+        inputs[0].mul_(3)  # sharper rows: the running maximum changes between key blocks
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        _assert_parity(
+            lambda *a: reference.decay_attention(*a, hw=hw, mode=mode),
+            lambda *a: decay_attention(*a, hw=hw, mode=mode, backend="cpp"),
+            inputs, atol=1e-10, rtol=1e-9,
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+def test_decay_gradcheck(mode):
+    q, k, v, lg = _decay_case(mode, (3, 4), 1, 2, 4)
+    assert torch.autograd.gradcheck(
+        lambda *a: decay_attention(*a, hw=(3, 4), mode=mode, backend="cpp"), (q, k, v, lg), atol=1e-8
+    )
+
+
+@needs_ext
+def test_double_backward_raises_clearly():
+    q, k, v, lg = _decay_case("full", (2, 3), 1, 1, 4)
+    (dq,) = torch.autograd.grad(decay_attention(q, k, v, lg, hw=(2, 3), backend="cpp").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        dq.sum().backward()
+
+
+def _low_precision_rule(ref_fn, cpp_fn, inputs64, dtype):
+    """flash-attn's rule: |cpp(low) - ref(fp64)| <= 2 |ref(low) - ref(fp64)| + floor, outputs and gradients."""
+    low = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in inputs64]
+    out64, out_ref, out_cpp = ref_fn(*inputs64), ref_fn(*low), cpp_fn(*low)
+    assert out_cpp.dtype == dtype
+    g = torch.randn_like(out64)
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    pairs = [(out_cpp, out_ref, out64)] + list(
+        zip(_grads(out_cpp, low, g.to(dtype)), _grads(out_ref, low, g.to(dtype)), _grads(out64, inputs64, g))
+    )
+    for got, ref_low, want in pairs:
+        err_cpp = (got.double() - want).abs().max().item()
+        err_ref = (ref_low.double() - want).abs().max().item()
+        assert err_cpp <= 2 * err_ref + floor * want.abs().max().item(), (err_cpp, err_ref)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+def test_decay_low_precision(mode, dtype):
+    hw = (9, 7)
+    inputs = _decay_case(mode, hw, 2, 4, 32)
+    _low_precision_rule(
+        lambda *a: reference.decay_attention(*a, hw=hw, mode=mode),
+        lambda *a: decay_attention(*a, hw=hw, mode=mode, backend="cpp"),
+        inputs, dtype,
+    )
+
+
+@needs_ext
+def test_decay_log_gamma_float32_with_float64_qkv():
+    q, k, v, lg = _decay_case("full", (3, 5), 1, 2, 8)
+    lg32 = lg.detach().float().requires_grad_()
+    out = decay_attention(q, k, v, lg32, hw=(3, 5), backend="cpp")
+    out.sum().backward()
+    assert out.dtype == torch.float64 and lg32.grad.dtype == torch.float32
+    ref = reference.decay_attention(q, k, v, lg32.detach().double().requires_grad_(), hw=(3, 5))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- window attention
+
+
+def _window_case(ws, hw, b, heads, d, bias, dtype=torch.float64, noncontig=False):
+    q, k, v = _qkv(b, heads, hw[0] * hw[1], d, dtype, noncontig)
+    table = torch.randn((2 * ws - 1) ** 2, heads, dtype=dtype, requires_grad=True) if bias else None
+    return q, k, v, table
+
+
+@needs_ext
+@pytest.mark.parametrize("ws, shift", [(4, 0), (4, 2), (5, 0), (5, 2), (7, 0), (7, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_window_float64_parity(ws, shift, bias):
+    hw = (2 * ws, 3 * ws)
+    inputs = _window_case(ws, hw, 1, 3, 16, bias, noncontig=True)
+    _assert_parity(
+        lambda *a: reference.window_attention(*a, hw=hw, window_size=ws, shift=shift),
+        lambda *a: window_attention(*a, hw=hw, window_size=ws, shift=shift, backend="cpp"),
+        inputs, atol=1e-10, rtol=1e-9,
+    )
+
+
+@needs_ext
+def test_window_hifuse_7x7_grid_shift_3():
+    """HiFuse keeps shift 3 on its last 7x7 stage, where the whole grid is one window."""
+    inputs = _window_case(7, (7, 7), 2, 4, 24, True)
+    _assert_parity(
+        lambda *a: reference.window_attention(*a, hw=(7, 7), window_size=7, shift=3),
+        lambda *a: window_attention(*a, hw=(7, 7), window_size=7, shift=3, backend="cpp"),
+        inputs, atol=1e-10, rtol=1e-9,
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("d", [12, 16, 24, 32, 48, 64, 96])
+def test_window_head_dims(d):
+    inputs = _window_case(4, (8, 4), 1, 2, d, True)
+    _assert_parity(
+        lambda *a: reference.window_attention(*a, hw=(8, 4), window_size=4, shift=1, scale=0.2),
+        lambda *a: window_attention(*a, hw=(8, 4), window_size=4, shift=1, scale=0.2, backend="cpp"),
+        inputs, atol=1e-10, rtol=1e-9,
+    )
+
+
+@needs_ext
+def test_window_gradcheck():
+    q, k, v, table = _window_case(3, (3, 6), 1, 2, 4, True)
+    assert torch.autograd.gradcheck(
+        lambda *a: window_attention(*a, hw=(3, 6), window_size=3, shift=1, backend="cpp"), (q, k, v, table), atol=1e-8
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_low_precision(dtype):
+    inputs = _window_case(7, (14, 14), 2, 3, 32, True)
+    _low_precision_rule(
+        lambda *a: reference.window_attention(*a, hw=(14, 14), window_size=7, shift=3),
+        lambda *a: window_attention(*a, hw=(14, 14), window_size=7, shift=3, backend="cpp"),
+        inputs, dtype,
+    )
+
+
+# ---------------------------------------------------------------- dispatch, opcheck, compile
+
+
+@needs_ext
+def test_dispatch_prefers_cpp_over_reference_on_cpu():
+    q, k, v, lg = _decay_case("full", (3, 3), 1, 2, 8, torch.float32)
+    assert explain("decay_attention", q, k, v, lg, hw=(3, 3), mode="full", scale=None)["cpp"] == []
+    ranked = select("decay_attention", "cpp", q, k, v, lg, hw=(3, 3), mode="full", scale=None)
+    assert ranked.name == "cpp" and ranked.priority > 0
+    if not os.environ.get("TRITON_INTERPRET"):
+        assert select("decay_attention", None, q, k, v, lg, hw=(3, 3), mode="full", scale=None).name == "cpp"
+        assert select("window_attention", None, q, k, v, None, hw=(3, 3), window_size=3, shift=0, scale=None).name == "cpp"
+
+
+def test_reasons_name_device_dtype_and_build(monkeypatch):
+    q = torch.empty(1, 2, 9, 8, device="meta")
+    lg = torch.empty(2, device="meta")
+    reasons = cpp.check_decay_cpp(q, q, q, lg, hw=(3, 3), mode="full", scale=None)
+    assert any("CPU tensors only" in r and "meta" in r for r in reasons)
+    qi = torch.empty(1, 2, 9, 8, dtype=torch.complex64)
+    reasons = cpp.check_window_cpp(qi, qi, qi, None, hw=(3, 3), window_size=3, shift=0, scale=None)
+    assert any("complex64" in r for r in reasons)
+    monkeypatch.setattr(cpp, "_C", None)
+    monkeypatch.setattr(cpp, "LOAD_ERROR", "ImportError: no _C")
+    reasons = cpp.check_window_cpp(torch.zeros(1, 1, 9, 4), *[torch.zeros(1, 1, 9, 4)] * 2, None,
+                                   hw=(3, 3), window_size=3, shift=0, scale=None)
+    assert len(reasons) == 1 and "not built" in reasons[0] and "build_ext --inplace" in reasons[0]
+
+
+@needs_ext
+def test_opcheck():
+    ops = torch.ops.fusionblocks_C
+    q, k, v, lg = _decay_case("full", (3, 4), 1, 2, 8)
+    torch.library.opcheck(ops.decay_full_fwd, (q, k, v, lg, 3, 4, 0.5))
+    torch.library.opcheck(ops.decay_dec_fwd, (q, k, v, lg, 3, 4, 0.5))
+    q, k, v, table = _window_case(2, (4, 2), 1, 2, 8, True)
+    torch.library.opcheck(ops.window_fwd, (q, k, v, table, 4, 2, 2, 1, 0.5))
+    torch.library.opcheck(ops.window_fwd, (q, k, v, None, 4, 2, 2, 0, 0.5))
+    q, k, v, lg, table = (t.detach() for t in (q, k, v, lg[:2], table))
+    out, lse = ops.decay_full_fwd(q, k, v, lg, 4, 2, 0.5)
+    torch.library.opcheck(ops.decay_full_bwd, (torch.randn_like(out), q, k, v, lg, out, lse, 4, 2, 0.5))
+    out, mid, lse_r, lse_c = ops.decay_dec_fwd(q, k, v, lg, 4, 2, 0.5)
+    torch.library.opcheck(ops.decay_dec_bwd, (torch.randn_like(out), q, k, v, lg, out, mid, lse_r, lse_c, 4, 2, 0.5))
+    torch.library.opcheck(ops.window_bwd, (torch.randn_like(out), q, k, v, table, 4, 2, 2, 1, 0.5))
+    torch.library.opcheck(ops.window_bwd, (torch.randn_like(out), q, k, v, None, 4, 2, 2, 0, 0.5))
+
+
+@needs_ext
+def test_torch_compile_fullgraph_forward_and_backward():
+    hw = (4, 5)
+    q, k, v, lg = _decay_case("full", hw, 1, 2, 8, torch.float32)
+    table = torch.randn(9, 2, requires_grad=True)
+
+    def f(q, k, v, lg, table):
+        a = decay_attention(q, k, v, lg, hw=hw, mode="full", backend="cpp")
+        b = decay_attention(q, k, v, lg, hw=hw, mode="decomposed", backend="cpp")
+        c = window_attention(q[:, :, :16], k[:, :, :16], v[:, :, :16], table, hw=(4, 4), window_size=2, shift=1,
+                             backend="cpp")
+        return a.sum() + b.sum() + (c * c).sum()
+
+    inputs = (q, k, v, lg, table)
+    eager = torch.autograd.grad(f(*inputs), inputs)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- golden blocks on the cpp kernels
+
+
+@needs_ext
+@pytest.mark.parametrize("name, mode", [("rmt.masa_full", "full"), ("rmt.masa_decomposed", "decomposed")])
+def test_golden_rmt_masa_with_cpp(monkeypatch, name, mode):
+    from fusionblocks.layers.manhattan import RMT_ATTENTION_RULES, ManhattanSelfAttention
+    from fusionblocks.models.convert import convert_keys
+    from golden_utils import block, make_input, official_state_dict, rel_err
+
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cpp")
+    record = block(name)
+    sd = {k[len("attn."):]: t for k, t in official_state_dict(record).items() if k.startswith("attn.")}
+    m = ManhattanSelfAttention(128, 4, mode, initial_value=2, heads_range=4).eval()
+    m.load_state_dict({k: t for k, (_, t) in convert_keys(sd, RMT_ATTENTION_RULES).items()}, strict=True)
+    x = make_input(record["inputs"][0])
+    with torch.no_grad():
+        y = m(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert rel_err(y, record["output"]) <= 1e-5
+
+
+@needs_ext
+def test_golden_egf_block_with_cpp(monkeypatch):
+    from fusionblocks.layers.manhattan import EGFBlock
+    from fusionblocks.models.convert import load_official
+    from golden_utils import block, make_input, official_state_dict, rel_err
+
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cpp")
+    record = block("hemf.egf_block_rect")
+    depth = sum(k.endswith("q_proj.weight") for k, _, _ in record["keys"])
+    m = EGFBlock(96, 8, depth).eval()
+    load_official(m, m.prepare_official(official_state_dict(record)), *m.official_key_rules(), source="HEMF EGF_block")
+    with torch.no_grad():
+        y = m(make_input(record["inputs"][0]))
+    assert rel_err(y, record["output"]) <= 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("name, kw", [
+    ("hifuse.global_layer", dict(dim=96, depth=2, num_heads=3)),
+    ("hifuse.global_layer_7x7", dict(dim=768, depth=2, num_heads=24)),
+])
+def test_golden_hifuse_global_stage_with_cpp(monkeypatch, name, kw):
+    from fusionblocks.layers.window import HiFuseGlobalStage
+    from golden_utils import block, make_input, official_state_dict, rel_err
+
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cpp")
+    rec = block(name)
+    stage = HiFuseGlobalStage(**kw).eval()
+    dropped = ("norm2.", "relative_position_index")
+    stage.load_state_dict({k: t for k, t in official_state_dict(rec).items() if not any(d in k for d in dropped)})
+    x, h, w = (make_input(s) for s in rec["inputs"])
+    with torch.no_grad():
+        out = stage(x.view(x.shape[0], h, w, x.shape[-1]).permute(0, 3, 1, 2))
+    assert rel_err(out.flatten(2).transpose(1, 2), rec["output"]) <= 1e-5
+
+
+# ---------------------------------------------------------------- CUDA kernel (needs a GPU and FUSIONBLOCKS_CUDA=1)
+
+
+def _needs_cuda_kernel():
+    import fusionblocks.ops.cuda as cuda_backend
+
+    if not cuda_backend.available():
+        pytest.fail(f"fusionblocks._C has no CUDA kernels; {cuda_backend.CUDA_BUILD_HINT}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ws, shift, bias, hw", [(7, 0, True, (14, 21)), (7, 3, True, (7, 7)), (4, 2, False, (8, 12)),
+                                                 (8, 4, True, (16, 8))])
+@pytest.mark.parametrize("d", [16, 32, 96])
+def test_cuda_window_float64_parity(ws, shift, bias, hw, d):
+    _needs_cuda_kernel()
+    q, k, v, table = _window_case(ws, hw, 2, 3, d, bias)
+    q, k, v = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    table = table.detach().cuda().requires_grad_() if bias else None
+    _assert_parity(
+        lambda *a: reference.window_attention(*a, hw=hw, window_size=ws, shift=shift),
+        lambda *a: window_attention(*a, hw=hw, window_size=ws, shift=shift, backend="cuda"),
+        (q, k, v, table), atol=1e-10, rtol=1e-9,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_window_low_precision(dtype):
+    _needs_cuda_kernel()
+    q, k, v, table = (t.detach().cuda().requires_grad_() for t in _window_case(7, (14, 14), 2, 3, 32, True))
+    _low_precision_rule(
+        lambda *a: reference.window_attention(*a, hw=(14, 14), window_size=7, shift=3),
+        lambda *a: window_attention(*a, hw=(14, 14), window_size=7, shift=3, backend="cuda"),
+        (q, k, v, table), dtype,
+    )
+
+
+@pytest.mark.gpu
+def test_cuda_window_opcheck_and_speed_vs_triton():
+    """opcheck on CUDA, then prints fwd / fwd+bwd times of cuda vs triton vs reference (HiFuse stage-1, B=32)."""
+    _needs_cuda_kernel()
+    q, k, v, table = (t.detach().cuda() for t in _window_case(2, (4, 2), 1, 2, 8, True))
+    torch.library.opcheck(torch.ops.fusionblocks_C.window_fwd, (q, k, v, table, 4, 2, 2, 1, 0.5))
+    b, heads, d, side = 32, 3, 32, 56
+    x = [torch.randn(b, heads, side * side, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    table = torch.randn(169, heads, device="cuda", requires_grad=True)
+    avail = {n: r for n, r in explain("window_attention", *x, table, hw=(side, side), window_size=7, shift=3, scale=None).items()}
+    for name in ("cuda", "triton", "reference"):
+        if avail[name]:
+            print(f"{name}: cannot run ({'; '.join(avail[name])})")
+            continue
+        for passes in ("fwd", "fwd+bwd"):
+            def run():
+                out = window_attention(*x, table, hw=(side, side), window_size=7, shift=3, backend=name)
+                if passes == "fwd+bwd":
+                    out.float().sum().backward()
+            run()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(20):
+                run()
+            end.record()
+            torch.cuda.synchronize()
+            print(f"window_attention {name} {passes}: {start.elapsed_time(end) / 20:.3f} ms")
