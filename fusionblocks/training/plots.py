@@ -26,9 +26,12 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
     a2.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
     a2.plot(epochs, [h["val"]["accuracy"] for h in history], "o-", label="val")
     a2.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1.02))
+    from matplotlib.ticker import MaxNLocator
+
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,319 @@
+"""The ``fusionblocks`` command: ``info``, ``summary``, ``bench`` (and subcommands added by other modules).
+
+Each subcommand is one ``add_<name>(subparsers)`` function that builds its parser and sets
+``func`` to a handler ``(args) -> int``. Built-in ones are listed in :data:`COMMANDS`; a module named in
+:data:`COMMAND_MODULES` that exists adds its own through ``add_cli_commands(subparsers)`` (e.g.
+``fusionblocks/training/cli.py`` for ``train``/``evaluate``), so new subcommands need no edit here beyond
+that name.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+from typing import Callable, List, Optional, Sequence
+
+COMMAND_MODULES = ("fusionblocks.training.cli",)
+
+
+class CLIError(Exception):
+    """A user error: printed as ``fusionblocks <cmd>: error: ...`` with exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- info
+
+
+def _example_calls(device):
+    """Small example arguments for every op variant: name -> (op, args, kwargs)."""
+    import torch
+
+    def qkv(n, d=32, heads=4):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(1, heads, n, d, generator=g).to(device) for _ in range(3)]
+
+    lg = torch.full((4,), -0.1, device=device)
+    table = torch.zeros((2 * 7 - 1) ** 2, 4, device=device)
+    return {
+        "decay_attention (full)": ("decay_attention", (*qkv(56), lg), dict(hw=(7, 8), mode="full", scale=None)),
+        "decay_attention (decomposed)": (
+            "decay_attention", (*qkv(56), lg), dict(hw=(7, 8), mode="decomposed", scale=None)),
+        "window_attention": (
+            "window_attention", (*qkv(196), table), dict(hw=(14, 14), window_size=7, shift=3, scale=None)),
+    }
+
+
+def collect_info(device: Optional[str] = None) -> dict:
+    """Versions, the compiled extension and, for each op, which backends can run here and why not."""
+    import torch
+
+    import fusionblocks
+
+    from .bench import device_name, triton_version
+    from .ops import dispatch
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        importlib.import_module("fusionblocks._C")
+        ext = {"built": True, "error": None}
+    except ImportError as e:
+        ext = {"built": False, "error": f"{type(e).__name__}: {e}"}
+    try:
+        models = fusionblocks.list_models()
+    except Exception as e:  # a broken model module must not hide the rest of the report
+        models = [f"<cannot list models: {type(e).__name__}: {e}>"]
+    ops = {}
+    for label, (op, args, kw) in _example_calls(dev).items():
+        reasons = dispatch.explain(op, *args, **kw)
+        try:
+            auto = dispatch.select(op, None, *args, **kw).name
+        except dispatch.BackendUnavailable:
+            auto = None
+        ops[label] = {
+            "example": {"shape": list(args[0].shape), "dtype": str(args[0].dtype).replace("torch.", ""),
+                        **{k: v for k, v in kw.items() if v is not None}},
+            "auto": auto,
+            "backends": {n: {"available": not r, "reasons": r} for n, r in reasons.items()},
+        }
+    return {
+        "fusionblocks": fusionblocks.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": device_name(dev),
+        "env_backend": os.environ.get(dispatch.ENV_VAR),
+        "extension": ext,
+        "models": models,
+        "ops": ops,
+    }
+
+
+def format_info(info: dict) -> str:
+    lines = [
+        f"fusionblocks {info['fusionblocks']}",
+        f"  python   {info['python']} ({info['platform']})",
+        f"  torch    {info['torch']}",
+        f"  triton   {info['triton'] or 'not installed'}",
+        f"  CUDA     {info['cuda'] or 'none'} (available: {info['cuda_available']})",
+        f"  device   {info['device']}",
+        f"  _C       {'built' if info['extension']['built'] else 'not built (' + info['extension']['error'] + ')'}",
+    ]
+    lines.append(f"  models   {', '.join(info['models'])}")
+    if info["env_backend"]:
+        lines.append(f"  FUSIONBLOCKS_BACKEND={info['env_backend']}")
+    for label, op in info["ops"].items():
+        ex = op["example"]
+        lines.append("")
+        lines.append(f"{label}: example {tuple(ex['shape'])} {ex['dtype']}; auto picks {op['auto'] or 'nothing'}")
+        for name, b in op["backends"].items():
+            state = "can run" if b["available"] else "cannot run: " + "; ".join(b["reasons"])
+            lines.append(f"  {name:<10} {state}")
+    return "\n".join(lines)
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions, device, and which backends of each op can run here (and why not)",
+                       description="Show versions, the device, whether fusionblocks._C is built, and for each op "
+                                   "which backends can run here on small example tensors, with the reasons of those "
+                                   "that cannot.")
+    p.add_argument("--device", default=None, help="device of the example tensors (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    info = collect_info(args.device)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- summary
+
+
+def _check_model(name: str) -> None:
+    import difflib
+
+    from .models.registry import list_models
+
+    names = list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise CLIError(f"unknown model {name!r}{hint} Available: {', '.join(names) or 'none'}")
+
+
+def add_summary(sub) -> None:
+    p = sub.add_parser("summary", help="parameters, FLOPs and activation memory of a model, per stage",
+                       description="Parameters (total, trainable, in never-called official modules), FLOPs/MACs "
+                                   "(torch.utils.flop_counter) and activation memory saved for backward in one "
+                                   "training step, per stage.")
+    p.add_argument("model", help="a registered model name (see fusionblocks.list_models())")
+    p.add_argument("--image-size", type=_positive_int, default=224, metavar="N")
+    p.add_argument("--batch-size", type=_positive_int, default=1, metavar="B")
+    p.add_argument("--num-classes", type=_positive_int, default=7,
+                   help="classifier outputs (default 7, ISIC2018, as the official parameter counts)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_summary)
+
+
+def cmd_summary(args) -> int:
+    from .summary import summarize
+
+    _check_model(args.model)
+    s = summarize(args.model, args.image_size, args.batch_size, num_classes=args.num_classes, device=args.device)
+    print(s.to_json() if args.json else s.format())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _split(values: Optional[Sequence[str]]) -> List[str]:
+    return [x for v in values or () for x in v.split(",") if x]
+
+
+def add_bench(sub) -> None:
+    from .bench import OPS, PASSES
+
+    p = sub.add_parser(
+        "bench", help="time every op (or a whole network) for every backend that can run, side by side",
+        description="Time decay attention (full, decomposed), window attention and the HFF/HEF blocks, fwd and "
+                    "fwd+bwd, for every backend that can run here plus the anchors (SDPA with a materialized bias; "
+                    "FlexAttention compiled, CUDA only). With --model: training-step throughput of a network per "
+                    "backend. Prints a table; --out writes JSON records (and a Markdown table next to it).")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes (under a minute on a 2-core CPU); with --model: B<=2, N<=64, 2 steps")
+    p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all): {', '.join(OPS)}")
+    p.add_argument("--dtype", nargs="+", metavar="DTYPE",
+                   help="fp32, bf16, fp16 (default: bf16 and fp32 on CUDA, fp32 on CPU)")
+    p.add_argument("--backends", nargs="+", metavar="IMPL",
+                   help="keep only these implementations (reference, triton, cpp, cuda, sdpa, flex, eager)")
+    p.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", metavar="FILE.json",
+                   help="write the records as JSON and FILE.md with a Markdown table; '{device}' in the path "
+                        "becomes the device name, e.g. benchmarks/results/ops-{device}.json")
+    p.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib); '{device}' as in --out")
+    p.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads (torch.set_num_threads); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("whole network (--model)")
+    g.add_argument("--model", metavar="NAME", help="time training steps of this registered model instead of ops")
+    g.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="default 32 (the papers')")
+    g.add_argument("--image-size", type=_positive_int, default=224, metavar="N", help="default 224")
+    g.add_argument("--steps", type=_positive_int, default=10, help="timed steps (after one warm-up step)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here")
+    progress = False if args.no_progress else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.model:
+            _check_model(args.model)
+            if args.quick:
+                args.batch_size, args.image_size = min(args.batch_size, 2), min(args.image_size, 64)
+                args.steps = min(args.steps, 2)
+            result = bench.run_model(args.model, batch_size=args.batch_size, image_size=args.image_size,
+                                     steps=args.steps, backends=_split(args.backends) or None, device=args.device,
+                                     progress=progress)
+        else:
+            dtypes = [bench.parse_dtype(d) for d in _split(args.dtype)]
+            if not dtypes:
+                on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+                dtypes = [torch.bfloat16, torch.float32] if on_cuda else [torch.float32]
+            ops = _split(args.ops)
+            bench.resolve_ops(ops)
+            result = bench.run(ops or None, quick=args.quick, dtypes=dtypes, passes=args.passes,
+                               impls=_split(args.backends) or None, device=args.device, progress=progress)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(bench.format_table(result.records))
+    if result.skipped:
+        print("\nnot run here:")
+        for op, impl, why in result.skipped_summary():
+            print(f"  {op} {impl}: {why}")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    slug = bench.device_slug(bench.device_name(dev))
+    if args.out:
+        out = args.out.replace("{device}", slug)
+        bench.write_json(result.records, out)
+        md = out[:-5] + ".md" if out.endswith(".json") else out + ".md"
+        with open(md, "w") as f:
+            f.write(bench.format_markdown(result.records, result.skipped_summary()))
+        print(f"\nwrote {out} and {md}")
+    if args.plot:
+        png = args.plot.replace("{device}", slug)
+        try:
+            bench.plot(result.records, png)
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
+        print(f"wrote {png}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+COMMANDS: List[Callable] = [add_info, add_summary, add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="fusionblocks",
+        description="CNN-Transformer fusion blocks for medical imaging: inspect the install, summarize models, "
+                    "benchmark the kernels.")
+    parser.add_argument("--version", action="version", version=f"fusionblocks {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    for module in COMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            mod = importlib.import_module(module)
+            if hasattr(mod, "add_cli_commands"):
+                mod.add_cli_commands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fusionblocks`` console script and ``python -m fusionblocks``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        parser.exit(2, f"fusionblocks {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # output piped into e.g. `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

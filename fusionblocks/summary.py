@@ -1,0 +1,274 @@
+"""Model summary: parameters, FLOPs/MACs and activation memory of one training step, per stage.
+
+What is counted and how:
+
+* **Parameters**: ``numel`` of every parameter (total and trainable). When a model reports the
+  parameters of official modules its forward never calls (attribute ``official_unused_params``, an
+  int, or ``official_num_params``, the official count that includes them), they are shown too.
+* **FLOPs** with :class:`torch.utils.flop_counter.FlopCounterMode`: it ships with torch (no extra
+  dependency), runs on any device, sees every aten op including the fused attention ops' fake
+  kernels, and attributes counts to the module hierarchy, which gives the per-stage split. It counts
+  matrix multiplications and convolutions (incl. SDPA); element-wise ops, norms and softmax are not
+  counted, the usual convention of papers' GFLOPs tables. MACs = FLOPs / 2.
+* **Activation memory**: the bytes of the tensors autograd saves for backward during one forward in
+  training mode, collected with :func:`torch.autograd.graph.saved_tensors_hooks`. Each storage is
+  counted once; parameters and buffers are excluded. This is what a training step keeps alive
+  between forward and backward, measured, on any device (CPU included).
+
+Stages are the model's top-level children (a top-level ``ModuleList``/``ModuleDict`` is opened one
+level, so ``stages.0`` .. ``stages.3`` appear separately); what runs directly in the model's own
+``forward`` is reported as ``(top level)``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+TOP = "(top level)"
+
+
+@dataclass
+class StageSummary:
+    name: str
+    params: int
+    flops: int
+    activation_bytes: int
+
+
+@dataclass
+class ModelSummary:
+    model: str
+    image_size: List[int]
+    batch_size: int
+    in_chans: int
+    params_total: int
+    params_trainable: int
+    params_official_unused: Optional[int]
+    flops: int
+    macs: int
+    activation_bytes: int
+    stages: List[StageSummary] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format(self) -> str:
+        """A plain-text table for the terminal."""
+        h, w = self.image_size
+        lines = [
+            f"{self.model}: input ({self.batch_size}, {self.in_chans}, {h}, {w})",
+            f"  parameters        {self.params_total:,} (trainable {self.params_trainable:,})",
+        ]
+        if self.params_official_unused is not None:
+            lines.append(
+                f"  official unused   {self.params_official_unused:,} in official modules the forward never calls "
+                f"(official total {self.params_total + self.params_official_unused:,})"
+            )
+        lines += [
+            f"  FLOPs             {_si(self.flops)} ({_si(self.macs)} MACs)",
+            f"  activation memory {_mb(self.activation_bytes)} saved for backward (one training step)",
+            "",
+            f"  {'stage':<24} {'params':>14} {'FLOPs':>10} {'activations':>12}",
+        ]
+        for s in self.stages:
+            lines.append(f"  {s.name:<24} {s.params:>14,} {_si(s.flops):>10} {_mb(s.activation_bytes):>12}")
+        return "\n".join(lines)
+
+
+def _si(n: float) -> str:
+    for unit, f in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= f:
+            return f"{n / f:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def stage_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Top-level children, with top-level ``ModuleList``/``ModuleDict`` containers opened one level."""
+    out: Dict[str, nn.Module] = {}
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            for sub, m in child.named_children():
+                out[f"{name}.{sub}"] = m
+        else:
+            out[name] = child
+    return out
+
+
+# sum of p.numel() of the official models built with num_classes=7, never-called modules included
+# (shared/golden/README.md); used when the model does not report its own count
+OFFICIAL_PARAMS_7 = {
+    "hifuse_tiny": 119_690_280,
+    "hifuse_small": 123_271_128,
+    "hifuse_base": 134_013_672,
+    "hemf": 68_269_367,
+}
+
+
+def official_unused_params(
+    model: nn.Module, name: Optional[str] = None, num_classes: Optional[int] = None
+) -> Optional[int]:
+    """Parameters in official modules that the forward never calls, if known.
+
+    From the model's ``official_unused_params`` (int or method) or ``official_num_params``; else, for a
+    registered ``name`` built with ``num_classes=7``, from the official counts in :data:`OFFICIAL_PARAMS_7`.
+    """
+    n = getattr(model, "official_unused_params", None)
+    if callable(n):
+        n = n()
+    if isinstance(n, int):
+        return n
+    official = getattr(model, "official_num_params", None)
+    if callable(official):
+        official = official()
+    if isinstance(official, int):
+        return official - sum(p.numel() for p in model.parameters())
+    if name in OFFICIAL_PARAMS_7 and num_classes == 7:
+        return OFFICIAL_PARAMS_7[name] - sum(p.numel() for p in model.parameters())
+    return None
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """FLOPs of one forward, per stage name plus ``TOP`` and ``"total"``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = {"total": int(counter.get_total_flops())}
+    for name in stage_modules(model):
+        out[name] = int(sum(counts.get(f"{root}.{name}", {}).values()))
+    out[TOP] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    return out
+
+
+def activation_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """Bytes saved for backward by one training-mode forward, per stage name plus ``TOP``.
+
+    Runs forward and backward (so the step is complete and the saved tensors are freed).
+    """
+    stages = stage_modules(model)
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    exclude |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: set = set()
+    per: Dict[str, int] = {name: 0 for name in stages}
+    per[TOP] = 0
+    stack: List[str] = []
+
+    def pack(t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            size = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+            return t
+        if ptr not in exclude and ptr not in seen and size:
+            seen.add(ptr)
+            per[stack[-1] if stack else TOP] += size
+        return t
+
+    def unpack(t):
+        return t
+
+    def enter(name: str):
+        def hook(module, args) -> None:
+            stack.append(name)
+
+        return hook
+
+    def leave(module, args, out) -> None:
+        stack.pop()
+
+    handles = []
+    for name, m in stages.items():
+        handles.append(m.register_forward_pre_hook(enter(name)))
+        handles.append(m.register_forward_hook(leave))
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            out = model(x)
+        loss = out.float().sum() if isinstance(out, torch.Tensor) else sum(o.float().sum() for o in out)
+        loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return per
+
+
+def summarize(
+    model: Union[str, nn.Module],
+    image_size: Union[int, tuple] = 224,
+    batch_size: int = 1,
+    *,
+    in_chans: Optional[int] = None,
+    num_classes: int = 7,
+    device: Union[str, torch.device] = "cpu",
+) -> ModelSummary:
+    """Summarize a model (a registered name or an ``nn.Module``) at one input size.
+
+    Args:
+        model: a name of :func:`fusionblocks.list_models` or a module.
+        image_size: ``N`` or ``(H, W)``.
+        batch_size: ``B`` of the input; FLOPs and activation memory are for the whole batch.
+        in_chans: input channels; by default the model's ``in_chans`` attribute, else 3.
+        num_classes: classifier outputs when ``model`` is a name (7: ISIC2018, the official counts' setting).
+        device: where to run.
+
+    Returns:
+        A :class:`ModelSummary` (``.format()`` for text, ``.to_dict()`` for JSON).
+    """
+    if isinstance(model, str):
+        from .models.registry import create_model
+
+        name = model
+        model = create_model(model, num_classes=num_classes)
+    else:
+        name = type(model).__name__
+        num_classes = None
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if in_chans is None:
+        in_chans = int(getattr(model, "in_chans", 3))
+    model = model.to(device)
+    x = torch.randn(batch_size, in_chans, h, w, device=device)
+    flops = count_flops(model, x)
+    act = activation_bytes(model, x)
+    stages = [
+        StageSummary(n, sum(p.numel() for p in m.parameters()), flops[n], act[n])
+        for n, m in stage_modules(model).items()
+    ]
+    if flops[TOP] or act[TOP]:
+        stage_params = sum(s.params for s in stages)
+        top_params = sum(p.numel() for p in model.parameters()) - stage_params
+        stages.append(StageSummary(TOP, top_params, flops[TOP], act[TOP]))
+    return ModelSummary(
+        model=name,
+        image_size=[h, w],
+        batch_size=batch_size,
+        in_chans=in_chans,
+        params_total=sum(p.numel() for p in model.parameters()),
+        params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        params_official_unused=official_unused_params(model, name, num_classes),
+        flops=flops["total"],
+        macs=flops["total"] // 2,
+        activation_bytes=sum(act.values()),
+        stages=stages,
+    )

@@ -1,0 +1,286 @@
+"""The ``fusionblocks`` command: argument errors, ``info``, ``summary``, ``bench`` and the bench engine."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusionblocks
+from fusionblocks import bench, cli
+from fusionblocks.ops import BACKENDS
+from fusionblocks.ops import reference as ref
+from fusionblocks.summary import activation_bytes, count_flops, summarize
+
+try:
+    MODELS = fusionblocks.list_models()
+except Exception:  # a model module that fails to import must not hide the other tests; see test_models_are_listed
+    MODELS = []
+
+OPS_IN_INFO = ("decay_attention (full)", "decay_attention (decomposed)", "window_attention")
+
+
+@pytest.fixture
+def one_thread():
+    """Steady, fast CPU runs on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(list(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def test_module_help_via_subprocess():
+    r = subprocess.run([sys.executable, "-m", "fusionblocks", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("info", "summary", "bench"):
+        assert cmd in r.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["summary"], "model"),
+        (["summary", "hemf", "--image-size", "0"], "positive integer"),
+        (["summary", "hemf", "--image-size", "big"], "positive integer"),
+        (["bench", "--pass", "backward"], "invalid choice"),
+        (["bench", "--steps", "-1"], "positive integer"),
+    ],
+)
+def test_argparse_errors_exit_2_with_usage(capsys, argv, message):
+    code, err = cli_error(capsys, *argv)
+    assert code == 2
+    assert "usage:" in err and message in err
+
+
+def test_unknown_op_suggests_close_names(capsys):
+    code, err = cli_error(capsys, "bench", "--quick", "--ops", "decay_ful")
+    assert code == 2
+    assert "unknown op 'decay_ful'" in err and "'decay_full'" in err
+
+
+def test_unknown_dtype_is_an_error(capsys):
+    code, err = cli_error(capsys, "bench", "--quick", "--dtype", "fp8")
+    assert code == 2 and "unknown dtype 'fp8'" in err
+
+
+@pytest.mark.parametrize("cmd", [["summary", "hifuse_tny"], ["bench", "--model", "hifuse_tny"]])
+def test_unknown_model_suggests_close_names(capsys, cmd):
+    code, err = cli_error(capsys, *cmd)
+    assert code == 2
+    assert "unknown model 'hifuse_tny'" in err and "hifuse_tiny" in err
+
+
+def test_bench_on_missing_cuda_is_an_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code, err = cli_error(capsys, "bench", "--quick", "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err
+
+
+def test_subcommands_from_other_modules_register(tmp_path, monkeypatch, capsys):
+    (tmp_path / "fb_extra_cmds.py").write_text(
+        "def add_cli_commands(sub):\n"
+        "    p = sub.add_parser('hello')\n"
+        "    p.add_argument('--name', default='world')\n"
+        "    p.set_defaults(func=lambda args: print('hello', args.name) or 0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", cli.COMMAND_MODULES + ("fb_extra_cmds", "fb_absent_module"))
+    code, out, _ = run_cli(capsys, "hello", "--name", "cli")
+    assert code == 0 and out.strip() == "hello cli"
+
+
+# ------------------------------------------------------------------------------------------------ info
+
+
+def test_info_json_lists_every_backend_with_reasons(capsys):
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["torch"] == torch.__version__
+    assert info["fusionblocks"] == fusionblocks.__version__
+    assert isinstance(info["extension"]["built"], bool)
+    assert info["models"] == MODELS
+    assert set(info["ops"]) == set(OPS_IN_INFO)
+    for label, op in info["ops"].items():
+        assert set(op["backends"]) == set(BACKENDS), label
+        for name, b in op["backends"].items():
+            assert b["available"] == (not b["reasons"]), (label, name)
+            assert all(isinstance(r, str) and r for r in b["reasons"])
+        assert op["backends"]["reference"]["available"]
+        assert op["auto"] in op["backends"] and op["backends"][op["auto"]]["available"]
+
+
+def test_info_text(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    assert f"torch    {torch.__version__}" in out
+    for label in OPS_IN_INFO:
+        assert label in out
+    assert "reference  can run" in out
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def test_flops_and_activations_of_a_known_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    flops = count_flops(net, x)
+    assert flops["0"] == 2 * 3 * 8 * 16 and flops["2"] == 2 * 3 * 16 * 4 and flops["1"] == 0
+    assert flops["total"] == 2 * 3 * 8 * 16 + 2 * 3 * 16 * 4
+    act = activation_bytes(net, x)
+    # Linear 0 saves its input (3x8 fp32); ReLU saves its output (3x16), which Linear 2 saves again (counted once);
+    # weights are parameters, not activations
+    assert act == {"0": 3 * 8 * 4, "1": 3 * 16 * 4, "2": 0, "(top level)": 0}
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_summary_of_a_module_adds_up():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    net[0].weight.requires_grad_(False)
+    s = summarize(net, (12, 10), 2)
+    assert s.params_total == sum(p.numel() for p in net.parameters())
+    assert s.params_trainable == s.params_total - net[0].weight.numel()
+    assert s.params_official_unused is None
+    assert s.flops == 2 * (2 * 12 * 10) * (8 * 3 * 9 + 4 * 8) and s.macs == s.flops // 2
+    assert s.flops == sum(st.flops for st in s.stages)
+    assert s.activation_bytes == sum(st.activation_bytes for st in s.stages) > 0
+
+
+def test_models_are_listed():
+    assert MODELS == fusionblocks.list_models() and MODELS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_summary_of_every_registered_model(capsys, one_thread, name):
+    code, out, _ = run_cli(capsys, "summary", name, "--image-size", "64", "--json")
+    assert code == 0
+    s = json.loads(out)
+    model = fusionblocks.create_model(name, num_classes=7)
+    assert s["params_total"] == sum(p.numel() for p in model.parameters())
+    assert 0 < s["params_trainable"] <= s["params_total"]
+    assert s["image_size"] == [64, 64] and s["batch_size"] == 1
+    assert s["flops"] > 0 and s["macs"] == s["flops"] // 2
+    assert sum(st["flops"] for st in s["stages"]) == s["flops"]
+    assert sum(st["activation_bytes"] for st in s["stages"]) == s["activation_bytes"] > 0
+    if name in ("hifuse_tiny", "hifuse_small", "hifuse_base", "hemf"):
+        assert s["params_official_unused"] is not None and s["params_official_unused"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def test_bench_quick_writes_records_matching_the_schema(capsys, one_thread, tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    out_json = tmp_path / "quick.json"
+    argv = ["bench", "--quick", "--no-progress", "--out", str(out_json)]
+    try:
+        import matplotlib  # noqa: F401
+
+        argv += ["--plot", str(tmp_path / "quick.png")]
+    except ImportError:
+        pass
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0
+    records = json.loads(out_json.read_text())
+    jsonschema.validate(records, bench.RECORDS_SCHEMA)
+    bench.validate_records(records)
+    assert {r["op"] for r in records} == set(bench.OPS)
+    for op in ("decay_attention_full", "decay_attention_decomposed", "window_attention"):
+        for impl in ("reference", "sdpa"):
+            assert {r["pass"] for r in records if r["op"] == op and r["impl"] == impl} == {"fwd", "fwd+bwd"}
+    assert all(r["device"].startswith("CPU") for r in records) or torch.cuda.is_available()
+    assert all(r["peak_mem_mb"] is None or r["peak_mem_mb"] > 0 for r in records)
+    assert "vs reference" in out and "1.00x" in out
+    assert (tmp_path / "quick.md").read_text().count("\n|") >= len(records)
+    if "--plot" in argv:
+        assert (tmp_path / "quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_model_one_step(capsys, one_thread, tmp_path):
+    names = fusionblocks.list_models()
+    name = "hatr_conv2d" if "hatr_conv2d" in names else names[0]
+    out_json = tmp_path / "model.json"
+    code, out, _ = run_cli(capsys, "bench", "--model", name, "--batch-size", "2", "--image-size", "64", "--steps", "1",
+                           "--no-progress", "--out", str(out_json))
+    assert code == 0
+    records = json.loads(out_json.read_text())
+    bench.validate_records(records)
+    assert records and all(r["op"] == "train_step" and r["pass"] == "train" for r in records)
+    for r in records:
+        assert r["shape"] == {"model": name, "B": 2, "image_size": 64}
+        assert r["img_per_s"] == pytest.approx(2 / (r["ms"] / 1e3))
+    assert "img/s" in out
+
+
+def test_validate_records_rejects_bad_records():
+    good = bench.make_record("window_attention", "sdpa", {"B": 1}, torch.float32, "fwd", 1.5, 2.0, "CPU x")
+    bench.validate_records([good])
+    for bad, msg in [
+        ({k: v for k, v in good.items() if k != "ms"}, "missing 'ms'"),
+        ({**good, "ms": -1.0}, "must be > 0"),
+        ({**good, "pass": "bwd"}, "not one of"),
+        ({**good, "shape": "B=1"}, "not of type"),
+        ({**good, "dtype": "int8"}, "not one of"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            bench.validate_records([good, bad])
+
+
+def test_timing_and_memory_helpers():
+    x = torch.randn(256, 256)
+    assert bench.time_ms(lambda: x @ x, torch.device("cpu"), budget_s=0.01) > 0
+    mem = bench.peak_mem_mb(lambda: torch.empty(1024, 1024), torch.device("cpu"), [x])
+    if mem is not None:  # the profiler reports it on this torch: 4 MiB allocated + the 256 KiB input
+        assert mem >= 4.0 + 0.25 - 1e-6
+
+
+# ------------------------------------------------------------------------------------------------ anchors
+
+
+def _qkv(b, nh, n, d):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, nh, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("mode, hw", [("full", (5, 7)), ("decomposed", (5, 7)), ("decomposed", (6, 3))])
+def test_decay_anchors_compute_the_reference(mode, hw):
+    q, k, v = _qkv(2, 3, hw[0] * hw[1], 8)
+    lg = bench._log_gamma(3, "cpu").double()
+    want = ref.decay_attention(q, k, v, lg, hw=hw, mode=mode)
+    torch.testing.assert_close(bench.decay_sdpa(q, k, v, lg, hw=hw, mode=mode), want, rtol=1e-10, atol=1e-12)
+    got = bench.decay_flex(q, k, v, lg, hw=hw, mode=mode, compiled=False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("ws, shift, hw", [(7, 3, (14, 21)), (4, 0, (8, 8)), (7, 3, (7, 7)), (3, 1, (6, 9))])
+def test_window_anchors_compute_the_reference(ws, shift, hw):
+    q, k, v = _qkv(2, 3, hw[0] * hw[1], 8)
+    table = torch.randn((2 * ws - 1) ** 2, 3, dtype=torch.float64)
+    want = ref.window_attention(q, k, v, table, hw=hw, window_size=ws, shift=shift)
+    got = bench.window_sdpa(q, k, v, table, hw=hw, window_size=ws, shift=shift)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    got = bench.window_flex(q, k, v, table, hw=hw, window_size=ws, shift=shift, compiled=False)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,62 @@
+"""``fusionblocks train`` / ``fusionblocks evaluate`` through the CLI entry point."""
+import json
+
+import pytest
+
+from fusionblocks.cli import main
+
+
+def test_train_then_evaluate_on_an_image_folder(tmp_path, tiny_model, image_tree, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--model", tiny_model, "--data", str(image_tree), "--epochs", "2", "--batch-size", "4",
+               "--image-size", "32", "--out", str(out), "--recipe", "hatr", "--in-chans", "1", "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert f"trained {tiny_model} for 2 epochs on 2 classes" in text and "test (best checkpoint)" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == 2 and metrics["classes"] == ["normal", "pneumonia"]
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file() and (out / "curves.png").is_file()
+
+    rc = main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", str(image_tree), "--out", str(tmp_path / "ev"),
+               "--gradcam", "1", "--json", "--no-progress"])
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["num_samples"] == 6 and len(m["gradcam"]) == 1
+    assert {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "mcc", "kappa", "per_class"} <= set(m)
+
+
+def test_train_resume_flag(tmp_path, tiny_model):
+    args = ["train", "--model", tiny_model, "--data", "synthetic", "--batch-size", "8", "--image-size", "32",
+            "--out", str(tmp_path / "r"), "--synthetic-samples", "16", "--no-progress"]
+    assert main(args + ["--epochs", "1"]) == 0
+    assert main(args + ["--epochs", "2", "--resume"]) == 0
+    assert [e["epoch"] for e in json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"]] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--data", "/no/such/folder"], "data folder not found: /no/such/folder"),
+        (["--data", "synthetic", "--recipe", "sgd"], "unknown recipe 'sgd'"),
+        (["--data", "synthetic", "--model", "hifuse_tinny"], "unknown model 'hifuse_tinny'; did you mean 'hifuse_tiny'"),
+    ],
+)
+def test_train_errors_exit_2_with_a_message(tmp_path, extra, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "x"), "--no-progress"] + extra)
+    assert e.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_empty_class_folder_is_named(tmp_path, tiny_model, image_tree, capsys):
+    (image_tree / "train" / "covid").mkdir()
+    with pytest.raises(SystemExit):
+        main(["train", "--model", tiny_model, "--data", str(image_tree), "--out", str(tmp_path / "x"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert "empty class folder" in err and str(image_tree / "train" / "covid") in err
+
+
+def test_bad_class_weights_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", "synthetic", "--out", str(tmp_path), "--class-weights", "heavy"])
+    assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
