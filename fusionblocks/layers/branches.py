@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .._validate import expect_choice, expect_nchw, expect_positive_int
 from .norm import LayerNorm2d
-from .window import drop_path
+from .drop import drop_path
 
 __all__ = ["LocalBlock", "ELFBlock"]
 

@@ -13,14 +13,11 @@ official HEMF ``MHEA.py``. The cost is linear in ``N = H * W``. Unlike the offic
 """
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 import torch.nn as nn
 
 from .._validate import expect_divisible, expect_nchw, expect_positive_int
-
-Rule = Tuple[str, str]
+from ..models.convert import KeyRules
 
 
 class MultiHeadExternalAttention(nn.Module):
@@ -40,8 +37,6 @@ class MultiHeadExternalAttention(nn.Module):
 
     Shapes: ``(B, C, H, W) -> (B, C, H, W)``.
     """
-
-    OFFICIAL_KEY_RULES: List[Rule] = []
 
     def __init__(
         self,
@@ -68,6 +63,11 @@ class MultiHeadExternalAttention(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         nn.init.normal_(self.mk.weight, std=1e-3)
         nn.init.normal_(self.mv.weight, std=1e-3)
+
+    @classmethod
+    def official_key_rules(cls) -> KeyRules:
+        """Official ``MHEA`` keys -> this module: the names are the same."""
+        return [], []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.channels)

@@ -24,54 +24,28 @@ Submodule names (stable, shared by both blocks)::
     norm                  LN over cat[g, l, x_f]                    official norm3
     mlp                   IRMLP / SIRMLP                            official residual
 
-``OFFICIAL_KEY_RULES`` (class attribute) maps the official block-level keys onto these names for
-:func:`fusionblocks.models.convert.load_official`; :func:`prefix_rules` prefixes them for a whole model. The
-official block always holds both the ``f`` and the no-``f`` path; a block built with ``with_prev=True``/``False``
-holds one of them, and :meth:`official_key_drop` lists the official keys it does not have (the official forward of
-that stage never uses them).
+``official_key_rules()`` maps the official block-level keys onto these names (the convention of
+:mod:`fusionblocks.models.convert`). The official block always holds both the ``f`` and the no-``f`` path; a block
+built with ``with_prev=True``/``False`` holds one of them, and its drop list names the official keys it does not
+have (the official forward of that stage never uses them).
 """
 from __future__ import annotations
 
 import re
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_same_spatial, shape_str
+from ..models.convert import KeyRules, OfficialWeights, Rule, join_rules, prefix_rules
 from .conv import ConvBN
+from .drop import drop_path
 from .external import MultiHeadExternalAttention
 from .gates import ChannelAttn, SpatialAttn
 from .mlp import IRMLP, SIRMLP
 from .norm import LayerNorm2d
-
-Rule = Tuple[str, str]
-
-
-def prefix_rules(rules: Sequence[Rule], official_prefix: str, our_prefix: str) -> List[Rule]:
-    """Prefix block-level rename rules for use inside a model.
-
-    Args:
-        rules: ``(regex, replacement)`` pairs as in ``OFFICIAL_KEY_RULES`` (no anchors; matched with fullmatch).
-        official_prefix: the literal official prefix, e.g. ``"fu2."`` (escaped here).
-        our_prefix: the literal prefix of our module, e.g. ``"fusions.1."``.
-
-    Returns:
-        Rules that match ``official_prefix + key`` and produce ``our_prefix + renamed key``; group numbers stay
-        valid because the prefix adds no group.
-    """
-    head = re.escape(official_prefix)
-    repl = our_prefix.replace("\\", "\\\\")
-    return [(head + pat, repl + rep) for pat, rep in rules]
-
-
-def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
 
 
 class MixedAttention(nn.Module):
@@ -117,16 +91,17 @@ class MixedAttention(nn.Module):
         self.channel = ChannelAttn(dim, reduction)
         self.norm2 = None if shared_norm else LayerNorm2d(dim, eps=eps)
 
-    @staticmethod
-    def official_key_rules(suffix: str) -> List[Rule]:
-        """Rules for the flat official HEF keys of one branch (``suffix`` ``"_l"`` or ``"_g"``) -> this module."""
+    @classmethod
+    def official_key_rules(cls, suffix: str) -> KeyRules:
+        """The flat official HEF keys of one branch (``suffix`` ``"_l"`` or ``"_g"``) -> this module."""
         s = re.escape(suffix)
-        return [
+        rules = [
             (rf"norm{s}\.(.*)", r"norm.\1"),
             (rf"mea{s}\.(.*)", r"mhea.\1"),
             (rf"sa{s}\.conv1\.(.*)", r"spatial.conv.\1"),
             (rf"ca{s}\.(.*)", r"channel.\1"),
         ]
+        return rules, []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw("MixedAttention", "x", x, self.dim)
@@ -136,8 +111,12 @@ class MixedAttention(nn.Module):
         return self.channel(t)
 
 
-class _HierarchicalFusion(nn.Module):
-    """The skeleton shared by :class:`HFF` and :class:`HEF` (see the module docstring)."""
+class _HierarchicalFusion(OfficialWeights, nn.Module):
+    """The skeleton shared by :class:`HFF` and :class:`HEF` (see the module docstring).
+
+    Subclasses build ``attn_l``, ``attn_g`` and ``mlp`` and list the official keys of those in
+    :meth:`_official_branch_key_rules`.
+    """
 
     COMMON_KEY_RULES: ClassVar[List[Rule]] = [
         (r"W_l\.(.*)", r"proj_l.\1"),
@@ -149,9 +128,11 @@ class _HierarchicalFusion(nn.Module):
         (r"W\.(.*)", r"fuse2_proj.\1"),
         (r"norm3\.(.*)", r"norm.\1"),
     ]
-    OFFICIAL_UNUSED_WITH_PREV: ClassVar[Tuple[str, ...]] = (r"norm2\..*", r"W\..*")
-    OFFICIAL_UNUSED_WITHOUT_PREV: ClassVar[Tuple[str, ...]] = (r"Updim\..*", r"norm1\..*", r"W3\..*")
-    OFFICIAL_SOURCE: ClassVar[str] = ""
+    OFFICIAL_UNUSED: ClassVar[Dict[Optional[bool], Tuple[str, ...]]] = {
+        None: (),
+        True: (r"norm2\..*", r"W\..*"),
+        False: (r"Updim\..*", r"norm1\..*", r"W3\..*"),
+    }
 
     def __init__(
         self,
@@ -200,19 +181,14 @@ class _HierarchicalFusion(nn.Module):
         """Channels of ``cat[attn_g(g), attn_l(l), x_f]``: the MLP's input."""
         return self.l_dim + self.g_dim + self.dim
 
-    def official_key_drop(self) -> List[str]:
-        """Regexes of official block-level keys this block does not hold (see ``with_prev``)."""
-        if self.with_prev is True:
-            return list(self.OFFICIAL_UNUSED_WITH_PREV)
-        if self.with_prev is False:
-            return list(self.OFFICIAL_UNUSED_WITHOUT_PREV)
-        return []
+    def _official_branch_key_rules(self) -> KeyRules:
+        raise NotImplementedError
 
-    def load_official_state_dict(self, state_dict) -> None:
-        """Load the state_dict of one official block (keys without a model prefix), strictly."""
-        from ..models.convert import load_official
-
-        load_official(self, state_dict, self.OFFICIAL_KEY_RULES, self.official_key_drop(), source=self.OFFICIAL_SOURCE)
+    def official_key_rules(self) -> KeyRules:
+        """Official block-level keys (no model prefix) -> this block; the drop list names the official keys of
+        the path this block does not build (see ``with_prev``)."""
+        own = (self.COMMON_KEY_RULES, list(self.OFFICIAL_UNUSED[self.with_prev]))
+        return join_rules(own, self._official_branch_key_rules())
 
     def _check(self, l: torch.Tensor, g: torch.Tensor, f: Optional[torch.Tensor]) -> None:
         name = type(self).__name__
@@ -261,7 +237,7 @@ class _HierarchicalFusion(nn.Module):
             shortcut = None
             x_f = self.act(self.fuse2_proj(self.fuse2_norm(torch.cat([wl, wg], 1))))
         fused = torch.cat([self.attn_g(g), self.attn_l(l), x_f], 1)
-        out = _drop_path(self.mlp(self.norm(fused)), self.drop_path, self.training)
+        out = drop_path(self.mlp(self.norm(fused)), self.drop_path, self.training)
         return out if shortcut is None else shortcut + out
 
     def extra_repr(self) -> str:
@@ -294,16 +270,7 @@ class HFF(_HierarchicalFusion):
     ``f (B, dim // 2, 2H, 2W)``.
     """
 
-    OFFICIAL_KEY_RULES: ClassVar[List[Rule]] = (
-        _HierarchicalFusion.COMMON_KEY_RULES
-        + [
-            (r"spatial\.(.*)", r"attn_l.\1"),
-            (r"se\.0\.(.*)", r"attn_g.fc1.\1"),
-            (r"se\.2\.(.*)", r"attn_g.fc2.\1"),
-        ]
-        + prefix_rules(IRMLP.OFFICIAL_KEY_RULES, "residual.", "mlp.")
-    )
-    OFFICIAL_SOURCE: ClassVar[str] = "HiFuse HFF_block"
+    official_source = "HiFuse HFF_block"
 
     def __init__(
         self,
@@ -326,6 +293,14 @@ class HFF(_HierarchicalFusion):
         self.attn_l = SpatialAttn(spatial_kernel, order=spatial_order, norm=spatial_norm)
         self.attn_g = ChannelAttn(self.g_dim, reduction)
         self.mlp = IRMLP(self.cat_dim, self.dim, depthwise)
+
+    def _official_branch_key_rules(self) -> KeyRules:
+        gates = [
+            (r"spatial\.(.*)", r"attn_l.\1"),
+            (r"se\.0\.(.*)", r"attn_g.fc1.\1"),
+            (r"se\.2\.(.*)", r"attn_g.fc2.\1"),
+        ]
+        return join_rules((gates, []), prefix_rules("residual.", "mlp.", *IRMLP.official_key_rules()))
 
 
 class HEF(_HierarchicalFusion):
@@ -353,13 +328,7 @@ class HEF(_HierarchicalFusion):
     ``f (B, dim // 2, 2H, 2W)``.
     """
 
-    OFFICIAL_KEY_RULES: ClassVar[List[Rule]] = (
-        _HierarchicalFusion.COMMON_KEY_RULES
-        + prefix_rules(MixedAttention.official_key_rules("_l"), "", "attn_l.")
-        + prefix_rules(MixedAttention.official_key_rules("_g"), "", "attn_g.")
-        + prefix_rules(SIRMLP.OFFICIAL_KEY_RULES, "residual.", "mlp.")
-    )
-    OFFICIAL_SOURCE: ClassVar[str] = "HEMF HEF_block"
+    official_source = "HEMF HEF_block"
 
     def __init__(
         self,
@@ -392,3 +361,10 @@ class HEF(_HierarchicalFusion):
         self.attn_l = MixedAttention(self.l_dim, **opts)
         self.attn_g = MixedAttention(self.g_dim, **opts)
         self.mlp = SIRMLP(self.cat_dim, self.dim, self.dim, depthwise=depthwise)
+
+    def _official_branch_key_rules(self) -> KeyRules:
+        return join_rules(
+            prefix_rules("", "attn_l.", *MixedAttention.official_key_rules("_l")),
+            prefix_rules("", "attn_g.", *MixedAttention.official_key_rules("_g")),
+            prefix_rules("residual.", "mlp.", *SIRMLP.official_key_rules()),
+        )

@@ -15,13 +15,13 @@ drop both buffers after checking that they equal the recomputed values (:meth:`E
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_rank
+from ..models.convert import KeyRules, Rule, join_rules, prefix_rules
 from ..ops import decay_attention
 
 __all__ = [
@@ -36,9 +36,8 @@ __all__ = [
 
 MODES = ("full", "decomposed")
 
-RMT_ATTENTION_RULES: List[Tuple[str, str]] = [(r"lepe\.conv\.(weight|bias)", r"lepe.\1")]
-"""Rename rules from an official ``VisionRetentionAll``/``VisionRetentionChunk`` state_dict to
-:class:`ManhattanSelfAttention` (only the LePE conv moves; every other key keeps its name)."""
+RMT_ATTENTION_RULES: List[Rule] = [(r"lepe\.conv\.(weight|bias)", r"lepe.\1")]
+"""The rules of :meth:`ManhattanSelfAttention.official_key_rules` (only the LePE conv moves)."""
 
 
 def manhattan_log_decay(num_heads: int, initial_value: float, heads_range: float) -> torch.Tensor:
@@ -170,6 +169,12 @@ class ManhattanSelfAttention(nn.Module):
     def learnable_decay(self) -> bool:
         return isinstance(self.log_gamma, nn.Parameter)
 
+    @classmethod
+    def official_key_rules(cls) -> KeyRules:
+        """Official ``VisionRetentionAll``/``VisionRetentionChunk`` keys -> this module (only the LePE conv
+        moves; every other key keeps its name)."""
+        return list(RMT_ATTENTION_RULES), []
+
     def reset_parameters(self) -> None:
         """RMT's init: Xavier-normal q/k/v (gain 2**-2.5) and out_proj, zero out_proj bias."""
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -282,17 +287,15 @@ class EGFBlock(nn.Module):
             x = self.norm2(x + fc(x))
         return x.permute(0, 3, 1, 2)
 
-    @staticmethod
-    def official_rules(official_prefix: str = "", prefix: str = "") -> List[Tuple[str, str]]:
-        """Rename rules from an official ``EGF_block`` state_dict (keys under ``official_prefix``) to this block
-        (keys under ``prefix``). Use after :meth:`prepare_official`, which removes the rel-pos buffers."""
-        o, p = re.escape(official_prefix), prefix.replace("\\", "\\\\")
-        return [
-            (rf"{o}VRC\.(\d+)\.lepe\.conv\.(weight|bias)", rf"{p}attn.\1.lepe.\2"),
-            (rf"{o}VRC\.(\d+)\.(.+)", rf"{p}attn.\1.\2"),
-            (rf"{o}FC\.(\d+)\.(.+)", rf"{p}fc.\1.\2"),
-            (rf"{o}(norm[12]\.(?:weight|bias))", rf"{p}\1"),
+    def official_key_rules(self) -> KeyRules:
+        """Official ``EGF_block`` keys -> this block: ``VRC.i`` -> ``attn.i`` (with the MaSA renames), ``FC.i`` ->
+        ``fc.i``; ``norm1``/``norm2`` keep their names. Use after :meth:`prepare_official`, which removes the
+        rel-pos buffers."""
+        layers = [
+            prefix_rules(f"VRC.{i}.", f"attn.{i}.", *attn.official_key_rules(), rest=True)
+            for i, attn in enumerate(self.attn)
         ]
+        return join_rules(*layers, ([(r"FC\.(\d+)\.(.+)", r"fc.\1.\2")], []))
 
     def prepare_official(self, state_dict: Mapping[str, torch.Tensor], official_prefix: str = "") -> Dict[str, torch.Tensor]:
         """Check and remove the official ``RetNetRelPos2d.{angle,decay}`` buffers of this block.

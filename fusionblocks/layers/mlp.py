@@ -13,7 +13,7 @@ Official code vs papers:
   ``depthwise=True`` gives the papers' depthwise 3x3 (``C*9`` weights). HEMF's SIRMLP has the same quirk.
 * No convolution has a bias; only the last projection is followed by BatchNorm (plus the BatchNorm after the residual).
 
-Submodule names (stable; ``OFFICIAL_KEY_RULES`` maps the official ones onto them):
+Submodule names (stable; ``official_key_rules()`` maps the official ones onto them):
 
 ===========  ======================================  ==================
 ours         what                                    official
@@ -27,15 +27,12 @@ ours         what                                    official
 """
 from __future__ import annotations
 
-from typing import List, Tuple
-
 import torch
 import torch.nn as nn
 
 from .._validate import expect_nchw, expect_positive_int
+from ..models.convert import KeyRules
 from .conv import ConvBN
-
-Rule = Tuple[str, str]
 
 
 class IRMLP(nn.Module):
@@ -53,13 +50,6 @@ class IRMLP(nn.Module):
     Shapes: ``(B, in_dim, H, W) -> (B, out_dim, H, W)``.
     """
 
-    OFFICIAL_KEY_RULES: List[Rule] = [
-        (r"conv1\.conv\.(.*)", r"spatial.\1"),
-        (r"bn1\.(.*)", r"norm.\1"),
-        (r"conv2\.conv\.(.*)", r"expand.\1"),
-        (r"conv3\.(.*)", r"project.\1"),
-    ]
-
     def __init__(self, in_dim: int, out_dim: int, depthwise: bool = False, *, expansion: int = 4):
         super().__init__()
         name = type(self).__name__
@@ -69,14 +59,22 @@ class IRMLP(nn.Module):
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.depthwise = bool(depthwise)
-        self._build_body(in_dim, out_dim, expansion)
-
-    def _build_body(self, dim: int, out_dim: int, expansion: int) -> None:
-        self.spatial = nn.Conv2d(dim, dim, 3, padding=1, bias=False, groups=dim if self.depthwise else 1)
+        self.spatial = nn.Conv2d(in_dim, in_dim, 3, padding=1, bias=False, groups=in_dim if self.depthwise else 1)
         self.act = nn.GELU()
-        self.norm = nn.BatchNorm2d(dim)
-        self.expand = nn.Conv2d(dim, dim * expansion, 1, bias=False)
-        self.project = ConvBN(dim * expansion, out_dim, 1, bn=True, bias=False)
+        self.norm = nn.BatchNorm2d(in_dim)
+        self.expand = nn.Conv2d(in_dim, in_dim * expansion, 1, bias=False)
+        self.project = ConvBN(in_dim * expansion, out_dim, 1, bn=True, bias=False)
+
+    @classmethod
+    def official_key_rules(cls) -> KeyRules:
+        """Official ``IRMLP`` keys -> this module (see the module docstring's table)."""
+        rules = [
+            (r"conv1\.conv\.(.*)", r"spatial.\1"),
+            (r"bn1\.(.*)", r"norm.\1"),
+            (r"conv2\.conv\.(.*)", r"expand.\1"),
+            (r"conv3\.(.*)", r"project.\1"),
+        ]
+        return rules, []
 
     def _body(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.act(self.spatial(x)) + x)
@@ -102,8 +100,6 @@ class SIRMLP(IRMLP):
     Shapes: ``(B, in_dim, H, W) -> (B, out_dim, H, W)``.
     """
 
-    OFFICIAL_KEY_RULES: List[Rule] = [(r"conv_s\.(.*)", r"squeeze.\1")] + IRMLP.OFFICIAL_KEY_RULES
-
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, depthwise: bool = False, expansion: int = 4):
         expect_positive_int("SIRMLP", "hidden_dim", hidden_dim)
         expect_positive_int("SIRMLP", "in_dim", in_dim)
@@ -111,6 +107,12 @@ class SIRMLP(IRMLP):
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
         self.squeeze = ConvBN(in_dim, hidden_dim, 1, bn=True)
+
+    @classmethod
+    def official_key_rules(cls) -> KeyRules:
+        """Official ``SIRMLP`` keys -> this module: ``conv_s`` -> ``squeeze``, then the IRMLP renames."""
+        rules, drop = super().official_key_rules()
+        return [(r"conv_s\.(.*)", r"squeeze.\1")] + rules, drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.in_dim)

@@ -2,7 +2,7 @@
 ``HiFuseGlobalBlock`` and ``HiFuseGlobalStage``.
 
 All modules take and return NCHW ``(B, C, H, W)`` maps. Internally they work channels-last (a permuted
-view, no copy); ``WindowAttention.forward_nhwc`` exposes that path for callers that already hold
+view, no copy); ``WindowAttention.forward_channels_last`` exposes that path for callers that already hold
 ``(B, H, W, C)`` tensors.
 
 Windows pad like timm's Swin: ``H`` and ``W`` are padded with zeros (bottom/right, after the norm, before
@@ -21,17 +21,9 @@ import torch.nn.functional as F
 
 from .._validate import expect_divisible, expect_nchw, expect_positive_int, expect_rank, shape_str
 from ..ops import window_attention
+from .drop import drop_path
 
-__all__ = ["WindowAttention", "PatchMerging", "HiFuseGlobalBlock", "HiFuseGlobalStage", "drop_path"]
-
-
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero whole samples of a residual branch with probability ``p`` (rescaled)."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+__all__ = ["WindowAttention", "PatchMerging", "HiFuseGlobalBlock", "HiFuseGlobalStage"]
 
 
 class WindowAttention(nn.Module):
@@ -52,7 +44,7 @@ class WindowAttention(nn.Module):
     Parameters: ``qkv`` (Linear C -> 3C), ``proj`` (Linear C -> C), ``relative_position_bias_table``
     ``((2ws-1)**2, heads)``. The official ``relative_position_index`` buffer is not kept: the op derives it.
 
-    Shapes: ``(B, C, H, W) -> (B, C, H, W)``; ``forward_nhwc``: ``(B, H, W, C) -> (B, H, W, C)``.
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``; ``forward_channels_last``: ``(B, H, W, C) -> (B, H, W, C)``.
     """
 
     def __init__(
@@ -86,7 +78,7 @@ class WindowAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}, shift={self.shift}"
 
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last path: ``(B, H, W, C) -> (B, H, W, C)``."""
         name = type(self).__name__
         expect_rank(name, "x", x, 4, "(B, H, W, C)")
@@ -112,7 +104,7 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
         expect_nchw(type(self).__name__, "x", x, self.dim)
-        return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class PatchMerging(nn.Module):
@@ -186,14 +178,14 @@ class HiFuseGlobalBlock(nn.Module):
         self.fc1 = nn.Linear(dim, dim)
         self.drop_path = drop_path
 
-    def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last path: ``(B, H, W, C) -> (B, H, W, C)``."""
-        y = F.gelu(self.fc1(self.attn.forward_nhwc(self.norm1(x))))
+        y = F.gelu(self.fc1(self.attn.forward_channels_last(self.norm1(x))))
         return x + drop_path(y, self.drop_path, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.dim)
-        return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class HiFuseGlobalStage(nn.Module):
@@ -251,5 +243,5 @@ class HiFuseGlobalStage(nn.Module):
         expect_nchw(type(self).__name__, "x", x, self.in_dim)
         x = self.downsample(x).permute(0, 2, 3, 1)
         for blk in self.blocks:
-            x = blk.forward_nhwc(x)
+            x = blk.forward_channels_last(x)
         return x.permute(0, 3, 1, 2)

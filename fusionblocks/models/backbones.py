@@ -18,6 +18,13 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - kernel) // stride + 1
 
 
+def _init_convs(module: nn.Module) -> None:
+    """torchvision's ResNet init: Kaiming-normal (fan out, ReLU) for every conv weight."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck (torchvision's): ``1x1 -> 3x3 (stride here) -> 1x1 (x4)`` with a residual.
 
@@ -93,9 +100,7 @@ class ResNet50(nn.Module):
             {"num_chs": c, "reduction": r, "module": f"layer{i + 1}"}
             for i, (c, r) in enumerate(zip((256, 512, 1024, 2048), (4, 8, 16, 32)))
         ]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the ``layer4`` map for an ``height x width`` input."""
@@ -185,9 +190,7 @@ class Conv2DBackbone(nn.Module):
             {"num_chs": c, "reduction": r, "module": f"layer{i + 1}"}
             for i, (c, r) in enumerate(zip(channels, (4, 8, 16)))
         ]
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         """Spatial size of the ``layer3`` map for an ``height x width`` input."""

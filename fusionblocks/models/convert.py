@@ -4,16 +4,67 @@ A converter is an ordered list of ``(regex, replacement)`` rules applied to each
 first rule that matches wins; unmatched keys keep their name) plus a list of regexes for keys that are
 dropped on purpose (modules the official forward never calls, buffers recomputed here). Anything else
 that does not line up — a missing key, an unexpected key, a shape mismatch — is an error naming it.
+Patterns are matched with ``fullmatch`` and carry no ``^``/``$`` anchors.
+
+Convention (every module with an official counterpart follows it):
+
+* ``module.official_key_rules(...) -> (rules, drop)`` maps the official keys of that one module, without
+  any prefix, onto its own ``state_dict`` keys. It is a classmethod where the mapping does not depend on
+  how the module was built (``IRMLP``, ``SIRMLP``, ``MultiHeadExternalAttention``,
+  ``ManhattanSelfAttention``, and ``MixedAttention``, whose argument is the official branch suffix) and a
+  method otherwise (``HFF``/``HEF`` drop the path they do not build, ``EGFBlock`` maps its layers,
+  ``HiFuse``/``HEMF`` map the whole network).
+* A parent places a child's pair under both prefixes with :func:`prefix_rules` and concatenates pairs
+  with :func:`join_rules`.
+* Modules that load a complete official ``state_dict`` by themselves inherit :class:`OfficialWeights`,
+  which supplies ``load_official_state_dict`` from ``official_key_rules()`` and ``official_source``.
 """
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 Rule = Tuple[str, str]
+KeyRules = Tuple[List[Rule], List[str]]
+"""``(rules, drop)`` as returned by ``official_key_rules``."""
+
+
+def prefix_rules(
+    official_prefix: str,
+    our_prefix: str,
+    rules: Sequence[Rule] = (),
+    drop: Sequence[str] = (),
+    *,
+    rest: bool = False,
+) -> KeyRules:
+    """Place a module's own ``(rules, drop)`` where the module sits inside a parent.
+
+    Args:
+        official_prefix: the literal official prefix, e.g. ``"fu2."`` (escaped here; it adds no regex group,
+            so the group numbers of ``rules`` stay valid).
+        our_prefix: the literal prefix of our module, e.g. ``"fusion.1."``.
+        rules: the module's rename rules.
+        drop: the module's dropped-key regexes.
+        rest: also rename every other official key under the prefix, ``official_prefix + k ->
+            our_prefix + k`` (appended last), for modules whose remaining keys keep their names.
+
+    Returns:
+        ``(rules, drop)`` that match ``official_prefix + key``, for the parent.
+    """
+    head = re.escape(official_prefix)
+    repl = our_prefix.replace("\\", "\\\\")
+    out = [(head + pat, repl + rep) for pat, rep in rules]
+    if rest:
+        out.append((head + r"(.*)", repl + r"\1"))
+    return out, [head + pat for pat in drop]
+
+
+def join_rules(*parts: KeyRules) -> KeyRules:
+    """Concatenate ``(rules, drop)`` pairs, keeping their order (the first matching rule wins)."""
+    return [r for rules, _ in parts for r in rules], [d for _, drop in parts for d in drop]
 
 
 def convert_keys(
@@ -71,3 +122,25 @@ def load_official(
                 f"{tuple(ours[k].shape)}, got {tuple(value.shape)}"
             )
     model.load_state_dict({k: v for k, (_, v) in mapped.items()}, strict=True)
+
+
+class OfficialWeights:
+    """Mixin for ``nn.Module`` s that load an official ``state_dict`` by themselves.
+
+    Subclasses set ``official_source`` (named in errors) and implement ``official_key_rules()``.
+    """
+
+    official_source: str = "official"
+
+    def official_key_rules(self) -> KeyRules:
+        """``(rules, drop)`` mapping the official ``state_dict`` onto this module (see the module docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} has no official checkpoint mapping")
+
+    def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load an official ``state_dict`` strictly (missing/unexpected keys and shape mismatches are named).
+
+        Raises:
+            KeyError: a missing or unexpected key.
+            ValueError: a shape mismatch.
+        """
+        load_official(self, state_dict, *self.official_key_rules(), source=self.official_source)

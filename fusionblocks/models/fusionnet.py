@@ -23,8 +23,9 @@ Factories (all return NCHW-in/NCHW-out modules):
 Module tree: ``local_branch.{stem, stages.i}``, ``global_branch.{stem, stages.i}``, ``fusion.i``,
 ``head.{norm, fc}``. Model API: ``forward``, ``forward_features`` (last fusion map, unpooled),
 ``forward_head(x, pre_logits=False)``, ``forward_intermediates`` (the four fusion maps), ``feature_info``,
-``load_official_state_dict`` (subclasses implement :meth:`FusionNet.official_key_rules`; the helpers
-:func:`conv_branch_rules`, :func:`fusion_rules`, :func:`prefixed_rules` build the usual renames).
+``load_official_state_dict``. Official checkpoints: :meth:`FusionNet.official_key_rules` maps what the official
+HiFuse and HEMF share (local branch ``downsample_layers``/``stages``, head ``conv_norm``/``conv_head``, fusion
+``fu1..fu4``); subclasses implement :meth:`FusionNet.official_global_key_rules` for their global branch.
 
 Input sizes: any ``H, W >= 1``; sizes that are not multiples of ``pad_to`` are zero-padded at the
 bottom/right, so every map has ``ceil(H / 32) * 32 / stride`` rows (e.g. 100x76 -> fusion maps 32x24,
@@ -32,8 +33,7 @@ bottom/right, so every map has ``ceil(H / 32) * 32 / stride`` rows (e.g. 100x76 
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
-from .convert import Rule, load_official
+from .convert import KeyRules, OfficialWeights, join_rules, prefix_rules
 
 __all__ = [
     "FusionNet",
@@ -53,12 +53,28 @@ __all__ = [
     "conv_stages",
     "conv_branch_rules",
     "fusion_rules",
-    "prefixed_rules",
+    "expect_four",
+    "stage_drop_path_rates",
 ]
 
 StemFn = Callable[[int, int], nn.Module]
 StageFn = Callable[[int, int, int], nn.Module]
 FusionFn = Callable[[int, int], nn.Module]
+
+
+def expect_four(name: str, what: str, values: Sequence) -> tuple:
+    """``tuple(values)``; a ``ValueError`` naming ``name`` and ``what`` unless it holds one value per stage."""
+    values = tuple(values)
+    if len(values) != 4:
+        raise ValueError(f"{name}: expected 4 {what}, got {values}")
+    return values
+
+
+def stage_drop_path_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split into one list per stage."""
+    rates = torch.linspace(0, rate, sum(depths)).tolist()
+    bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
+    return [rates[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def conv_stem(in_chans: int, dim: int) -> nn.Module:
@@ -131,7 +147,7 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class FusionNet(nn.Module):
+class FusionNet(OfficialWeights, nn.Module):
     """Dual-branch (local CNN + global Transformer) network with hierarchical fusion; see the module docstring.
 
     Args:
@@ -149,8 +165,6 @@ class FusionNet(nn.Module):
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``.
     """
 
-    official_source: str = "official"
-
     def __init__(
         self,
         local_stage: StageFn,
@@ -167,15 +181,14 @@ class FusionNet(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        if len(dims) != 4:
-            raise ValueError(f"{name}: expected 4 stage dims, got {tuple(dims)}")
+        dims = expect_four(name, "stage dims", dims)
         for d in dims:
             expect_positive_int(name, "dims", d)
         expect_positive_int(name, "in_chans", in_chans)
         expect_positive_int(name, "pad_to", pad_to)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"{name}: expected num_classes as an int >= 0, got {num_classes!r}")
-        self.dims = tuple(dims)
+        self.dims = dims
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = dims[-1]
@@ -222,60 +235,48 @@ class FusionNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def official_key_rules(self) -> Tuple[List[Rule], List[str]]:
-        """``(rules, drop)`` mapping the official state_dict onto this model (see ``models/convert.py``)."""
+    def official_global_key_rules(self) -> KeyRules:
+        """``(rules, drop)`` of the official global branch (and any other official keys only this network has)."""
         raise NotImplementedError(f"{type(self).__name__} has no official checkpoint mapping")
 
-    def load_official_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
-        """Load a state_dict of the official repository strictly (missing/unexpected keys are named).
-
-        Which official keys are dropped is documented by the subclass.
-        """
-        rules, drop = self.official_key_rules()
-        load_official(self, state_dict, rules, drop, source=self.official_source)
-
-
-def prefixed_rules(
-    official_prefix: str, our_prefix: str, rules: Sequence[Rule] = (), drop: Sequence[str] = ()
-) -> Tuple[List[Rule], List[str]]:
-    """Move a block's own ``(rules, drop)`` under a prefix and add a catch-all ``prefix.rest`` rename.
-
-    ``official_prefix`` is a regex without groups (e.g. ``r"fu1\\."``), ``our_prefix`` a literal (``"fusion.0."``).
-    The block's patterns may not use ``^``/``$`` anchors other than at their ends (they are stripped).
-    """
-    out_rules = [(official_prefix + p.lstrip("^").rstrip("$"), our_prefix.replace("\\", r"\\") + r) for p, r in rules]
-    out_rules.append((official_prefix + r"(.*)", our_prefix.replace("\\", r"\\") + r"\1"))
-    out_drop = [official_prefix + p.lstrip("^").rstrip("$") for p in drop]
-    return out_rules, out_drop
+    def official_key_rules(self) -> KeyRules:
+        """The official state_dict -> this model: :meth:`official_global_key_rules`, then the renames the
+        official HiFuse and HEMF share (local branch, head, fusion). Dropped keys are documented by the subclass."""
+        head = [(r"conv_norm\.(.*)", r"head.norm.\1"), (r"conv_head\.(.*)", r"head.fc.\1")]
+        return join_rules(
+            self.official_global_key_rules(),
+            conv_branch_rules("downsample_layers", "stages", "local_branch"),
+            (head, []),
+            fusion_rules(self.fusion),
+        )
 
 
-def conv_branch_rules(downsample_key: str, stages_key: str, ours: str) -> List[Rule]:
+def conv_branch_rules(downsample_key: str, stages_key: str, ours: str) -> KeyRules:
     """Renames of an official ConvNeXt-style branch (``downsample_layers`` + ``stages``) onto a :class:`Branch`
     built with :func:`conv_stem` / :func:`conv_stages`.
 
     ``{downsample_key}.0.*`` -> ``{ours}.stem.*``; ``{downsample_key}.i.*`` -> ``{ours}.stages.i.downsample.*``;
-    ``{stages_key}.i.*`` -> ``{ours}.stages.i.blocks.*``.
+    ``{stages_key}.i.*`` -> ``{ours}.stages.i.blocks.*``. Nothing is dropped.
     """
-    return [
+    rules = [
         (rf"{downsample_key}\.0\.(.*)", rf"{ours}.stem.\1"),
         (rf"{downsample_key}\.([1-3])\.(.*)", rf"{ours}.stages.\1.downsample.\2"),
         (rf"{stages_key}\.([0-3])\.(.*)", rf"{ours}.stages.\1.blocks.\2"),
     ]
+    return rules, []
 
 
-def fusion_rules(blocks: Sequence[nn.Module], official_fmt: str = "fu{n}") -> Tuple[List[Rule], List[str]]:
-    """Official ``fu1..fu4.*`` -> ``fusion.0..3.*``, applying each fusion block's own renames inside.
-
-    A block may define ``OFFICIAL_KEY_RULES`` (block-level ``(regex, replacement)`` pairs) and
-    ``official_key_drop()`` (block-level regexes of official keys it does not hold), as ``HFF``/``HEF`` do.
-    """
-    rules: List[Rule] = []
-    drop: List[str] = []
-    for i, blk in enumerate(blocks):
-        own_rules = list(getattr(blk, "OFFICIAL_KEY_RULES", ()))
-        own_drop = list(blk.official_key_drop()) if hasattr(blk, "official_key_drop") else []
-        prefix = re.escape(official_fmt.format(n=i + 1) + ".")
-        r, d = prefixed_rules(prefix, f"fusion.{i}.", own_rules, own_drop)
-        rules += r
-        drop += d
-    return rules, drop
+def fusion_rules(blocks: Sequence[nn.Module], official_fmt: str = "fu{n}") -> KeyRules:
+    """Official ``fu1..fu4.*`` -> ``fusion.0..3.*``, applying each fusion block's own
+    ``official_key_rules()`` inside (``HFF``/``HEF``; a block without it keeps its key names)."""
+    return join_rules(
+        *(
+            prefix_rules(
+                official_fmt.format(n=i + 1) + ".",
+                f"fusion.{i}.",
+                *(blk.official_key_rules() if hasattr(blk, "official_key_rules") else ((), ())),
+                rest=True,
+            )
+            for i, blk in enumerate(blocks)
+        )
+    )

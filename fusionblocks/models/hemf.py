@@ -19,7 +19,7 @@ output, ``fu2..fu4`` always have one): ``fu1.{Updim,norm1,W3}`` 33,408 and ``fu2
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ import torch.nn as nn
 from ..layers.branches import ELFBlock
 from ..layers.fusion import HEF
 from ..layers.manhattan import EGFBlock
-from .convert import Rule
-from .fusionnet import FusionNet, conv_branch_rules, conv_stages, fusion_rules
+from .convert import KeyRules, join_rules, prefix_rules
+from .fusionnet import FusionNet, conv_branch_rules, conv_stages, expect_four, stage_drop_path_rates
 from .registry import register_model
 
 __all__ = ["HEMF", "hemf"]
@@ -83,16 +83,13 @@ class HEMF(FusionNet):
         fusion_kwargs: Optional[dict] = None,
     ):
         name = type(self).__name__
-        local_depths, global_depths = tuple(local_depths), tuple(global_depths)
-        for what, seq in (("local_depths", local_depths), ("global_depths", global_depths)):
-            if len(seq) != 4:
-                raise ValueError(f"{name}: expected 4 {what}, got {seq}")
-        dpr = torch.linspace(0, drop_path_rate, sum(local_depths)).tolist()
+        local_depths = expect_four(name, "local_depths", local_depths)
+        global_depths = expect_four(name, "global_depths", global_depths)
+        dpr = stage_drop_path_rates(drop_path_rate, local_depths)
         fusion_kwargs = dict(fusion_kwargs or {})
 
         def local_blocks(i: int, dim: int) -> nn.Module:
-            start = sum(local_depths[:i])
-            return nn.Sequential(*(ELFBlock(dim, drop_path=dpr[start + j]) for j in range(local_depths[i])))
+            return nn.Sequential(*(ELFBlock(dim, drop_path=p) for p in dpr[i]))
 
         def global_blocks(i: int, dim: int) -> nn.Module:
             return EGFBlock(
@@ -114,15 +111,13 @@ class HEMF(FusionNet):
         """The EGF block of each global stage."""
         return [stage.blocks for stage in self.global_branch.stages]
 
-    def official_key_rules(self) -> Tuple[List[Rule], List[str]]:
-        rules: List[Rule] = []
-        for i, blk in enumerate(self.global_blocks()):
-            rules += blk.official_rules(f"stages2.{i}.", f"global_branch.stages.{i}.blocks.")
-        rules += conv_branch_rules("downsample_layers", "stages", "local_branch")
-        rules += conv_branch_rules("downsample_layers2", "stages2", "global_branch")
-        rules += [(r"conv_norm\.(.*)", r"head.norm.\1"), (r"conv_head\.(.*)", r"head.fc.\1")]
-        frules, fdrop = fusion_rules(self.fusion)
-        return rules + frules, fdrop
+    def official_global_key_rules(self) -> KeyRules:
+        """``downsample_layers2``/``stages2`` -> ``global_branch``, each EGF block's renames inside its stage."""
+        egf = [
+            prefix_rules(f"stages2.{i}.", f"global_branch.stages.{i}.blocks.", *blk.official_key_rules())
+            for i, blk in enumerate(self.global_blocks())
+        ]
+        return join_rules(*egf, conv_branch_rules("downsample_layers2", "stages2", "global_branch"))
 
     def load_official_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load an official ``Esgjgd/HEMF`` state_dict strictly (dropped keys: see the class docstring).

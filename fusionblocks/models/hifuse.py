@@ -13,7 +13,7 @@
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,8 +22,8 @@ from .._validate import expect_nchw
 from ..layers.branches import LocalBlock
 from ..layers.fusion import HFF
 from ..layers.window import HiFuseGlobalStage
-from .convert import Rule
-from .fusionnet import FusionNet, conv_branch_rules, conv_stages, fusion_rules
+from .convert import KeyRules
+from .fusionnet import FusionNet, conv_stages, expect_four, stage_drop_path_rates
 from .registry import register_model
 
 __all__ = ["HiFuse", "PatchEmbed", "hifuse_tiny", "hifuse_small", "hifuse_base"]
@@ -97,25 +97,20 @@ class HiFuse(FusionNet):
         fusion_kwargs: Optional[dict] = None,
     ):
         name = type(self).__name__
-        conv_depths = tuple(depths if conv_depths is None else conv_depths)
-        depths, num_heads = tuple(depths), tuple(num_heads)
-        for what, seq in (("depths", depths), ("conv_depths", conv_depths), ("num_heads", num_heads)):
-            if len(seq) != 4:
-                raise ValueError(f"{name}: expected 4 {what}, got {seq}")
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        cdpr = torch.linspace(0, conv_drop_path_rate, sum(conv_depths)).tolist()
+        depths = expect_four(name, "depths", depths)
+        conv_depths = expect_four(name, "conv_depths", depths if conv_depths is None else conv_depths)
+        num_heads = expect_four(name, "num_heads", num_heads)
+        dpr = stage_drop_path_rates(drop_path_rate, depths)
+        cdpr = stage_drop_path_rates(conv_drop_path_rate, conv_depths)
         fusion_kwargs = dict(fusion_kwargs or {})
 
         def local_blocks(i: int, dim: int) -> nn.Module:
-            start = sum(conv_depths[:i])
-            return nn.Sequential(*(LocalBlock(dim, drop_path=cdpr[start + j]) for j in range(conv_depths[i])))
+            return nn.Sequential(*(LocalBlock(dim, drop_path=p) for p in cdpr[i]))
 
         def global_stage(i: int, in_dim: int, dim: int) -> nn.Module:
-            start = sum(depths[:i])
             return HiFuseGlobalStage(
                 dim, depths[i], num_heads[i], window_size,
-                in_dim=in_dim if i > 0 else None, qkv_bias=qkv_bias,
-                drop_path=dpr[start:start + depths[i]], backend=backend,
+                in_dim=in_dim if i > 0 else None, qkv_bias=qkv_bias, drop_path=dpr[i], backend=backend,
             )
 
         super().__init__(
@@ -129,38 +124,32 @@ class HiFuse(FusionNet):
         )
         self.depths, self.conv_depths, self.num_heads, self.window_size = depths, conv_depths, num_heads, window_size
 
-    def official_key_rules(self) -> Tuple[List[Rule], List[str]]:
-        rules: List[Rule] = conv_branch_rules("downsample_layers", "stages", "local_branch")
-        rules += [(r"patch_embed\.(.*)", r"global_branch.stem.\1")]
+    def official_global_key_rules(self) -> KeyRules:
+        """``patch_embed`` and ``layers1..4`` -> ``global_branch``; drops the Swin head and the unused keys."""
+        rules = [(r"patch_embed\.(.*)", r"global_branch.stem.\1")]
         rules += [(rf"layers{i + 1}\.(.*)", rf"global_branch.stages.{i}.\1") for i in range(4)]
-        rules += [(r"conv_norm\.(.*)", r"head.norm.\1"), (r"conv_head\.(.*)", r"head.fc.\1")]
-        frules, fdrop = fusion_rules(self.fusion)
         drop = [
             r"norm\.(weight|bias)",
             r"head\.(weight|bias)",
             r"layers[1-4]\.blocks\.\d+\.norm2\.(weight|bias)",
             r"layers[1-4]\.blocks\.\d+\.attn\.relative_position_index",
         ]
-        return rules + frules, drop + fdrop
-
-
-def _hifuse(depths: Tuple[int, int, int, int], num_classes: int, **kwargs) -> HiFuse:
-    return HiFuse(depths, num_classes=num_classes, **kwargs)
+        return rules, drop
 
 
 @register_model
 def hifuse_tiny(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Tiny: depths (2, 2, 2, 2) in both branches."""
-    return _hifuse((2, 2, 2, 2), num_classes, **kwargs)
+    return HiFuse((2, 2, 2, 2), num_classes=num_classes, **kwargs)
 
 
 @register_model
 def hifuse_small(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Small: depths (2, 2, 6, 2) in both branches."""
-    return _hifuse((2, 2, 6, 2), num_classes, **kwargs)
+    return HiFuse((2, 2, 6, 2), num_classes=num_classes, **kwargs)
 
 
 @register_model
 def hifuse_base(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Base: depths (2, 2, 18, 2) in both branches."""
-    return _hifuse((2, 2, 18, 2), num_classes, **kwargs)
+    return HiFuse((2, 2, 18, 2), num_classes=num_classes, **kwargs)

@@ -33,7 +33,7 @@ def _brute(m, x):
 def test_mhea_matches_official_hemf():
     record = gu.block("hemf.mhea")
     m = MultiHeadExternalAttention(96).eval()
-    load_official(m, gu.official_state_dict(record), MultiHeadExternalAttention.OFFICIAL_KEY_RULES, source="mhea")
+    load_official(m, gu.official_state_dict(record), *MultiHeadExternalAttention.official_key_rules(), source="mhea")
     (x,) = [gu.make_input(s) for s in record["inputs"]]
     with torch.no_grad():
         assert gu.rel_err(m(x), record["output"]) <= 1e-5

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 import golden_utils as gu
 from fusionblocks import HEF, HFF, MixedAttention
-from fusionblocks.layers.fusion import prefix_rules
-from fusionblocks.models.convert import load_official
+from fusionblocks.models.convert import join_rules, load_official, prefix_rules
 
 RECORDS = [
     ("hifuse.hff_first", HFF, 96),
@@ -70,29 +69,28 @@ def test_single_path_build_loads_with_the_drop_list(name, cls, dim):
     sd = gu.official_state_dict(record)
     inputs = [gu.make_input(s) for s in record["inputs"]]
     m = cls(dim, with_prev=inputs[2] is not None).eval()
-    dropped = [k for k in sd if any(re.fullmatch(p, k) for p in m.official_key_drop())]
+    rules, drop = m.official_key_rules()
+    dropped = [k for k in sd if any(re.fullmatch(p, k) for p in drop)]
     assert dropped, "a single-path block must drop the official keys of the other path"
     with pytest.raises(KeyError, match="unexpected"):
-        load_official(m, sd, cls.OFFICIAL_KEY_RULES, source=name)
-    load_official(m, sd, cls.OFFICIAL_KEY_RULES, m.official_key_drop(), source=name)
+        load_official(m, sd, rules, source=name)
+    load_official(m, sd, rules, drop, source=name)
     with torch.no_grad():
         assert gu.rel_err(m(*inputs), record["output"]) <= 1e-5
 
 
-def test_prefixed_rules_load_a_model_of_blocks():
+def test_prefix_rules_load_a_model_of_blocks():
     class TwoStages(nn.Module):
         def __init__(self):
             super().__init__()
             self.fusions = nn.ModuleList([HEF(96, with_prev=False), HEF(192, with_prev=True)])
 
     model = TwoStages().eval()
-    sd, rules, drop = {}, [], []
+    sd, parts = {}, []
     for i, name in enumerate(["hemf.hef_first", "hemf.hef"]):
         sd.update({f"fu{i + 1}.{k}": v for k, v in gu.official_state_dict(gu.block(name)).items()})
-        block = model.fusions[i]
-        rules += prefix_rules(block.OFFICIAL_KEY_RULES, f"fu{i + 1}.", f"fusions.{i}.")
-        drop += [f"fu{i + 1}\\." + p for p in block.official_key_drop()]
-    load_official(model, sd, rules, drop, source="two HEF stages")
+        parts.append(prefix_rules(f"fu{i + 1}.", f"fusions.{i}.", *model.fusions[i].official_key_rules()))
+    load_official(model, sd, *join_rules(*parts), source="two HEF stages")
     for i, name in enumerate(["hemf.hef_first", "hemf.hef"]):
         record = gu.block(name)
         with torch.no_grad():

@@ -31,7 +31,7 @@ def _egf_block(name: str, **kw) -> EGFBlock:
     depth = sum(k.endswith("q_proj.weight") for k, _, _ in record["keys"])
     m = EGFBlock(96, 8, depth, **kw).eval()
     sd = m.prepare_official(official_state_dict(record))
-    load_official(m, sd, EGFBlock.official_rules(), source="HEMF EGF_block")
+    load_official(m, sd, *m.official_key_rules(), source="HEMF EGF_block")
     return m
 
 
@@ -83,7 +83,7 @@ def test_egf_block_official_keys_strict():
     assert not any("RetNetRelPos2d" in k for k in sd)
     del sd["FC.2.bias"]
     with pytest.raises(KeyError, match="fc.2.bias"):
-        load_official(m, sd, EGFBlock.official_rules(), source="HEMF")
+        load_official(m, sd, *m.official_key_rules(), source="HEMF")
 
 
 def test_egf_prepare_official_rejects_other_config():

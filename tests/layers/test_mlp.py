@@ -25,7 +25,7 @@ def _randomize_bn(m):
 def test_sirmlp_matches_official_hemf():
     record = gu.block("hemf.sirmlp")
     m = SIRMLP(288, 96, 96).eval()
-    load_official(m, gu.official_state_dict(record), SIRMLP.OFFICIAL_KEY_RULES, source="hemf.sirmlp")
+    load_official(m, gu.official_state_dict(record), *SIRMLP.official_key_rules(), source="hemf.sirmlp")
     (x,) = [gu.make_input(s) for s in record["inputs"]]
     with torch.no_grad():
         assert gu.rel_err(m(x), record["output"]) <= 1e-5
@@ -36,10 +36,10 @@ def test_irmlp_loads_the_official_full_3x3_conv():
     sd = {k[len("residual."):]: v for k, v in gu.official_state_dict(record).items() if k.startswith("residual.")}
     assert tuple(sd["conv1.conv.weight"].shape) == (288, 288, 3, 3)
     m = IRMLP(288, 96)
-    load_official(m, sd, IRMLP.OFFICIAL_KEY_RULES, source="HiFuse IRMLP")
+    load_official(m, sd, *IRMLP.official_key_rules(), source="HiFuse IRMLP")
     torch.testing.assert_close(m.spatial.weight, sd["conv1.conv.weight"], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"conv1\.conv\.weight.*expected shape \(288, 1, 3, 3\)"):
-        load_official(IRMLP(288, 96, depthwise=True), sd, IRMLP.OFFICIAL_KEY_RULES, source="HiFuse IRMLP")
+        load_official(IRMLP(288, 96, depthwise=True), sd, *IRMLP.official_key_rules(), source="HiFuse IRMLP")
 
 
 def test_irmlp_formula():
@@ -91,7 +91,7 @@ def test_official_rules_cover_every_key():
     ]:
         ours = set(cls(*args).state_dict())
         for key in official:
-            new = next(re.sub(p, r, key) for p, r in cls.OFFICIAL_KEY_RULES if re.fullmatch(p, key))
+            new = next(re.sub(p, r, key) for p, r in cls.official_key_rules()[0] if re.fullmatch(p, key))
             assert new in ours, (key, new)
 
 
