@@ -1,4 +1,4 @@
-"""The benchmark engine behind ``fusionblocks bench`` and ``benchmarks/``.
+"""The benchmark engine behind ``fusionblocks bench``, ``benchmarks/`` and the per-op GPU scripts.
 
 One run times every implementation of every op side by side, in one process, on the same inputs:
 
@@ -6,18 +6,32 @@ One run times every implementation of every op side by side, in one process, on 
   asked through :func:`fusionblocks.ops.explain` (those that cannot are listed with the reasons);
 * the anchors: ``sdpa`` (``F.scaled_dot_product_attention`` with the bias and masks materialized,
   built from the parameters inside the timed call as a module would) and ``flex`` (FlexAttention with
-  a ``score_mod``/``mask_mod``, compiled, CUDA only).
+  a ``score_mod``/``mask_mod``, compiled, CUDA only; eager on CPU in ``smoke`` runs).
 
-Timing: on CUDA :func:`triton.testing.do_bench` (median; gradients reset between calls) or, without
-Triton, CUDA events; on CPU ``time.perf_counter`` around each call after warm-up, median over repeats.
-Peak memory (``peak_mem_mb``): the most memory allocated at any point of one call, inputs (and module
-parameters) included. On CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
-On CPU, where PyTorch keeps no such counter, one extra untimed call runs under ``torch.profiler``
-with ``profile_memory=True`` and the peak of the running sum of its allocation/free events is added to
-the bytes of the inputs; ``null`` when the profiler cannot report it.
+``benchmarks/bench_decay_attention.py`` and ``benchmarks/bench_window_attention.py`` (issues 3 and 4) are
+thin wrappers over :func:`run` that add their own derived fields (TFLOP/s, HBM bandwidth share).
 
-Records follow issue 3's format: ``{"op", "impl", "shape": {...}, "dtype", "pass", "ms",
-"peak_mem_mb", "device", "torch", "triton"}`` (training-step records add ``"img_per_s"``).
+Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them):
+
+* **Time** (``ms``, :func:`time_ms`): CUDA: :func:`triton.testing.do_bench` median after one explicit
+  warm-up call (compilation stays out); input gradients reset between calls. CPU: ``time.perf_counter``
+  around each call after a warm-up call, median over as many repeats as fit the budget. With
+  ``rotate > 1`` the timed calls cycle through that many input sets.
+* **Peak memory** (``peak_mem_mb``, :func:`peak_mem_mb`): the bytes of the call's own inputs (and module
+  parameters and buffers) plus the most memory the call allocates above what was allocated before it
+  (outputs, saved activations, gradients), in MiB. Whatever else the process holds (other input sets,
+  caches) is not counted. CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
+  ``memory_allocated`` before; CPU: one extra untimed call under ``torch.profiler`` with
+  ``profile_memory=True`` (peak of the running sum of its allocation and free events); ``null`` when
+  the profiler cannot report it.
+* **Records** (:data:`RECORD_SCHEMA`): issue 3's ``{"op", "impl", "shape": {...}, "dtype", "pass", "ms",
+  "peak_mem_mb", "device", "torch", "triton"}``. ``triton`` is ``null`` when Triton is not installed;
+  ``device`` is :func:`device_name`; the head dimension is ``D`` in every shape. An implementation that
+  was run and raised is a record too, with ``"error"`` and ``"ms": null, "peak_mem_mb": null``; one that
+  cannot run here at all (the dispatcher's reasons) is not timed and is listed in
+  :attr:`BenchResult.skipped` instead. Optional fields: ``max_abs_err``, ``tflops``,
+  ``pct_of_dense_bf16_peak``, ``io_mb``, ``gbps``, ``hbm_share`` (the scripts) and ``img_per_s``
+  (``--model``).
 """
 from __future__ import annotations
 
@@ -28,11 +42,13 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +69,8 @@ DTYPES = {
     "float16": torch.float16,
 }
 
+_OPTIONAL_NUMBER = {"type": ["number", "null"], "minimum": 0}
+
 RECORD_SCHEMA = {
     "type": "object",
     "required": ["op", "impl", "shape", "dtype", "pass", "ms", "peak_mem_mb", "device", "torch", "triton"],
@@ -62,18 +80,31 @@ RECORD_SCHEMA = {
         "shape": {"type": "object"},
         "dtype": {"type": "string", "enum": ["float32", "bfloat16", "float16"]},
         "pass": {"type": "string", "enum": ["fwd", "fwd+bwd", "train"]},
-        "ms": {"type": "number", "exclusiveMinimum": 0},
+        "ms": {"type": ["number", "null"], "exclusiveMinimum": 0},
         "peak_mem_mb": {"type": ["number", "null"], "minimum": 0},
         "device": {"type": "string"},
         "torch": {"type": "string"},
         "triton": {"type": ["string", "null"]},
+        "error": {"type": "string", "minLength": 1},
         "img_per_s": {"type": "number", "exclusiveMinimum": 0},
+        "max_abs_err": _OPTIONAL_NUMBER,
+        "tflops": _OPTIONAL_NUMBER,
+        "pct_of_dense_bf16_peak": _OPTIONAL_NUMBER,
+        "io_mb": _OPTIONAL_NUMBER,
+        "gbps": _OPTIONAL_NUMBER,
+        "hbm_share": _OPTIONAL_NUMBER,
     },
+    "additionalProperties": False,
+    # a failed run carries its error and no measurement; a measured one has a time and no error
+    "if": {"required": ["error"]},
+    "then": {"properties": {"ms": {"type": "null"}, "peak_mem_mb": {"type": "null"}}},
+    "else": {"properties": {"ms": {"type": "number"}}},
 }
 RECORDS_SCHEMA = {"type": "array", "items": RECORD_SCHEMA}
 
 
 def triton_version() -> Optional[str]:
+    """Triton's version, ``None`` when it is not installed."""
     try:
         import triton
 
@@ -82,8 +113,9 @@ def triton_version() -> Optional[str]:
         return None
 
 
-def device_name(device: torch.device) -> str:
-    """``"NVIDIA H100 80GB HBM3"``-style name of a CUDA device, the CPU's name otherwise."""
+def device_name(device: Union[torch.device, str]) -> str:
+    """``"NVIDIA H100 80GB HBM3"``-style name of a CUDA device; ``"CPU <model name> (<n> cores)"`` otherwise."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -98,10 +130,11 @@ def device_name(device: torch.device) -> str:
     return f"CPU {name} ({os.cpu_count()} cores)"
 
 
-def device_slug(name: str) -> str:
-    """File-name form of a device name: ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
-    import re
-
+def device_slug(name: Union[str, torch.device]) -> str:
+    """File-name form of a device name (or of a device's :func:`device_name`):
+    ``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``."""
+    if isinstance(name, torch.device):
+        name = device_name(name)
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -116,62 +149,109 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def make_record(op, impl, shape, dtype, pass_, ms, peak_mem_mb, device, **extra) -> dict:
+def make_record(op: str, impl: str, shape: Mapping, dtype: Union[torch.dtype, str], pass_: str, ms: Optional[float],
+                peak_mem_mb: Optional[float], device: Union[str, torch.device], *, error: Optional[str] = None,
+                **extra) -> dict:
+    """One record in issue 3's format. With ``error`` (the run raised) ``ms`` and ``peak_mem_mb`` are ``None``."""
     rec = {
         "op": op,
         "impl": impl,
         "shape": dict(shape),
         "dtype": dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype,
         "pass": pass_,
-        "ms": float(ms),
+        "ms": None if ms is None else float(ms),
         "peak_mem_mb": None if peak_mem_mb is None else round(float(peak_mem_mb), 3),
         "device": device if isinstance(device, str) else device_name(device),
         "torch": torch.__version__,
         "triton": triton_version(),
     }
+    if error is not None:
+        rec.update(ms=None, peak_mem_mb=None, error=error)
     rec.update(extra)
     return rec
 
 
+def error_text(e: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 300 characters), as stored in a record's ``error``."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def _is_type(v: object, t: str) -> bool:
+    if t == "null":
+        return v is None
+    if t == "string":
+        return isinstance(v, str)
+    if t == "object":
+        return isinstance(v, dict)
+    if t == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    raise AssertionError(t)
+
+
 def validate_records(records: object) -> None:
-    """Raise ``ValueError`` naming the first record (and field) that breaks :data:`RECORD_SCHEMA`."""
+    """Raise ``ValueError`` naming the first record (and field) that breaks :data:`RECORD_SCHEMA`.
+
+    The same rules as ``jsonschema.validate(records, RECORDS_SCHEMA)``, without needing jsonschema.
+    """
     if not isinstance(records, list):
         raise ValueError(f"bench records: expected a list, got {type(records).__name__}")
+    props = RECORD_SCHEMA["properties"]
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ValueError(f"bench record {i}: expected an object, got {type(r).__name__}")
         for key in RECORD_SCHEMA["required"]:
             if key not in r:
                 raise ValueError(f"bench record {i}: missing {key!r}")
-        for key, spec in RECORD_SCHEMA["properties"].items():
-            if key not in r:
-                continue
-            v = r[key]
+        unknown = sorted(set(r) - set(props))
+        if unknown:
+            raise ValueError(f"bench record {i}: unknown field(s) {unknown}; known: {sorted(props)}")
+        for key, v in r.items():
+            spec = props[key]
             types = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
-            ok = any(
-                (t == "null" and v is None)
-                or (t == "string" and isinstance(v, str))
-                or (t == "object" and isinstance(v, dict))
-                or (t == "number" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-                for t in types
-            )
-            if not ok:
+            if not any(_is_type(v, t) for t in types):
                 raise ValueError(f"bench record {i}: {key}={v!r} is not of type {spec['type']}")
             if "enum" in spec and v not in spec["enum"]:
                 raise ValueError(f"bench record {i}: {key}={v!r} not one of {spec['enum']}")
-            if isinstance(v, (int, float)) and v is not None:
+            if isinstance(v, str) and len(v) < spec.get("minLength", 0):
+                raise ValueError(f"bench record {i}: {key} must not be empty")
+            if _is_type(v, "number"):
                 if "exclusiveMinimum" in spec and not v > spec["exclusiveMinimum"]:
                     raise ValueError(f"bench record {i}: {key}={v!r} must be > {spec['exclusiveMinimum']}")
                 if "minimum" in spec and not v >= spec["minimum"]:
                     raise ValueError(f"bench record {i}: {key}={v!r} must be >= {spec['minimum']}")
+        if "error" in r:
+            if r["ms"] is not None or r["peak_mem_mb"] is not None:
+                raise ValueError(f"bench record {i}: a record with an error must have ms and peak_mem_mb null")
+        elif r["ms"] is None:
+            raise ValueError(f"bench record {i}: ms is null but there is no error")
 
 
 def write_json(records: List[dict], path: str) -> None:
+    """The one record writer: validate, then write ``path`` (folders created)."""
     validate_records(records)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
+
+
+def write_results(records: List[dict], path: str, *, skipped: Sequence[Tuple[str, str, str]] = (),
+                  extra_columns: Sequence[Tuple[str, str]] = (), title: str = "", pivot: Optional[str] = None) -> str:
+    """Write ``path`` (JSON records, :func:`write_json`) and the Markdown table next to it (``.md``).
+
+    Returns:
+        The Markdown path.
+    """
+    write_json(records, path)
+    md = (path[:-5] if path.endswith(".json") else path) + ".md"
+    text = f"# {title}\n\n" if title else ""
+    text += format_markdown(records, skipped, extra_columns=extra_columns)
+    if pivot:
+        text += "\n" + format_pivot(records, pivot)
+    with open(md, "w") as f:
+        f.write(text)
+    return md
 
 
 def shape_str(shape: dict) -> str:
@@ -183,9 +263,9 @@ def _key(r: dict) -> tuple:
 
 
 def speedups(records: List[dict], baseline: str = "reference") -> Dict[int, Optional[float]]:
-    """``id(record) -> baseline ms / record ms`` within each (op, shape, dtype, pass) group."""
-    base = {_key(r): r["ms"] for r in records if r["impl"] == baseline}
-    return {id(r): (base[_key(r)] / r["ms"] if _key(r) in base else None) for r in records}
+    """``id(record) -> baseline ms / record ms`` within each (op, shape, dtype, pass) group (``None``: no pair)."""
+    base = {_key(r): r["ms"] for r in records if r["impl"] == baseline and r["ms"]}
+    return {id(r): (base[_key(r)] / r["ms"] if _key(r) in base and r["ms"] else None) for r in records}
 
 
 def side_by_side(records: List[dict]) -> List[dict]:
@@ -197,40 +277,56 @@ def side_by_side(records: List[dict]) -> List[dict]:
     return sorted(records, key=lambda r: (first[_key(r)[:3]], passes.index(r["pass"])))
 
 
-def table_rows(records: List[dict]) -> Tuple[List[str], List[List[str]]]:
+def _fmt(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        if v != 0 and abs(v) < 1e-2:
+            return f"{v:.2e}"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def table_rows(records: List[dict], extra_columns: Sequence[Tuple[str, str]] = ()) -> Tuple[List[str], List[List[str]]]:
+    """Header and cells: op, shape, dtype, pass, impl, ms, speed-up over ``reference``, peak MB, then
+    ``extra_columns`` (``(header, record key)``), then ``error`` when any record failed."""
     records = side_by_side(records)
     sp = speedups(records)
-    head = ["op", "shape", "dtype", "pass", "impl", "ms", "vs reference", "peak MB"]
+    errors = any("error" in r for r in records)
+    head = ["op", "shape", "dtype", "pass", "impl", "ms", "vs reference", "peak MB"] + [h for h, _ in extra_columns]
+    head += ["error"] if errors else []
     rows = []
     for r in records:
         s = sp[id(r)]
         extra = f" ({r['img_per_s']:.1f} img/s)" if "img_per_s" in r else ""
-        rows.append(
-            [
-                r["op"],
-                shape_str(r["shape"]),
-                r["dtype"],
-                r["pass"],
-                r["impl"],
-                f"{r['ms']:.3f}{extra}",
-                "" if s is None else f"{s:.2f}x",
-                "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
-            ]
-        )
+        row = [
+            r["op"],
+            shape_str(r["shape"]),
+            r["dtype"],
+            r["pass"],
+            r["impl"],
+            "n/a" if r["ms"] is None else f"{r['ms']:.3f}{extra}",
+            "" if s is None else f"{s:.2f}x",
+            "" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}",
+        ]
+        row += [_fmt(r.get(key)) for _, key in extra_columns]
+        row += [r.get("error", "")] if errors else []
+        rows.append(row)
     return head, rows
 
 
-def format_table(records: List[dict]) -> str:
+def format_table(records: List[dict], extra_columns: Sequence[Tuple[str, str]] = ()) -> str:
     """Fixed-width text table with speed-ups against ``reference`` and peak memory."""
-    head, rows = table_rows(records)
+    head, rows = table_rows(records, extra_columns)
     widths = [max(len(x) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def format_markdown(records: List[dict], skipped: Sequence[Tuple[str, str, str]] = ()) -> str:
+def format_markdown(records: List[dict], skipped: Sequence[Tuple[str, str, str]] = (),
+                    extra_columns: Sequence[Tuple[str, str]] = ()) -> str:
     """GitHub Markdown table of the records, device named, plus the implementations that could not run."""
-    head, rows = table_rows(records)
+    head, rows = table_rows(records, extra_columns)
     devices = sorted({r["device"] for r in records})
     out = [f"Device: {', '.join(devices) or 'n/a'} · torch {torch.__version__} · triton {triton_version()}", ""]
     out.append("| " + " | ".join(head) + " |")
@@ -240,6 +336,26 @@ def format_markdown(records: List[dict], skipped: Sequence[Tuple[str, str, str]]
         out += ["", "Not run here:", ""]
         out += [f"- `{op}` {impl}: {why}" for op, impl, why in skipped]
     return "\n".join(out) + "\n"
+
+
+def format_pivot(records: List[dict], focus: str = "triton") -> str:
+    """Markdown, one row per (op, shape, dtype, pass): ms of every implementation and how many times
+    faster ``focus`` is than each other one (the issues' targets are stated this way)."""
+    rows: Dict[tuple, Dict[str, dict]] = {}
+    for r in side_by_side(records):
+        rows.setdefault(_key(r), {})[r["impl"]] = r
+    impls = list(dict.fromkeys(r["impl"] for r in side_by_side(records)))
+    impls.sort(key=lambda i: (i != focus, i != "reference"))
+    others = [i for i in impls if i != focus]
+    head = ["op", "shape", "dtype", "pass"] + [f"{i} ms" for i in impls] + [f"{focus} vs {i}" for i in others]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (op, shape, dt, p), by in rows.items():
+        ms = {i: by[i]["ms"] if i in by else None for i in impls}
+        cells = [op, shape, dt, p] + [f"{ms[i]:.3f}" if ms[i] else "n/a" for i in impls]
+        f = ms.get(focus)
+        cells += [f"{ms[i] / f:.2f}x" if f and ms[i] else "n/a" for i in others]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: List[dict], path: str) -> None:
@@ -255,7 +371,7 @@ def plot(records: List[dict], path: str) -> None:
         raise RuntimeError(
             "--plot needs matplotlib: pip install 'fusionblocks[bench]' (or pip install matplotlib)"
         ) from None
-    records = side_by_side(records)
+    records = side_by_side([r for r in records if r["ms"] is not None])
     sp = speedups(records)
     panels = []
     for p in (*PASSES, "train"):
@@ -309,24 +425,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, *, grads: Sequence[torch.Tensor] = (),
+def time_ms(fn: Callable[[], object], device: Union[torch.device, str], *, grads: Sequence[torch.Tensor] = (),
             budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 100) -> float:
-    """Median milliseconds of ``fn()``; ``grads`` are reset to ``None`` before each call (untimed on CPU)."""
+    """Median milliseconds of ``fn()`` after one warm-up call; ``grads`` are reset to ``None`` before each call.
+
+    CUDA: :func:`triton.testing.do_bench` (``return_mode="median"``, warm-up/repeat windows of
+    ``25 * budget_s`` / ``100 * budget_s`` ms, at least 5 / 20) or, without Triton, CUDA events over 20
+    calls. CPU: ``time.perf_counter`` per call, as many calls as fit ``budget_s`` (``min_reps`` to ``max_reps``).
+    """
+    device = torch.device(device)
 
     def reset():
         for t in grads:
             t.grad = None
 
     if device.type == "cuda":
+        reset()
+        fn()  # compilation and autotuning stay out of the measurement
+        _sync(device)
         try:
             from triton.testing import do_bench
         except ImportError:
             do_bench = None
         if do_bench is not None:
-            return float(do_bench(fn, grad_to_none=list(grads) or None, return_mode="median"))
-        reset()
-        fn()
-        _sync(device)
+            return float(do_bench(fn, warmup=max(5, int(25 * budget_s)), rep=max(20, int(100 * budget_s)),
+                                  grad_to_none=list(grads) or None, return_mode="median"))
         times = []
         for _ in range(max(min_reps, 20)):
             reset()
@@ -404,24 +527,33 @@ def _cpu_alloc_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
         return None
 
 
-def peak_mem_mb(fn: Callable[[], object], device: torch.device, resident: Iterable[object] = ()) -> Optional[float]:
-    """Peak memory of one ``fn()`` call in MiB, ``resident`` tensors (inputs, parameters) included."""
+def peak_mem_mb(fn: Callable[[], object], device: Union[torch.device, str],
+                resident: Iterable[object] = ()) -> Optional[float]:
+    """Peak memory of one ``fn()`` call in MiB: the bytes of ``resident`` (the call's inputs, parameters,
+    buffers; shared storages counted once) plus the most the call allocates above what was allocated before it.
+
+    ``None`` on CPU when ``torch.profiler`` cannot report the allocations.
+    """
+    device = torch.device(device)
     if device.type == "cuda":
         _sync(device)
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        out = fn()
         _sync(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = _cpu_alloc_peak_bytes(fn)
-    if peak is None:
-        return None
-    return (peak + _tensor_bytes(resident)) / 2**20
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+    else:
+        peak = _cpu_alloc_peak_bytes(fn)
+        if peak is None:
+            return None
+    return (max(peak, 0) + _tensor_bytes(resident)) / 2**20
 
 
 # --------------------------------------------------------------------------------------------- cases
 
 INTERPRETER_REASON = ("Triton needs a CUDA device to be timed (on CPU it runs only in its interpreter, "
-                      "TRITON_INTERPRET=1, a correctness tool)")
+                      "TRITON_INTERPRET=1, a correctness tool; the scripts' --quick smoke runs use it)")
 
 
 @dataclass
@@ -435,15 +567,21 @@ class Impl:
 
 @dataclass
 class OpBench:
-    """A benchmarked op: its shapes (paper and quick), how to build inputs and its implementations."""
+    """A benchmarked op: its shapes (paper and quick), how to build inputs and its implementations.
+
+    ``impls(shape, inputs, device, smoke=False)``: with ``smoke`` the anchors that need CUDA run eagerly
+    on CPU (FlexAttention uncompiled) so a CPU smoke run exercises their code. ``spec(inputs) -> Tensor``
+    computes the op's definition (``ops/reference.py``) for the error check, ``None`` for the blocks.
+    """
 
     name: str
     aliases: Tuple[str, ...]
     shapes: Callable[[bool], List[dict]]
     make_inputs: Callable[[dict, torch.device, torch.dtype], dict]
-    impls: Callable[[dict, dict, torch.device], List[Impl]]
+    impls: Callable[..., List[Impl]]
     grad_keys: Tuple[str, ...] = ("q", "k", "v")
     impl_names: Tuple[str, ...] = _dispatch.BACKENDS + ANCHORS
+    spec: Optional[Callable[[dict], torch.Tensor]] = None
 
 
 OPS: Dict[str, OpBench] = {}
@@ -491,8 +629,8 @@ def _backend_impls(op: str, call: Callable[[dict, Optional[str]], torch.Tensor],
     return build
 
 
-def _flex_reasons(device: torch.device) -> List[str]:
-    if device.type != "cuda":
+def _flex_reasons(device: torch.device, smoke: bool = False) -> List[str]:
+    if device.type != "cuda" and not smoke:
         return ["FlexAttention is benchmarked compiled, which needs CUDA"]
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -514,19 +652,25 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def _flex(compiled: bool):
-    if compiled:
-        return _compiled_flex()
+def _eager_flex(*args, **kwargs):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def _flex(compiled: bool):
+    return _compiled_flex() if compiled else _eager_flex
 
 
 # ---- decay attention
 
 def _log_gamma(heads: int, device) -> torch.Tensor:
-    h = torch.arange(heads, dtype=torch.float32)
-    return torch.log1p(-(2.0 ** (-1.0 - 3.0 * h / max(heads, 1)))).to(device)
+    """RMT's fixed per-head decay (``initial_value=2``, ``heads_range=4``), float32, no gradient."""
+    from .layers.manhattan import manhattan_log_decay
+
+    return manhattan_log_decay(heads, 2.0, 4.0).to(device)
 
 
 def decay_sdpa(q, k, v, log_gamma, *, hw, mode, scale=None):
@@ -596,12 +740,16 @@ def _decay_bench(mode: str) -> OpBench:
         lambda x: dict(hw=x["hw"], mode=mode, scale=None),
     )
 
-    def impls(shape, x, device):
+    def impls(shape, x, device, smoke=False):
+        compiled = device.type == "cuda"
         return backends(x) + [
             Impl("sdpa", lambda x: decay_sdpa(x["q"], x["k"], x["v"], x["log_gamma"], hw=x["hw"], mode=mode)),
-            Impl("flex", lambda x: decay_flex(x["q"], x["k"], x["v"], x["log_gamma"], hw=x["hw"], mode=mode),
-                 _flex_reasons(device)),
+            Impl("flex", lambda x: decay_flex(x["q"], x["k"], x["v"], x["log_gamma"], hw=x["hw"], mode=mode,
+                                              compiled=compiled), _flex_reasons(device, smoke)),
         ]
+
+    def spec(x):
+        return _ref.decay_attention(x["q"], x["k"], x["v"], x["log_gamma"], hw=x["hw"], mode=mode)
 
     return OpBench(
         f"decay_attention_{mode}",
@@ -609,6 +757,7 @@ def _decay_bench(mode: str) -> OpBench:
         lambda quick_: quick if quick_ else paper,
         make,
         impls,
+        spec=spec,
     )
 
 
@@ -686,11 +835,14 @@ def _window_bench() -> OpBench:
         table = 0.02 * torch.randn((2 * ws - 1) ** 2, shape["heads"], generator=g)
         x["bias_table"] = table.to(device, dtype).requires_grad_()
         x["hw"] = (shape["H"], shape["W"])
+        x["ws"], x["shift"] = ws, shape["shift"]
         return x
 
     kw = lambda x, shape: dict(hw=x["hw"], window_size=shape["ws"], shift=shape["shift"])  # noqa: E731
 
-    def impls(shape, x, device):
+    def impls(shape, x, device, smoke=False):
+        compiled = device.type == "cuda"
+
         def call(x, backend):
             return window_attention(x["q"], x["k"], x["v"], x["bias_table"], backend=backend, **kw(x, shape))
 
@@ -700,12 +852,16 @@ def _window_bench() -> OpBench:
         )
         return backends(x) + [
             Impl("sdpa", lambda x: window_sdpa(x["q"], x["k"], x["v"], x["bias_table"], **kw(x, shape))),
-            Impl("flex", lambda x: window_flex(x["q"], x["k"], x["v"], x["bias_table"], **kw(x, shape)),
-                 _flex_reasons(device)),
+            Impl("flex", lambda x: window_flex(x["q"], x["k"], x["v"], x["bias_table"], compiled=compiled,
+                                               **kw(x, shape)), _flex_reasons(device, smoke)),
         ]
 
+    def spec(x):
+        return _ref.window_attention(x["q"], x["k"], x["v"], x["bias_table"], hw=x["hw"], window_size=x["ws"],
+                                     shift=x["shift"])
+
     return OpBench("window_attention", ("window",), lambda q_: quick if q_ else paper, make, impls,
-                   grad_keys=("q", "k", "v", "bias_table"))
+                   grad_keys=("q", "k", "v", "bias_table"), spec=spec)
 
 
 # ---- fusion blocks
@@ -729,7 +885,7 @@ def _block_bench(name: str, stages: Sequence[Tuple[int, int]]) -> OpBench:
         x["f"] = rnd(b, c // 2, 2 * h, 2 * w) if shape["f"] else None
         return x
 
-    def impls(shape, x, device):
+    def impls(shape, x, device, smoke=False):
         if "missing" in x:
             return [Impl("eager", lambda x: None, [x["missing"]])]
         return [Impl("eager", lambda x: x["block"](x["l"], x["g"], x["f"]))]
@@ -758,6 +914,9 @@ class Skipped:
 
 @dataclass
 class BenchResult:
+    """What a run produced: the records (failed runs included, with ``error``) and the implementations
+    that could not run here at all, with the reasons."""
+
     records: List[dict]
     skipped: List[Skipped]
 
@@ -783,17 +942,27 @@ def _grads_of(bench: OpBench, x: dict) -> List[torch.Tensor]:
     return out
 
 
-def _runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable[[], object]:
+def _runner(fn: Callable[[dict], torch.Tensor], x: Union[dict, Sequence[dict]], pass_: str) -> Callable[[], object]:
+    """``run()`` for one pass: ``fwd`` under ``no_grad``; ``fwd+bwd`` backpropagates a fixed random gradient
+    of the output. With a list of input sets, successive calls cycle through them."""
+    sets = [x] if isinstance(x, dict) else list(x)
+    turn = [0]
+
+    def pick() -> dict:
+        s = sets[turn[0] % len(sets)]
+        turn[0] += 1
+        return s
+
     if pass_ == "fwd":
         def run():
             with torch.no_grad():
-                return fn(x)
+                return fn(pick())
 
         return run
     cache: dict = {}
 
     def run_bwd():
-        out = fn(x)
+        out = fn(pick())
         if "grad" not in cache:
             cache["grad"] = torch.randn_like(out)
         out.backward(cache["grad"])
@@ -801,13 +970,84 @@ def _runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable
     return run_bwd
 
 
+def _detached(x: dict) -> dict:
+    """The inputs without autograd history (same storage): what a ``fwd`` pass sees, so that ops which
+    refuse inputs requiring grad on some device (FlexAttention on CPU) still run forward."""
+    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+
+
 def _reasons_str(reasons: List[str]) -> str:
     return "; ".join(reasons) if reasons else "can run"
 
 
+def _max_abs_err(bench: OpBench, fn: Callable[[dict], torch.Tensor], x: dict) -> Optional[float]:
+    """max |fn(x) - spec(x in float32)| of the forward (``None`` for an op without a spec)."""
+    if bench.spec is None:
+        return None
+    with torch.no_grad():
+        got = fn(x)
+        x32 = {k: (v.detach().float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+               for k, v in x.items()}
+        want = bench.spec(x32)
+        return float((got.float() - want).abs().max())
+
+
+def run_case(bench: OpBench, shape: dict, dtype: torch.dtype, device: Union[torch.device, str], *,
+             passes: Sequence[str] = PASSES, impls: Optional[Sequence[str]] = None, budget_s: float = 1.0,
+             rotate: int = 1, smoke: bool = False, check: bool = False,
+             device_label: Optional[str] = None) -> BenchResult:
+    """Time every implementation of one (op, shape, dtype) case, both passes; see :func:`run`."""
+    dev = torch.device(device)
+    dname = device_label or device_name(dev)
+    sets = [bench.make_inputs(shape, dev, dtype) for _ in range(max(1, rotate))]
+    fwd_sets = [_detached(x) for x in sets]
+    records: List[dict] = []
+    skipped: List[Skipped] = []
+    for impl in bench.impls(shape, sets[0], dev, smoke=smoke):
+        if impls and impl.name not in impls:
+            continue
+        if not impl.reasons and impl.name == "triton" and dev.type == "cpu" and not smoke:
+            impl.reasons = [INTERPRETER_REASON]
+        if impl.reasons:
+            skipped.append(Skipped(bench.name, shape, impl.name, _reasons_str(impl.reasons)))
+            continue
+        extra = {}
+        try:
+            err = _max_abs_err(bench, impl.fn, fwd_sets[0]) if check else None
+            if err is not None:
+                extra["max_abs_err"] = err
+        except Exception as e:  # the forward itself fails: every pass of this implementation failed
+            records += [make_record(bench.name, impl.name, shape, dtype, p, None, None, dname, error=error_text(e))
+                        for p in passes]
+            continue
+        for p in passes:
+            grads = [t for x in sets for t in _grads_of(bench, x)] if p == "fwd+bwd" else []
+            inputs = sets if p == "fwd+bwd" else fwd_sets
+            try:
+                ms = time_ms(_runner(impl.fn, inputs, p), dev, grads=grads, budget_s=budget_s,
+                             min_reps=1 if smoke else 3)
+                for t in grads:
+                    t.grad = None
+                mem = peak_mem_mb(_runner(impl.fn, inputs[0], p), dev, _resident(inputs[0]))
+            except Exception as e:  # one implementation failing must not stop the run; it is recorded
+                records.append(make_record(bench.name, impl.name, shape, dtype, p, None, None, dname,
+                                           error=error_text(e)))
+                continue
+            finally:
+                for t in grads:
+                    t.grad = None
+            records.append(make_record(bench.name, impl.name, shape, dtype, p, ms, mem, dname, **extra))
+    del sets, fwd_sets
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return BenchResult(records, skipped)
+
+
 def run(ops: Optional[Sequence[str]] = None, *, quick: bool = False, dtypes: Sequence[torch.dtype] = (torch.float32,),
         passes: Sequence[str] = PASSES, impls: Optional[Sequence[str]] = None, device: Optional[str] = None,
-        budget_s: Optional[float] = None, progress: Optional[bool] = None) -> BenchResult:
+        budget_s: Optional[float] = None, progress: Optional[bool] = None,
+        shapes: Optional[Mapping[str, Sequence[dict]]] = None, rotate: int = 1, smoke: bool = False,
+        check: bool = False) -> BenchResult:
     """Time every op × shape × dtype × implementation × pass that can run here.
 
     Args:
@@ -817,11 +1057,17 @@ def run(ops: Optional[Sequence[str]] = None, *, quick: bool = False, dtypes: Seq
         passes: ``"fwd"`` and/or ``"fwd+bwd"``.
         impls: keep only these implementations (backend and anchor names, ``eager`` for blocks).
         device: ``"cuda"``/``"cpu"``; default CUDA when available.
-        budget_s: CPU time budget per measurement (repeats are chosen to fit it).
+        budget_s: time budget per measurement (CPU: repeats chosen to fit it; CUDA: scales ``do_bench``'s
+            windows); default 1.0, 0.15 with ``quick``.
         progress: show a tqdm bar (default: when stderr is a terminal).
+        shapes: op name -> shapes to time instead of the op's own (paper or quick) set.
+        rotate: input sets per case; timed calls cycle through them (memory is measured on one).
+        smoke: CPU smoke run: the Triton backend runs when its interpreter is on, FlexAttention eagerly.
+        check: add ``max_abs_err`` (forward against the op's definition in float32) to each record.
 
     Returns:
-        The records and the implementations that could not run, with their reasons.
+        The records (a run that raised is a record with ``error``) and the implementations that could
+        not run here, with their reasons.
     """
     from tqdm.auto import tqdm
 
@@ -833,42 +1079,83 @@ def run(ops: Optional[Sequence[str]] = None, *, quick: bool = False, dtypes: Seq
     if budget_s is None:
         budget_s = 0.15 if quick else 1.0
     dname = device_name(dev)
-    plan = [(b, s, dt) for b in benches for s in b.shapes(quick) for dt in dtypes]
-    records: List[dict] = []
-    skipped: List[Skipped] = []
+    shapes = dict(shapes or {})
+    plan = [(b, s, dt) for b in benches for s in shapes.get(b.name, b.shapes(quick)) for dt in dtypes]
+    result = BenchResult([], [])
     bar = tqdm(total=len(plan), desc="bench", unit="case", disable=(None if progress is None else not progress))
     for bench, shape, dtype in plan:
         bar.set_postfix_str(f"{bench.name} {shape_str(shape)} {dtype_name(dtype)}")
-        x = bench.make_inputs(shape, dev, dtype)
-        for impl in bench.impls(shape, x, dev):
-            if impls and impl.name not in impls:
-                continue
-            if not impl.reasons and impl.name == "triton" and dev.type == "cpu":
-                impl.reasons = [INTERPRETER_REASON]
-            if impl.reasons:
-                skipped.append(Skipped(bench.name, shape, impl.name, _reasons_str(impl.reasons)))
-                continue
-            for p in passes:
-                fn = _runner(impl.fn, x, p)
-                grads = _grads_of(bench, x) if p == "fwd+bwd" else []
-                try:
-                    ms = time_ms(fn, dev, grads=grads, budget_s=budget_s)
-                    for t in grads:
-                        t.grad = None
-                    mem = peak_mem_mb(fn, dev, _resident(x))
-                except Exception as e:  # one implementation failing must not stop the run
-                    skipped.append(Skipped(bench.name, shape, f"{impl.name} ({p})", f"{type(e).__name__}: {e}"))
-                    continue
-                finally:
-                    for t in grads:
-                        t.grad = None
-                records.append(make_record(bench.name, impl.name, shape, dtype, p, ms, mem, dname))
-        del x
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        one = run_case(bench, shape, dtype, dev, passes=passes, impls=impls, budget_s=budget_s, rotate=rotate,
+                       smoke=smoke, check=check, device_label=dname)
+        result.records += one.records
+        result.skipped += one.skipped
         bar.update()
     bar.close()
-    return BenchResult(records, skipped)
+    return result
+
+
+# --------------------------------------------------------------------------------------------- scripts
+
+
+def script_parser(description: str, impls: Sequence[str]) -> "argparse.ArgumentParser":
+    """The options every per-op script (``benchmarks/bench_*.py``) shares; the script adds its own."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, short timing (a smoke run; works on CPU)")
+    p.add_argument("--impls", nargs="+", default=list(impls), choices=list(impls))
+    p.add_argument("--dtypes", nargs="+", default=None, choices=("bf16", "fp32", "fp16"),
+                   help="default: bf16 fp32 (CPU: fp32)")
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    p.add_argument("--rotate", type=int, default=None, help="input sets per case (default 3; --quick: 1)")
+    p.add_argument("--no-check", action="store_true", help="skip the forward error check against the fp32 reference")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON and Markdown go (default benchmarks/results; --quick: a new temporary folder)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    return p
+
+
+def run_script(args, *, name: str, shapes: Mapping[str, Sequence[dict]], results_dir: str, command: str,
+               columns: Sequence[Tuple[str, str]] = (),
+               add_fields: Optional[Callable[[List[dict], torch.device], str]] = None) -> str:
+    """Run a per-op script's cases and write ``<out_dir>/<name>-<device>.json`` and ``.md``.
+
+    Args:
+        args: :func:`script_parser`'s options.
+        name: file-name stem (``decay_attention``, ``window_attention``).
+        shapes: op name -> shapes.
+        results_dir: default output folder (``--quick`` writes to a new temporary folder instead).
+        command: the command line, quoted in the Markdown title.
+        columns: extra ``(header, record key)`` columns of the tables.
+        add_fields: ``fn(records, device) -> note`` adding the script's own fields to measured records;
+            the note goes into the Markdown title.
+
+    Returns:
+        The JSON path.
+    """
+    import tempfile
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.quick:
+        sys.exit("no CUDA device: run on a GPU, or pass --quick for the CPU smoke run")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
+    result = run(list(shapes), shapes=shapes, dtypes=[parse_dtype(d) for d in dtypes], passes=args.passes,
+                 impls=args.impls, device=str(device), quick=args.quick,
+                 rotate=args.rotate or (1 if args.quick else 3), smoke=args.quick, check=not args.no_check,
+                 progress=args.progress)
+    note = add_fields(result.records, device) if add_fields else ""
+    print(format_table(result.records, columns))
+    for op, impl, why in result.skipped_summary():
+        print(f"not run: {op} {impl}: {why}")
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix=f"bench_{name}_") if args.quick else results_dir)
+    path = os.path.join(out_dir, f"{name}-{device_slug(device)}.json")
+    md = write_results(result.records, path, skipped=result.skipped_summary(), extra_columns=columns,
+                       title=f"{name}: `{command}`" + (f" · {note}" if note else ""), pivot="triton")
+    print(f"wrote {path} and {md}")
+    return path
 
 
 # --------------------------------------------------------------------------------------------- models

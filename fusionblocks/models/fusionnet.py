@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
+from . import checkpointing
 from .convert import KeyRules, OfficialWeights, join_rules, prefix_rules
 
 __all__ = [
@@ -121,12 +122,13 @@ class Branch(nn.Module):
         super().__init__()
         self.stem = stem
         self.stages = nn.ModuleList(stages)
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         x = self.stem(x)
         outs = []
         for stage in self.stages:
-            x = stage(x)
+            x = checkpointing.run(stage, x, enabled=self.grad_checkpointing)
             outs.append(x)
         return outs
 
@@ -193,6 +195,7 @@ class FusionNet(OfficialWeights, nn.Module):
         self.num_classes = num_classes
         self.num_features = dims[-1]
         self.pad_to = pad_to
+        self.grad_checkpointing = False
         in_dims = (dims[0],) + tuple(dims[:-1])
         self.local_branch = Branch(local_stem(in_chans, dims[0]), [local_stage(i, in_dims[i], dims[i]) for i in range(4)])
         self.global_branch = Branch(global_stem(in_chans, dims[0]), [global_stage(i, in_dims[i], dims[i]) for i in range(4)])
@@ -212,6 +215,12 @@ class FusionNet(OfficialWeights, nn.Module):
         ph, pw = (-x.shape[-2]) % self.pad_to, (-x.shape[-1]) % self.pad_to
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage and fusion block in backward instead of storing its activations."""
+        self.grad_checkpointing = enable
+        self.local_branch.grad_checkpointing = enable
+        self.global_branch.grad_checkpointing = enable
+
     def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The four fusion outputs ``[(B, dims[i], H_i, W_i)]`` at strides 4, 8, 16, 32 (of the padded input)."""
         x = self._pad(x)
@@ -220,7 +229,7 @@ class FusionNet(OfficialWeights, nn.Module):
         outs: List[torch.Tensor] = []
         f: Optional[torch.Tensor] = None
         for fuse, l, g in zip(self.fusion, ls, gs):
-            f = fuse(l, g, f)
+            f = checkpointing.run(fuse, l, g, f, enabled=self.grad_checkpointing)
             outs.append(f)
         return outs
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
+from . import checkpointing
 from .registry import register_model
 
 __all__ = ["HATR", "PAPER_RESULTS", "hatr_resnet50", "hatr_conv2d"]
@@ -209,6 +210,7 @@ class HATR(nn.Module):
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.grad_checkpointing = False
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.feature_info: List[Dict[str, object]] = [
@@ -275,7 +277,13 @@ class HATR(nn.Module):
         tokens, hw = self.forward_tokens(x)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat([cls, tokens], dim=1) + self._pos_embed(hw))
-        return self.norm(self.blocks(x))
+        for block in self.blocks:
+            x = checkpointing.run(block, x, enabled=self.grad_checkpointing)
+        return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each ViT block in backward instead of storing its activations."""
+        self.grad_checkpointing = enable
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """CLS readout: ``(B, 1 + N, D) -> (B, num_classes)`` (or ``(B, D)`` with ``pre_logits``)."""

@@ -326,6 +326,11 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
         plots.plot_curves(history, out / "curves.png")
 
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     if rank != 0:
         return {}
     result = json.loads((out / "metrics.json").read_text())

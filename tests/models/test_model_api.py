@@ -115,3 +115,24 @@ def test_official_state_dict_shape_mismatch_is_named(tiny_and_official_keys):
     sd = dict(sd, **{"conv_head.weight": torch.zeros(8, 768)})
     with pytest.raises(ValueError, match=r"'conv_head.weight' -> 'head.fc.weight': expected shape \(7, 768\), got \(8, 768\)"):
         m.load_official_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "name,kw,size",
+    [("hatr_conv2d", dict(vit_depth=2), 64), ("hemf", {}, 64)],
+)
+def test_grad_checkpointing_gives_the_same_gradients(name, kw, size):
+    from fusionblocks import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, **kw).eval()  # eval: dropout/drop-path/BN deterministic
+    x = torch.randn(2, 3, size, size)
+    model(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    ckpt = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert plain.keys() == ckpt.keys() and len(plain) > 10
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -1,0 +1,130 @@
+"""The per-op GPU benchmark scripts (``benchmarks/bench_decay_attention.py``, ``bench_window_attention.py``):
+their ``--quick`` CPU smoke runs, in-process through ``main(argv)``, and the records they write.
+
+Under ``tests/conftest.py`` Triton runs in its interpreter here, so the smoke runs time every implementation:
+the Triton kernels (interpreted), the reference, SDPA and FlexAttention (eager; its backward raises on CPU
+and must come back as a record with ``error``).
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from fusionblocks import bench
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+IMPLS = {"triton", "reference", "sdpa", "flex"}
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_quick(module, name, tmp_path, capsys):
+    assert module.main(["--quick", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    cpu = torch.device("cpu" if not torch.cuda.is_available() else "cuda")
+    path = tmp_path / f"{name}-{bench.device_slug(cpu)}.json"
+    assert path.exists(), sorted(os.listdir(tmp_path))
+    records = json.loads(path.read_text())
+    bench.validate_records(records)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(records, bench.RECORDS_SCHEMA)
+    md = path.with_suffix(".md").read_text()
+    return records, md, out
+
+
+def check_common(records, md, shapes_by_op):
+    assert {r["op"] for r in records} == set(shapes_by_op)
+    for r in records:
+        assert r["shape"] in shapes_by_op[r["op"]]
+        assert "D" in r["shape"] and "d" not in r["shape"]
+        assert r["device"] == bench.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        assert r["torch"] == torch.__version__ and r["triton"] == bench.triton_version()
+    for op, shapes in shapes_by_op.items():
+        for shape in shapes:
+            for p in bench.PASSES:
+                got = {r["impl"] for r in records if r["op"] == op and r["shape"] == shape and r["pass"] == p}
+                assert got == IMPLS, (op, shape, p)
+    measured = [r for r in records if r["ms"] is not None]
+    for r in measured:
+        assert r["ms"] > 0 and "error" not in r
+        assert r["max_abs_err"] < 1e-5, r  # float32 everywhere in the smoke run
+    if not torch.cuda.is_available():
+        flex_bwd = [r for r in records if r["impl"] == "flex" and r["pass"] == "fwd+bwd"]
+        assert flex_bwd and all(r["ms"] is None and r["peak_mem_mb"] is None for r in flex_bwd)
+        assert all(r["error"].startswith("NotImplementedError") for r in flex_bwd)
+        assert {r["impl"] for r in measured} == IMPLS
+    assert "| op | shape |" in md and "triton vs reference" in md
+    assert md.count("\n| ") >= len(records) + 1
+
+
+def test_decay_script_quick(tmp_path, capsys, one_thread):
+    mod = load_script("bench_decay_attention")
+    records, md, out = run_quick(mod, "decay_attention", tmp_path, capsys)
+    check_common(records, md, {f"decay_attention_{m}": s for m, s in mod.QUICK_SHAPES.items()})
+    for r in records:
+        if r["ms"] is None:
+            continue
+        mode = r["op"].rsplit("_", 1)[1]
+        s = r["shape"]
+        n = s["H"] * s["W"]
+        keys = n if mode == "full" else s["H"] + s["W"]
+        flops = 4 * s["B"] * s["heads"] * n * keys * s["D"] * (3.5 if r["pass"] == "fwd+bwd" else 1)
+        assert r["tflops"] == pytest.approx(flops / (r["ms"] * 1e-3) / 1e12)
+        assert r["io_mb"] == pytest.approx(s["B"] * s["heads"] * n * s["D"] * 4 / 2**20 * (8 if r["pass"] == "fwd+bwd" else 4))
+        assert "pct_of_dense_bf16_peak" not in r  # float32 only
+    assert "decay_attention_full" in out and "wrote" in out
+
+
+def test_window_script_quick(tmp_path, capsys, one_thread):
+    mod = load_script("bench_window_attention")
+    records, md, out = run_quick(mod, "window_attention", tmp_path, capsys)
+    check_common(records, md, {"window_attention": mod.QUICK_SHAPES})
+    assert {r["shape"]["shift"] for r in records} == {0, 3}
+    for r in records:
+        if r["ms"] is None:
+            continue
+        s = r["shape"]
+        moved = (4 if r["pass"] == "fwd" else 12) * s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4
+        assert r["gbps"] == pytest.approx(moved / (r["ms"] * 1e-3) / 1e9)
+        assert ("hbm_share" in r) == torch.cuda.is_available()
+
+
+def test_scripts_time_the_issues_shapes():
+    decay, window = load_script("bench_decay_attention"), load_script("bench_window_attention")
+    # issue 3: full at B=32, 4 heads, 56² and 28², d 16/32/64, plus B=2, 8 heads, 96², d 32
+    full = [dict(B=32, heads=4, H=s, W=s, D=d) for s in (56, 28) for d in (16, 32, 64)]
+    full.append(dict(B=2, heads=8, H=96, W=96, D=32))
+    assert decay.shapes("full", False) == full
+    # HEMF's four stages at batch 32: 56²/d12, 28²/d24, 14²/d48, 7²/d96
+    assert decay.shapes("decomposed", False) == [
+        dict(B=32, heads=8, H=s, W=s, D=d) for s, d in ((56, 12), (28, 24), (14, 48), (7, 96))
+    ]
+    # issue 4: HiFuse stages at batch 32 (56²/3 heads, 28²/6, 14²/12, 7²/24), d=32, window 7, shift 0 and 3
+    stages = [(56, 3), (28, 6), (14, 12), (7, 24)]
+    assert window.shapes(False) == [dict(B=32, heads=nh, H=s, W=s, D=32, ws=7, shift=sh)
+                                    for s, nh in stages for sh in (0, 3)]
+    assert window.shapes(False, stages=[1], shifts=[3]) == [dict(B=32, heads=3, H=56, W=56, D=32, ws=7, shift=3)]
+
+
+@pytest.mark.parametrize("name", ["bench_decay_attention", "bench_window_attention"])
+def test_full_run_needs_cuda(name, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        load_script(name).main(["--out-dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)
