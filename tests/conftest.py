@@ -23,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["reference", "auto"])
+def dispatch_backend(request, monkeypatch):
+    """Run a test once on the reference ops (the spec) and once on whatever automatic dispatch picks here."""
+    from fusionblocks.ops.dispatch import ENV_VAR
+
+    if request.param == "reference":
+        monkeypatch.setenv(ENV_VAR, "reference")
+    else:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    return request.param

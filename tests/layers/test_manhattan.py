@@ -36,7 +36,7 @@ def _egf_block(name: str, **kw) -> EGFBlock:
 
 
 @pytest.mark.parametrize("name, mode", [("rmt.masa_full", "full"), ("rmt.masa_decomposed", "decomposed")])
-def test_rmt_masa_parity(name, mode):
+def test_rmt_masa_parity(name, mode, dispatch_backend):
     record = block(name)
     m = _rmt_attention(name, mode)
     x = make_input(record["inputs"][0])  # (B, H, W, C) as RMT
@@ -66,7 +66,7 @@ def test_hemf_relpos_buffers_recomputed():
 
 
 @pytest.mark.parametrize("name", ["hemf.egf_block", "hemf.egf_block_rect"])
-def test_egf_block_parity(name):
+def test_egf_block_parity(name, dispatch_backend):
     record = block(name)
     m = _egf_block(name)
     x = make_input(record["inputs"][0])

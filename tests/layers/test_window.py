@@ -23,7 +23,7 @@ def _tokens_to_nchw(x, h, w):
 
 
 @pytest.mark.parametrize("name", list(GLOBAL_LAYERS))
-def test_global_stage_matches_official_basic_layer(name):
+def test_global_stage_matches_official_basic_layer(name, dispatch_backend):
     rec = block(name)
     stage = HiFuseGlobalStage(**GLOBAL_LAYERS[name]).eval()
     sd = {k: v for k, v in official_state_dict(rec).items() if not any(d in k for d in DROPPED)}

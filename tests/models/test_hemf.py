@@ -23,7 +23,7 @@ def official_hemf():
     return model, record
 
 
-def test_hemf_parity_logits_and_fusion_features(official_hemf):
+def test_hemf_parity_logits_and_fusion_features(official_hemf, dispatch_backend):
     model, record = official_hemf
     x = make_input(record["input"])
     with torch.no_grad():

@@ -14,7 +14,7 @@ BUFFER = re.compile(r".*(running_mean|running_var|num_batches_tracked|relative_p
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_PARAMS))
-def test_logits_match_official(name):
+def test_logits_match_official(name, dispatch_backend):
     rec = load(name)
     model = getattr(hifuse, name)(num_classes=rec["num_classes"]).eval()
     model.load_official_state_dict(official_state_dict(rec))
