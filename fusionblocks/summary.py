@@ -2,9 +2,9 @@
 
 What is counted and how:
 
-* **Parameters**: ``numel`` of every parameter (total and trainable). When a model reports the
-  parameters of official modules its forward never calls (attribute ``official_unused_params``, an
-  int, or ``official_num_params``, the official count that includes them), they are shown too.
+* **Parameters**: ``numel`` of every parameter (total and trainable). For models with an
+  official counterpart (HiFuse, HEMF), also the parameters of official modules the official forward
+  never calls (``model.official_unused_params()``), so the official count is reproduced.
 * **FLOPs** with :class:`torch.utils.flop_counter.FlopCounterMode`: it ships with torch (no extra
   dependency), runs on any device, sees every aten op including the fused attention ops' fake
   kernels, and attributes counts to the module hierarchy, which gives the per-stage split. It counts
@@ -105,37 +105,11 @@ def stage_modules(model: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-# sum of p.numel() of the official models built with num_classes=7, never-called modules included
-# (shared/golden/README.md); used when the model does not report its own count
-OFFICIAL_PARAMS_7 = {
-    "hifuse_tiny": 119_690_280,
-    "hifuse_small": 123_271_128,
-    "hifuse_base": 134_013_672,
-    "hemf": 68_269_367,
-}
-
-
-def official_unused_params(
-    model: nn.Module, name: Optional[str] = None, num_classes: Optional[int] = None
-) -> Optional[int]:
-    """Parameters in official modules that the forward never calls, if known.
-
-    From the model's ``official_unused_params`` (int or method) or ``official_num_params``; else, for a
-    registered ``name`` built with ``num_classes=7``, from the official counts in :data:`OFFICIAL_PARAMS_7`.
-    """
-    n = getattr(model, "official_unused_params", None)
-    if callable(n):
-        n = n()
-    if isinstance(n, int):
-        return n
-    official = getattr(model, "official_num_params", None)
-    if callable(official):
-        official = official()
-    if isinstance(official, int):
-        return official - sum(p.numel() for p in model.parameters())
-    if name in OFFICIAL_PARAMS_7 and num_classes == 7:
-        return OFFICIAL_PARAMS_7[name] - sum(p.numel() for p in model.parameters())
-    return None
+def official_unused_params(model: nn.Module) -> Optional[int]:
+    """Parameters of official modules that the model's official counterpart builds but never calls
+    (``model.official_unused_params()``, which HiFuse and HEMF compute from their structure), else None."""
+    fn = getattr(model, "official_unused_params", None)
+    return fn() if callable(fn) else None
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
@@ -266,7 +240,7 @@ def summarize(
         in_chans=in_chans,
         params_total=sum(p.numel() for p in model.parameters()),
         params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        params_official_unused=official_unused_params(model, name, num_classes),
+        params_official_unused=official_unused_params(model),
         flops=flops["total"],
         macs=flops["total"] // 2,
         activation_bytes=sum(act.values()),

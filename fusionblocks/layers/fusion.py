@@ -160,21 +160,38 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
         self.dim, self.l_dim, self.g_dim, self.with_prev = dim, l_dim, g_dim, with_prev
         self.drop_path = float(drop_path)
 
+        self.fuse_kernel = fuse_kernel
         self.proj_l = ConvBN(l_dim, dim, 1, bn=True)
         self.proj_g = ConvBN(g_dim, dim, 1, bn=True)
-        if with_prev is not False:
-            self.prev_proj = ConvBN(dim // 2, dim, 1, bn=True, relu=True)
-            self.prev_pool = nn.AvgPool2d(2, stride=2)
-            self.fuse3_norm = LayerNorm2d(3 * dim)
-            self.fuse3_proj = ConvBN(3 * dim, dim, fuse_kernel, bn=True)
-        if with_prev is not True:
-            self.fuse2_norm = LayerNorm2d(2 * dim)
-            self.fuse2_proj = ConvBN(2 * dim, dim, fuse_kernel, bn=True)
+        built = [p for p, wanted in ((True, with_prev is not False), (False, with_prev is not True)) if wanted]
+        for path in built:
+            for attr, module in self._path(path).items():
+                setattr(self, attr, module)
         self.act = nn.GELU()
         self.norm = LayerNorm2d(self.cat_dim)
         self.attn_l: nn.Module
         self.attn_g: nn.Module
         self.mlp: nn.Module
+
+    def _path(self, with_prev: bool) -> Dict[str, nn.Module]:
+        """The modules of the path with ``f`` (``with_prev=True``) or without it."""
+        dim, k = self.dim, self.fuse_kernel
+        if with_prev:
+            return {
+                "prev_proj": ConvBN(dim // 2, dim, 1, bn=True, relu=True),
+                "prev_pool": nn.AvgPool2d(2, stride=2),
+                "fuse3_norm": LayerNorm2d(3 * dim),
+                "fuse3_proj": ConvBN(3 * dim, dim, k, bn=True),
+            }
+        return {"fuse2_norm": LayerNorm2d(2 * dim), "fuse2_proj": ConvBN(2 * dim, dim, k, bn=True)}
+
+    def official_unused_params(self) -> int:
+        """Parameters of the path the official block builds but this stage's forward never calls
+        (0 when built with both paths). Counted on the meta device: nothing is allocated."""
+        if self.with_prev is None:
+            return 0
+        with torch.device("meta"):
+            return sum(p.numel() for m in self._path(not self.with_prev).values() for p in m.parameters())
 
     @property
     def cat_dim(self) -> int:

@@ -248,6 +248,16 @@ class FusionNet(OfficialWeights, nn.Module):
         """``(rules, drop)`` of the official global branch (and any other official keys only this network has)."""
         raise NotImplementedError(f"{type(self).__name__} has no official checkpoint mapping")
 
+    def official_unused_params(self) -> int:
+        """Parameters the official model builds but its forward never calls — what
+        :meth:`load_official_state_dict` drops: the unused path of every fusion block plus
+        :meth:`official_unused_global_params`. Official count = ``num_params + official_unused_params()``."""
+        return sum(f.official_unused_params() for f in self.fusion) + self.official_unused_global_params()
+
+    def official_unused_global_params(self) -> int:
+        """Never-called official parameters outside the fusion blocks (none unless a subclass says so)."""
+        return 0
+
     def official_key_rules(self) -> KeyRules:
         """The official state_dict -> this model: :meth:`official_global_key_rules`, then the renames the
         official HiFuse and HEMF share (local branch, head, fusion). Dropped keys are documented by the subclass."""

@@ -136,6 +136,13 @@ class HiFuse(FusionNet):
         ]
         return rules, drop
 
+    def official_unused_global_params(self) -> int:
+        """The global blocks' ``norm2`` LayerNorms and Swin's final ``norm`` and ``head`` (built, never called)."""
+        d, k = self.dims[-1], max(self.num_classes, 0)
+        norm2 = sum(2 * sum(self.dims[i] for _ in range(self.depths[i])) for i in range(4))
+        head = d * k + k if k > 0 else 0
+        return norm2 + 2 * d + head
+
 
 @register_model
 def hifuse_tiny(num_classes: int = 1000, **kwargs) -> HiFuse:

@@ -136,3 +136,22 @@ def test_grad_checkpointing_gives_the_same_gradients(name, kw, size):
     assert plain.keys() == ckpt.keys() and len(plain) > 10
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+# sum of p.numel() of the official models at num_classes=7, never-called modules included (tests/golden/README.md)
+OFFICIAL_PARAMS = {"hifuse_tiny": 119_690_280, "hifuse_small": 123_271_128, "hifuse_base": 134_013_672, "hemf": 68_269_367}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_official_parameter_count_is_reproduced(name):
+    model = create_model(name, num_classes=7)
+    ours = sum(p.numel() for p in model.parameters())
+    assert model.official_unused_params() > 0
+    assert ours + model.official_unused_params() == OFFICIAL_PARAMS[name]
+
+
+def test_official_unused_params_follow_num_classes():
+    # HiFuse's never-called Swin head is Linear(768, num_classes); HEMF has no such module
+    a, b = create_model("hifuse_tiny", num_classes=7), create_model("hifuse_tiny", num_classes=10)
+    assert b.official_unused_params() - a.official_unused_params() == 3 * 768 + 3
+    assert create_model("hemf", num_classes=10).official_unused_params() == create_model("hemf", num_classes=7).official_unused_params()
