@@ -2,49 +2,58 @@
 
 Blocks take NCHW ``(B, C, H, W)`` in and out unless their name says tokens. Models come from
 :func:`create_model`; the functional ops and their backends live in :mod:`fusionblocks.ops`.
+With timm installed, the models are also registered in timm's registry on import.
 """
 __version__ = "0.1.0"
 
+from . import ops
+from .layers.branches import ELFBlock, LocalBlock
 from .layers.conv import ConvBN
-from .layers.gates import ChannelAttn, SpatialAttn
-from .layers.norm import LayerNorm2d
-from .layers.mlp import IRMLP, SIRMLP
 from .layers.external import MultiHeadExternalAttention
 from .layers.fusion import HEF, HFF, MixedAttention
+from .layers.gates import ChannelAttn, SpatialAttn
 from .layers.manhattan import EGFBlock, ManhattanSelfAttention
-from .models.features import FeatureExtractor
+from .layers.mlp import IRMLP, SIRMLP
+from .layers.norm import LayerNorm2d
 from .layers.tokens import OverlapTokenizer, TokenWeighting
 from .layers.window import HiFuseGlobalBlock, HiFuseGlobalStage, PatchMerging, WindowAttention
-from .layers.branches import ELFBlock, LocalBlock
+from .models.features import FeatureExtractor, register_with_timm
 from .models.registry import create_model, list_models
+from .models.unet import FusionUNet
 
 __all__ = [
     "__version__",
+    "ops",
+    # gates, norms, units
     "ChannelAttn",
-    "ConvBN",
-    "LayerNorm2d",
     "SpatialAttn",
+    "LayerNorm2d",
+    "ConvBN",
+    # MLPs and attention
     "IRMLP",
     "SIRMLP",
     "MultiHeadExternalAttention",
     "MixedAttention",
-    "HFF",
-    "HEF",
     "ManhattanSelfAttention",
-    "EGFBlock",
-    "FeatureExtractor",
-    "OverlapTokenizer",
-    "TokenWeighting",
     "WindowAttention",
+    # branch blocks
+    "LocalBlock",
+    "ELFBlock",
     "HiFuseGlobalBlock",
     "HiFuseGlobalStage",
     "PatchMerging",
-    "LocalBlock",
-    "ELFBlock",
+    "EGFBlock",
+    # fusion
+    "HFF",
+    "HEF",
+    # tokens (HATR)
+    "OverlapTokenizer",
+    "TokenWeighting",
+    # models
     "create_model",
     "list_models",
+    "FeatureExtractor",
+    "FusionUNet",
 ]
 
-from .models.features import register_with_timm as _register_with_timm  # noqa: E402
-
-_register_with_timm()
+register_with_timm()
