@@ -9,7 +9,8 @@ One run times every implementation of every op side by side, in one process, on 
   a ``score_mod``/``mask_mod``, compiled, CUDA only; eager on CPU in ``smoke`` runs).
 
 ``benchmarks/bench_decay_attention.py`` and ``benchmarks/bench_window_attention.py`` (issues 3 and 4) are
-thin wrappers over :func:`run` that add their own derived fields (TFLOP/s, HBM bandwidth share).
+thin wrappers over :func:`run` that add their own derived fields (TFLOP/s, HBM bandwidth share);
+``benchmarks/bench_cpu.py`` (issue 7) times the ``cpu`` shape preset (:data:`PRESETS`) on CPU.
 
 Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them):
 
@@ -23,7 +24,15 @@ Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them)
   caches) is not counted. CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
   ``memory_allocated`` before; CPU: one extra untimed call under ``torch.profiler`` with
   ``profile_memory=True`` (peak of the running sum of its allocation and free events); ``null`` when
-  the profiler cannot report it.
+  the profiler cannot report it. The profiler sees every allocation through PyTorch's CPU allocator,
+  which is where the compiled ``cpp`` kernels put their outputs, softmax statistics and gradient
+  workspaces (``at::empty``/``at::zeros``); it does not see their per-thread tile scratch
+  (``std::vector``, under 1 MiB per thread at the benchmarked shapes) nor other non-PyTorch memory
+  (BLAS buffers). Cross-check on a 2-core Xeon, 1 thread, issue 7's shapes: the profiler's figure minus
+  the inputs agrees with the peak-RSS growth of a fresh process over the same call within 0.6 MiB for
+  reference and cpp, fwd and fwd+bwd (e.g. decay full 56²: 489.3 vs 490.1 MiB reference, 1.6 vs 1.8
+  MiB cpp). RSS is not used: in one process the allocator reuses freed pages, so it needs a fresh process
+  per measurement and still misses memory freed and reused within the call.
 * **Records** (:data:`RECORD_SCHEMA`): issue 3's ``{"op", "impl", "shape": {...}, "dtype", "pass", "ms",
   "peak_mem_mb", "device", "torch", "triton"}``. ``triton`` is ``null`` when Triton is not installed;
   ``device`` is :func:`device_name`; the head dimension is ``D`` in every shape. An implementation that
@@ -900,6 +909,24 @@ register_op(_window_bench())
 register_op(_block_bench("hff", [(96, 56), (192, 28), (384, 14), (768, 7)]))
 register_op(_block_bench("hef", [(96, 56), (192, 28), (384, 14), (768, 7)]))
 
+# Named shape sets (op name -> shapes) that a script times instead of the ops' paper shapes.
+PRESETS: Dict[str, Dict[str, List[dict]]] = {
+    # issue 7's CPU benchmark: decay attention at 28² and 56² tokens (B=1, 4 heads, D=32), and window
+    # attention at HiFuse's stage-1 shape (56², 3 heads, D=32, window 7) with a smaller batch (2)
+    "cpu": {
+        "decay_attention_full": [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)],
+        "decay_attention_decomposed": [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)],
+        "window_attention": [dict(B=2, heads=3, H=56, W=56, D=32, ws=7, shift=sh) for sh in (0, 3)],
+    },
+}
+
+
+def preset(name: str) -> Dict[str, List[dict]]:
+    """A copy of the named shape set of :data:`PRESETS`; unknown names raise ``KeyError`` listing the known ones."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown bench preset {name!r}; known: {sorted(PRESETS)}")
+    return {op: [dict(s) for s in shapes] for op, shapes in PRESETS[name].items()}
+
 
 # --------------------------------------------------------------------------------------------- runner
 
@@ -1110,6 +1137,8 @@ def script_parser(description: str, impls: Sequence[str]) -> "argparse.ArgumentP
     p.add_argument("--rotate", type=int, default=None, help="input sets per case (default 3; --quick: 1)")
     p.add_argument("--no-check", action="store_true", help="skip the forward error check against the fp32 reference")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per measurement (default 1.0, --quick 0.15); more gives steadier medians")
     p.add_argument("--out-dir", default=None,
                    help="where the JSON and Markdown go (default benchmarks/results; --quick: a new temporary folder)")
     p.add_argument("--progress", action="store_true", help="show a progress bar")
@@ -1118,42 +1147,48 @@ def script_parser(description: str, impls: Sequence[str]) -> "argparse.ArgumentP
 
 def run_script(args, *, name: str, shapes: Mapping[str, Sequence[dict]], results_dir: str, command: str,
                columns: Sequence[Tuple[str, str]] = (),
-               add_fields: Optional[Callable[[List[dict], torch.device], str]] = None) -> str:
-    """Run a per-op script's cases and write ``<out_dir>/<name>-<device>.json`` and ``.md``.
+               add_fields: Optional[Callable[[List[dict], torch.device], str]] = None,
+               device: Optional[str] = None, pivot: str = "triton", suffix: str = "") -> str:
+    """Run a per-op script's cases and write ``<out_dir>/<name>-<device><suffix>.json`` and ``.md``.
 
     Args:
         args: :func:`script_parser`'s options.
-        name: file-name stem (``decay_attention``, ``window_attention``).
+        name: file-name stem (``decay_attention``, ``window_attention``, ``cpu``).
         shapes: op name -> shapes.
         results_dir: default output folder (``--quick`` writes to a new temporary folder instead).
         command: the command line, quoted in the Markdown title.
         columns: extra ``(header, record key)`` columns of the tables.
         add_fields: ``fn(records, device) -> note`` adding the script's own fields to measured records;
             the note goes into the Markdown title.
+        device: ``None``: a GPU script (CUDA, or only ``--quick`` on CPU); ``"cpu"``: a CPU benchmark.
+        pivot: the implementation whose speed-up over every other one the Markdown's second table shows.
+        suffix: appended to the file name after the device (e.g. ``-1thread``).
 
     Returns:
         The JSON path.
     """
     import tempfile
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.quick:
-        sys.exit("no CUDA device: run on a GPU, or pass --quick for the CPU smoke run")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and not args.quick:
+            sys.exit("no CUDA device: run on a GPU, or pass --quick for the CPU smoke run")
+    device = torch.device(device)
     dtypes = args.dtypes or (["fp32"] if device.type == "cpu" else ["bf16", "fp32"])
     result = run(list(shapes), shapes=shapes, dtypes=[parse_dtype(d) for d in dtypes], passes=args.passes,
                  impls=args.impls, device=str(device), quick=args.quick,
                  rotate=args.rotate or (1 if args.quick else 3), smoke=args.quick, check=not args.no_check,
-                 progress=args.progress)
+                 progress=args.progress, budget_s=getattr(args, "budget", None))
     note = add_fields(result.records, device) if add_fields else ""
     print(format_table(result.records, columns))
     for op, impl, why in result.skipped_summary():
         print(f"not run: {op} {impl}: {why}")
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix=f"bench_{name}_") if args.quick else results_dir)
-    path = os.path.join(out_dir, f"{name}-{device_slug(device)}.json")
+    path = os.path.join(out_dir, f"{name}-{device_slug(device)}{suffix}.json")
     md = write_results(result.records, path, skipped=result.skipped_summary(), extra_columns=columns,
-                       title=f"{name}: `{command}`" + (f" · {note}" if note else ""), pivot="triton")
+                       title=f"{name}: `{command}`" + (f" · {note}" if note else ""), pivot=pivot)
     print(f"wrote {path} and {md}")
     return path
 

@@ -1,5 +1,6 @@
-"""The per-op GPU benchmark scripts (``benchmarks/bench_decay_attention.py``, ``bench_window_attention.py``):
-their ``--quick`` CPU smoke runs, in-process through ``main(argv)``, and the records they write.
+"""The per-op benchmark scripts (GPU: ``benchmarks/bench_decay_attention.py``, ``bench_window_attention.py``;
+CPU: ``benchmarks/bench_cpu.py``): their ``--quick`` smoke runs, in-process through ``main(argv)``, and the
+records they write.
 
 Under ``tests/conftest.py`` Triton runs in its interpreter here, so the smoke runs time every implementation:
 the Triton kernels (interpreted), the reference, SDPA and FlexAttention (eager; its backward raises on CPU
@@ -128,3 +129,84 @@ def test_full_run_needs_cuda(name, tmp_path):
     with pytest.raises(SystemExit, match="no CUDA device"):
         load_script(name).main(["--out-dir", str(tmp_path)])
     assert not os.listdir(tmp_path)
+
+
+def cpp_can_run() -> bool:
+    from fusionblocks.ops import explain
+
+    q = torch.zeros(1, 1, 4, 8)
+    return not explain("decay_attention", q, q, q, torch.full((1,), -0.1), hw=(2, 2), mode="full", scale=None)["cpp"]
+
+
+def test_cpu_script_quick(tmp_path, capsys, one_thread):
+    mod = load_script("bench_cpu")
+    assert mod.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    path = tmp_path / f"cpu-{bench.device_slug(torch.device('cpu'))}-1thread.json"
+    assert path.exists(), sorted(os.listdir(tmp_path))
+    records = json.loads(path.read_text())
+    bench.validate_records(records)
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(records, bench.RECORDS_SCHEMA)
+    impls = {"reference", "cpp"} if cpp_can_run() else {"reference"}
+    assert {r["op"] for r in records} == set(mod.QUICK_SHAPES)
+    for op, shapes in mod.QUICK_SHAPES.items():
+        for shape in shapes:
+            for p in bench.PASSES:
+                got = [r for r in records if r["op"] == op and r["shape"] == shape and r["pass"] == p]
+                assert {r["impl"] for r in got} == impls and len(got) == len(impls), (op, shape, p)
+    for r in records:
+        assert r["device"] == bench.device_name(torch.device("cpu")) and r["dtype"] == "float32"
+        assert "error" not in r and r["ms"] > 0
+        assert r["max_abs_err"] < 1e-5, r
+        s = r["shape"]
+        io = s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20 * (8 if r["pass"] == "fwd+bwd" else 4)
+        assert r["io_mb"] == pytest.approx(io)
+        # inputs are counted: q, k, v (+ the decay or the bias table) at the least
+        assert r["peak_mem_mb"] >= 3 * s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20
+    md = path.with_suffix(".md").read_text()
+    assert "| op | shape |" in md and md.count("\n| ") >= len(records) + 1
+    assert ("cpp vs reference" in md) == ("cpp" in impls)
+    assert "1 thread(s) on" in md and "wrote" in out
+
+
+def test_cpu_script_times_issue_7_shapes():
+    mod = load_script("bench_cpu")
+    decay = [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)]
+    assert mod.shapes(False) == {
+        "decay_attention_full": decay,
+        "decay_attention_decomposed": decay,
+        "window_attention": [dict(B=2, heads=3, H=56, W=56, D=32, ws=7, shift=sh) for sh in (0, 3)],
+    }
+    assert mod.shapes(False) == bench.preset("cpu")
+    with pytest.raises(KeyError, match="unknown bench preset 'gpu'"):
+        bench.preset("gpu")
+
+
+def test_cpp_memory_is_seen_by_the_engine():
+    """The CPU peak-memory method sees what the cpp kernels allocate through ATen: the backward's
+    gradients (3 × q) show up on top of the inputs."""
+    if not cpp_can_run():
+        pytest.skip("the cpp extension is not built here")
+    from fusionblocks.ops import decay_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32, generator=g, requires_grad=True) for _ in range(3))
+    lg = torch.full((2,), -0.2)
+    inputs = [q, k, v, lg]
+    tensor_mb = q.numel() * 4 / 2**20
+
+    def fwd():
+        with torch.no_grad():
+            return decay_attention(q, k, v, lg, hw=(16, 16), mode="full", backend="cpp")
+
+    def fwd_bwd():
+        decay_attention(q, k, v, lg, hw=(16, 16), mode="full", backend="cpp").sum().backward()
+
+    resident = bench._tensor_bytes(inputs) / 2**20
+    mem_fwd = bench.peak_mem_mb(fwd, "cpu", inputs)
+    mem_bwd = bench.peak_mem_mb(fwd_bwd, "cpu", inputs)
+    if mem_fwd is None:
+        pytest.skip("torch.profiler reports no memory events in this torch build")
+    assert mem_fwd >= resident + tensor_mb  # the output
+    assert mem_bwd >= resident + 4 * tensor_mb  # the output and dq, dk, dv
