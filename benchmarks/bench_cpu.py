@@ -13,7 +13,7 @@ implementations: ``reference`` and ``cpp`` (``--impls ... sdpa`` adds the SDPA a
 at 56², full decay ``fwd`` with ``cpp`` needs < 60 MB above its inputs (``peak_mem_mb`` minus ``io_mb``)
 and is no slower than ``reference``.
 
-Run (writes ``benchmarks/results/cpu-<device>-<N>thread(s).json`` and ``.md``)::
+Run (writes ``benchmarks/results/cpu_kernels-<device>-<N>thread(s).json`` and ``.md``)::
 
     python benchmarks/bench_cpu.py --threads 1 --budget 3
     python benchmarks/bench_cpu.py --threads 2 --budget 3
@@ -33,7 +33,7 @@ import torch
 
 from fusionblocks import bench
 
-NAME = "cpu"
+NAME = "cpu_kernels"
 PRESET = "cpu"
 IMPLS = ("reference", "cpp", "sdpa")
 DEFAULT_IMPLS = ("reference", "cpp")

@@ -142,7 +142,7 @@ def test_cpu_script_quick(tmp_path, capsys, one_thread):
     mod = load_script("bench_cpu")
     assert mod.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    path = tmp_path / f"cpu-{bench.device_slug(torch.device('cpu'))}-1thread.json"
+    path = tmp_path / f"cpu_kernels-{bench.device_slug(torch.device('cpu'))}-1thread.json"
     assert path.exists(), sorted(os.listdir(tmp_path))
     records = json.loads(path.read_text())
     bench.validate_records(records)
