@@ -4,8 +4,8 @@ CPU tests run the kernels in Triton's interpreter, which works only when ``TRITO
 before triton was first imported (``tests/conftest.py`` does that on machines without CUDA); elsewhere
 they skip, and the GPU tests run instead. Parity is checked in float64 (the interpreter runs float64
 ``tl.dot``), float16 with flash-attn's rule (error vs a float32 reference within 2x the reference's
-own float16 error). ``test_kernels_compile_for_sm90`` cross-compiles the kernels for an H100 in a
-child process, so the GPU compiler's rules are checked without a GPU.
+own float16 error). ``tests/ops/test_triton_aot.py`` cross-compiles every kernel configuration for
+sm_90 (the GPU compiler's rules and resources, without a GPU).
 """
 import pytest
 import torch
@@ -16,7 +16,6 @@ from fusionblocks.ops import BackendUnavailable, decay_attention, explain, selec
 from golden_utils import block, make_input, official_state_dict, rel_err
 
 triton = pytest.importorskip("triton")
-import triton.language as tl  # noqa: E402
 
 import fusionblocks.ops.triton.decay as triton_decay  # noqa: E402
 from fusionblocks.ops.triton._common import triton_built_interpreted  # noqa: E402
@@ -177,60 +176,6 @@ def test_unequal_query_and_key_blocks(interpret, monkeypatch, bm, bn):
     monkeypatch.setattr(triton_decay, "_config", lambda n, d, backward, dtype=None: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d))))
     _compare_f64((9, 7), 24, "full")
     _compare_f64((5, 19), 16, "decomposed")
-
-
-_INT_ARGS = {"NH", "NLINES", "N_CTX", "N_TOT", "W", "LINE_OFF", "TOK_STEP", "NUM_M"}
-_IO_PTRS = {"Q", "K", "V", "O", "DO", "DK", "DV", "DQ"}
-
-
-SM90_CASES = (("bf16", 12), ("fp16", 128), ("fp32", 24))
-
-
-def cross_compile_sm90(cases=SM90_CASES) -> None:
-    """Compile every kernel to an sm_90 cubin for each ``(dtype, head dim)``; needs triton imported without the interpreter."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    for dtype, d in cases:
-        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        kernels = [
-            (triton_decay._decay_fwd_kernel, False, {}),
-            (triton_decay._decay_bwd_dkdv_kernel, True, {"ACCUM_DK": True}),
-            (triton_decay._decay_bwd_dq_kernel, True, {"ACCUM_DQ": True, "WITH_DLG": True}),
-        ]
-        for lazy, backward, flags in kernels:
-            cfg = triton_decay._config(3136, d, backward, tdtype)
-            opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-            consts = dict(D=d, ACC=tl.float32, PREC=triton_decay._precision(tdtype), **cfg, **flags)
-            jit = lazy.kernel()
-            sig = {
-                a: "constexpr" if a in consts else f"*{dtype}" if a in _IO_PTRS else "i32" if (a in _INT_ARGS or a.islower()) else "*fp32"
-                for a in jit.arg_names
-            }
-            src = ASTSource(jit, sig, constexprs=consts)
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-            assert compiled.asm["cubin"], f"{lazy.__name__} {dtype} d={d}: no cubin"
-
-
-def test_kernels_compile_for_sm90():
-    """Cross-compile the kernels for an H100 (no GPU needed): catches what only the GPU compiler rejects.
-
-    Runs in a child process without TRITON_INTERPRET: a triton imported in interpreter mode (as the
-    suite does on CPU) cannot compile for a GPU.
-    """
-    import os
-    import subprocess
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")
-    code = (
-        f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; "
-        "import test_decay_triton as t; t.cross_compile_sm90(); print('compiled')"
-    )
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("op", ["decay_attention_full", "decay_attention_decomposed"])

@@ -3,9 +3,14 @@
 Triton builds ``triton.language``'s own jitted helpers (``tl.zeros``, ``tl.max``, ``tl.sum``, ...) when it
 is imported, for the GPU or, with ``TRITON_INTERPRET=1`` set at that moment, for its CPU interpreter;
 kernels of the other kind cannot call them. :func:`triton_built_interpreted` says which kind this
-process has, :class:`LazyKernel` builds a kernel of that same kind on first launch (whatever the
-import order of the modules), and :func:`device_reasons` reports any mismatch as a reason the
-backend cannot run, before a launch fails.
+process has; :class:`LazyKernel` builds a kernel of that same kind on first launch, so a kernel
+module may be imported before or after triton; and :func:`device_reasons` reports the cases no
+kernel can serve (the interpreter requested after triton was imported without it, or the other way
+round) as reasons the backend cannot run, before a launch fails.
+
+:func:`cross_compile` compiles one kernel configuration for a GPU architecture without a GPU
+(Triton's bundled ``ptxas``) and reads its registers, spills and shared memory; the backends' own
+``compile_specs()`` list the configurations their launchers can choose.
 """
 from __future__ import annotations
 
@@ -43,7 +48,10 @@ class LazyKernel:
 
     Compiled (``JITFunction``) normally; interpreted (``InterpretedFunction``) when triton was
     imported with ``TRITON_INTERPRET=1``. Use like a jitted kernel: ``kernel[grid](*args, **meta)``;
-    :meth:`kernel` returns the underlying one.
+    :meth:`kernel` returns the underlying one. The kind follows how *triton* was imported, not the
+    current value of ``TRITON_INTERPRET``: setting the variable after triton's import cannot make
+    the interpreter usable (nor unsetting it make a GPU compile possible) in that process, which
+    :func:`device_reasons` reports instead of launching.
     """
 
     def __init__(self, fn: Callable):
@@ -65,7 +73,12 @@ class LazyKernel:
 
 
 def lazy_jit(fn: Callable) -> LazyKernel:
-    """Decorator form of :class:`LazyKernel`."""
+    """Decorator form of :class:`LazyKernel`: the kernel works whether its module is imported before or after triton.
+
+    A plain ``@triton.jit`` kernel is built when its module is imported and, if that kind differs
+    from triton's own helpers', fails at launch with "Cannot call @triton.jit'd outside of the scope
+    of a kernel"; a lazy one is built on first launch to match them.
+    """
     return LazyKernel(fn)
 
 
@@ -115,3 +128,150 @@ def device_reasons(t: torch.Tensor, *, auto: bool, what: str = "this backend") -
     reasons.append(f"Triton kernels run on CUDA (or CPU under the interpreter), got device {t.device}")
     return reasons
 
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time compilation (no GPU needed)
+# --------------------------------------------------------------------------------------------------
+
+_TL_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
+
+SM90_MAX_SHARED = 227 * 1024
+"""Shared memory one block may use on sm_90 (H100/H200), in bytes."""
+
+
+def compile_spec(
+    module: str, kernel: str, label: str, io_dtype: torch.dtype, signature: Dict[str, str],
+    constexprs: Dict[str, object], num_warps: int, num_stages: int, group: str,
+) -> Dict[str, object]:
+    """One kernel configuration to cross-compile, as plain (picklable) data.
+
+    Args:
+        module, kernel: where the kernel lives (``fusionblocks.ops.triton.window``, ``_window_fwd_kernel``).
+        label: the calls that launch this configuration, for reports.
+        io_dtype: dtype of the kernel's input/output tensors.
+        signature: Triton type of every runtime argument (``"*bf16"``, ``"i32"``, ``"fp32"``).
+        constexprs: value of every ``tl.constexpr`` argument (``tl.dtype`` values as their name).
+        num_warps, num_stages: launch options.
+        group: rows of a report that belong together (kernel and dtype).
+    """
+    consts = {k: (f"tl.{_TL_NAMES[v.name]}" if isinstance(v, tl.dtype) else v) for k, v in constexprs.items()}
+    return dict(module=module, kernel=kernel, label=label, dtype=str(io_dtype).replace("torch.", ""), signature=dict(signature),
+                constexprs=consts, num_warps=int(num_warps), num_stages=int(num_stages), group=group)
+
+
+def spec_key(spec: Dict[str, object]) -> tuple:
+    """What makes two specs the same compile."""
+    return (spec["module"], spec["kernel"], tuple(sorted(spec["signature"].items())),
+            tuple(sorted((k, repr(v)) for k, v in spec["constexprs"].items())), spec["num_warps"], spec["num_stages"])
+
+
+_TL_TYPES = {"*fp16": torch.float16, "*bf16": torch.bfloat16, "*fp32": torch.float32, "*fp64": torch.float64}
+
+
+def triton_ptr_type(dtype: torch.dtype) -> str:
+    """Triton signature type of a pointer to ``dtype`` elements."""
+    for k, v in _TL_TYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"no Triton pointer type for {dtype}")
+
+
+def _resource_usage(cubin: bytes) -> Dict[str, int]:
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+    return usage
+
+
+def cross_compile(spec: Dict[str, object], arch: int = 90) -> Dict[str, object]:
+    """Compile ``spec`` (from :func:`compile_spec`) to a cubin for ``sm_{arch}`` and report its resources.
+
+    Needs a process whose triton was imported without ``TRITON_INTERPRET``; no GPU is used. Pointer
+    arguments are taken as 16-byte aligned (as every torch allocation is), integers as unspecialized.
+
+    Returns:
+        ``spec`` plus ``ok`` and either ``error`` or ``regs`` (registers per thread), ``local_bytes``
+        (per-thread stack/local memory: spilled registers), ``spills`` (Triton's ``n_spills``,
+        ``local_bytes // 4``), ``shared`` (bytes of shared memory the launch needs), ``seconds``.
+    """
+    import importlib
+    import time
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton_built_interpreted():
+        raise RuntimeError("cross_compile needs triton imported without TRITON_INTERPRET=1")
+    out = dict(spec)
+    obj = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    fn = obj.kernel() if isinstance(obj, LazyKernel) else obj
+    consts = {k: (getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v) for k, v in spec["constexprs"].items()}
+    sig = {a: ("constexpr" if a in consts else spec["signature"][a]) for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(
+            ASTSource(fn, sig, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
+            options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]),
+        )
+        usage = _resource_usage(compiled.asm["cubin"])
+    except Exception as e:  # reported per configuration; the caller decides what fails
+        out.update(ok=False, error=f"{type(e).__name__}: {str(e)[:2000]}")
+        return out
+    local = usage.get("STACK", 0) + usage.get("LOCAL", 0)
+    out.update(ok=True, regs=usage.get("REG", 0), local_bytes=local, spills=local // 4,
+               shared=int(compiled.metadata.shared), seconds=round(time.perf_counter() - start, 2))
+    return out
+
+
+def all_compile_specs(quick: bool = False, all_flags: bool = False) -> List[Dict[str, object]]:
+    """Every distinct kernel configuration the Triton backends' launchers can choose on a GPU.
+
+    ``quick``: only the all-flags-on variants, and bfloat16 standing for float16 too (same tiles and
+    code, the other 16-bit type), about a third of the compiles. ``all_flags``: every combination of
+    the constexpr flags instead of all on and all off.
+    """
+    from . import decay, window
+
+    seen, specs = set(), []
+    for spec in window.compile_specs(all_flags) + decay.compile_specs(all_flags):
+        flags = [v for k, v in spec["constexprs"].items() if k in ("HAS_BIAS", "ACCUM_DK", "ACCUM_DQ", "WITH_DLG")]
+        if quick and (spec["dtype"] == "float16" or not all(flags) or spec["constexprs"].get("SHIFT", 1) == 0):
+            continue
+        key = spec_key(spec)
+        if key not in seen:
+            seen.add(key)
+            specs.append(spec)
+    return specs
+
+
+def cross_compile_all(specs: Optional[List[Dict[str, object]]] = None, arch: int = 90, workers: Optional[int] = None):
+    """:func:`cross_compile` every spec (default :func:`all_compile_specs`) in ``workers`` processes; results in spec order."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    specs = all_compile_specs() if specs is None else specs
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1:
+        return [cross_compile(s, arch) for s in specs]
+    order = sorted(range(len(specs)), key=lambda i: -_cost_hint(specs[i]))  # long compiles first
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {i: pool.submit(cross_compile, specs[i], arch) for i in order}
+        return [futures[i].result() for i in range(len(specs))]
+
+
+def _cost_hint(spec: Dict[str, object]) -> int:
+    c = spec["constexprs"]
+    tile = 1
+    for k in ("BLOCK_L", "BLOCK_M", "BLOCK_N", "BLOCK_D"):
+        if k in c:
+            tile *= int(c[k])
+    return tile * (2 if spec["dtype"] == "float32" else 1)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_backend
-from ._common import acc_dtype_of, device_reasons, lazy_jit, next_pow2, triton_built_interpreted
+from ._common import acc_dtype_of, compile_spec, device_reasons, lazy_jit, next_pow2, triton_built_interpreted, triton_ptr_type
 
 __all__ = ["decay_attention_triton", "SUPPORTED_MAX_HEAD_DIM"]
 
@@ -286,24 +286,31 @@ def _lines(h: int, w: int, kind: str) -> Tuple[int, int, int, int, int]:
     return w, h, h, 1, w  # columns
 
 
-def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes and launch options for lines of ``n_ctx`` tokens, head dim ``d`` and ``dtype`` inputs."""
+def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloat16,
+            interpreted: Optional[bool] = None) -> dict:
+    """Block sizes and launch options for lines of ``n_ctx`` tokens, head dim ``d`` and ``dtype`` inputs.
+
+    A pure function of its arguments (``interpreted`` defaults to how this process's triton was
+    built); the launchers and :func:`compile_specs` both use it.
+    """
     block_d = next_pow2(d)
     cap = next_pow2(n_ctx)
-    if triton_built_interpreted():  # fewest programs and loop trips: the interpreter pays per operation
+    if triton_built_interpreted() if interpreted is None else interpreted:  # fewest programs and loop trips: the interpreter pays per operation
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(64, cap), BLOCK_D=block_d)
+    # warps from sm_90 cross-compiles (benchmarks/results/triton-sm90-resources.md)
     if dtype in (torch.float32, torch.float64):  # IEEE dots run on FMA units: smaller tiles
         bm = min(32 if backward or block_d > 64 else 64, cap)
         bn = min(32, cap)
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=2)
+        warps = 8 if block_d >= 32 else 4  # at 4 warps: 24-224 spills for d 17-64
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
     if backward:
         bm = min(32 if block_d > 64 else 64, cap)
         bn = min(64, cap)
-        warps = 8 if block_d > 64 else 4
+        warps = 8 if block_d >= 64 else 4  # d 33-64 at 4 warps: 86 (dk/dv) and 42 (dq) spills
     else:
         bm = min(128 if block_d <= 64 else 64, cap)
         bn = min(64, cap)
-        warps = 8 if bm * block_d >= 128 * 64 else 4
+        warps = 8 if bm * block_d >= 128 * 32 else 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2 if block_d > 64 else 3)
 
 
@@ -334,13 +341,18 @@ def _fwd_pass(q, k, v, lg, sc, o, lse, h, w, kind) -> None:
     )
 
 
+def _delta_config(n: int, d: int) -> dict:
+    """Block sizes of the ``delta = rowsum(o * do)`` kernel over ``n`` tokens of head dim ``d``."""
+    return dict(BLOCK_M=min(64, next_pow2(n)), BLOCK_D=next_pow2(d))
+
+
 def _delta(o, do, h, w) -> torch.Tensor:
     b, nh, n, d = o.shape
     delta = torch.empty((b, nh, n), dtype=_acc_torch(o.dtype), device=o.device)
-    bm = min(64, next_pow2(n))
-    _decay_delta_kernel[(triton.cdiv(n, bm), b * nh)](
+    cfg = _delta_config(n, d)
+    _decay_delta_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * nh)](
         o, do, delta, *_strides(o), *_strides(do), nh, n,
-        D=d, BLOCK_M=bm, BLOCK_D=next_pow2(d), ACC=acc_dtype_of(o.dtype),
+        D=d, ACC=acc_dtype_of(o.dtype), **cfg,
     )
     return delta
 
@@ -365,6 +377,65 @@ def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumu
         *common, num_m, D=d, ACC=acc, PREC=prec, ACCUM_DQ=accumulate, WITH_DLG=with_dlg, **cfg,
     )
     return dlg.sum(dim=(0, 2)) if with_dlg else None
+
+
+_IO_ARGS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"})
+_F32_PTRS = frozenset({"LG", "SCALE", "LSE", "DELTA", "DLG"})
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# line lengths whose next power of two spans every block-size cap of _config (16 .. 128 and beyond)
+_N_CTX_REPS = (16, 32, 64, 128, 4096)
+
+
+def _signature(kernel: str, dtype: torch.dtype) -> dict:
+    code = globals()[kernel].fn.__code__
+    io = triton_ptr_type(dtype)
+    return {a: io if a in _IO_ARGS else "*fp32" if a in _F32_PTRS else "i32" for a in code.co_varnames[: code.co_argcount]}
+
+
+def compile_specs(all_flags: bool = False) -> List[dict]:
+    """The distinct kernel configurations the launchers choose on a GPU, for ``_common.cross_compile``.
+
+    Runs every dtype (float32, float16, bfloat16), head dim 1..128 and line length (full mode: ``H*W``;
+    decomposed: ``H`` or ``W``; only its power-of-two cap matters) through :func:`_config` and
+    :func:`_delta_config` and keeps one spec per distinct configuration and kernel; ``D`` changes only
+    masks within a ``BLOCK_D`` tile, so each spec compiles the largest ``d`` of its group. Backward
+    flags: ``ACCUM_DK``/``ACCUM_DQ`` (off in full mode and the column pass, on in the row pass) and
+    ``WITH_DLG`` both on and both off (``all_flags``: every combination).
+    """
+    flag_sets = [(True, True), (False, False)] + ([(True, False), (False, True)] if all_flags else [])
+    groups: dict = {}
+
+    def add(kernel, dtype, d, n_ctx, cfg, flags):
+        key = (kernel, dtype, tuple(sorted(flags.items())), tuple(sorted(cfg.items())))
+        g = groups.setdefault(key, dict(d=[], n=[], cfg=cfg, flags=flags))
+        g["d"].append(d)
+        g["n"].append(n_ctx)
+
+    for dtype in _GPU_DTYPES:
+        for d in range(1, SUPPORTED_MAX_HEAD_DIM + 1):
+            for n_ctx in _N_CTX_REPS:
+                add("_decay_fwd_kernel", dtype, d, n_ctx, _config(n_ctx, d, False, dtype, interpreted=False), {})
+                bwd = _config(n_ctx, d, True, dtype, interpreted=False)
+                for accum, dlg in flag_sets:
+                    add("_decay_bwd_dkdv_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DK=accum))
+                    add("_decay_bwd_dq_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DQ=accum, WITH_DLG=dlg))
+                add("_decay_delta_kernel", dtype, d, n_ctx, _delta_config(n_ctx, d), {})
+    specs = []
+    for (kernel, dtype, _, _), g in groups.items():
+        cfg = dict(g["cfg"])
+        opts = dict(num_warps=cfg.pop("num_warps", 4), num_stages=cfg.pop("num_stages", 3))
+        d = max(g["d"])
+        consts = dict(D=d, ACC=acc_dtype_of(dtype), **cfg, **g["flags"])
+        if kernel != "_decay_delta_kernel":
+            consts["PREC"] = _precision(dtype)
+        lo, hi = min(g["n"]), max(g["n"])
+        lines = f"n<={hi}" if lo == min(_N_CTX_REPS) else f"n>{lo // 2}" if hi == max(_N_CTX_REPS) else f"n {lo // 2 + 1}-{hi}"
+        flags = " ".join(f"{k}={int(v)}" for k, v in g["flags"].items())
+        label = f"d {min(g['d'])}-{d} {lines} {flags}".strip()
+        name = kernel.replace("_decay_", "").replace("_kernel", "")
+        specs.append(compile_spec(__name__, kernel, label, dtype, _signature(kernel, dtype), consts,
+                                  group=f"decay {name}", **opts))
+    return specs
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ gradient use ``fusionblocks::window_attention_infer``, which skips the log-sum-e
 under ``torch.compile(fullgraph=True)``. On CPU they run under the Triton interpreter, which is how
 the tests exercise them; ``TRITON_INTERPRET=1`` must be set before triton is imported, because the
 kernels call ``triton.language``'s own jitted helpers (``tl.max``, ``tl.sum``), which triton builds at
-import (so these kernels are plain ``@triton.jit``, not ``_common.lazy_jit``).
+import. The kernels are ``_common.lazy_jit``: built on first launch as the same kind as those helpers,
+whether this module is imported before or after triton; the check reports the other cases.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton.language as tl
 
 from ..dispatch import register_backend
 from ..reference import relative_position_index
-from ._common import acc_dtype_of, device_reasons, interpreting, next_pow2
+from ._common import acc_dtype_of, compile_spec, device_reasons, lazy_jit, next_pow2, triton_built_interpreted, triton_ptr_type
 
 __all__ = ["window_attention_triton", "check_window_triton", "MIN_WINDOW", "MAX_WINDOW", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
@@ -40,7 +41,7 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 12, 128
 
 def _interpreting() -> bool:
     """Whether these kernels run under the Triton interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return _INTERPRETED
+    return triton_built_interpreted()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def _interpreting() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@lazy_jit
 def _window_fwd_kernel(
     Q, K, V, TABLE, O, LSE,
     sqb, sqh, sqn, sqd,
@@ -111,7 +112,7 @@ def _window_fwd_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * H * W + tok, lse.to(LSE.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@lazy_jit
 def _window_bwd_kernel(
     Q, K, V, O, DO, LSE, TABLE, DQ, DK, DV, DB,
     sqb, sqh, sqn, sqd,
@@ -194,25 +195,45 @@ def _window_bwd_kernel(
         tl.store(DB + off, dbias, mask=pair)
 
 
-# The kernels use triton.language's own jitted helpers (tl.max, tl.sum), which triton builds when it is
-# imported; the interpreter works only if those, and these kernels, were built in interpreter mode.
-_INTERPRETED = all(
-    type(f).__name__ == "InterpretedFunction" for f in (_window_fwd_kernel, _window_bwd_kernel, tl.standard.max)
-)
-
-
 @functools.lru_cache(maxsize=32)
 def _rel_index(ws: int, device: torch.device) -> torch.Tensor:
     return relative_position_index(ws, device).reshape(-1)
 
 
-def _meta(dtype: torch.dtype, d: int, ws: int) -> Tuple[int, int, str, object]:
+def _config(dtype: torch.dtype, d: int, ws: int, backward: bool) -> dict:
+    """Constexprs and launch options of a kernel for head dim ``d``, window ``ws`` and ``dtype`` inputs.
+
+    A pure function of its arguments: the launchers and :func:`compile_specs` both use it.
+    """
+    block_l, block_d = next_pow2(ws * ws), next_pow2(d)
     prec = "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
-    return next_pow2(ws * ws), next_pow2(d), prec, acc_dtype_of(dtype)
+    # the backward's loop over windows is not worth software pipelining: one stage saves registers
+    # (float32 ws 7 d32: 42 spills at 3 stages, none at 1)
+    return dict(BLOCK_L=block_l, BLOCK_D=block_d, PREC=prec, ACC=acc_dtype_of(dtype),
+                num_warps=_num_warps(block_l, block_d, dtype, backward), num_stages=1 if backward else 3)
 
 
-def _num_warps(block_l: int, block_d: int) -> int:
-    return 4 if block_l * max(block_l, block_d) <= 64 * 64 else 8
+def _num_warps(block_l: int, block_d: int, dtype: torch.dtype, backward: bool) -> int:
+    # sm_90 cross-compiles (benchmarks/results/triton-sm90-resources.md): at 4 warps the 64-token tiles
+    # (ws 6-8) spill, e.g. float32 forward d32 486 spills, bfloat16 backward d32 48 spills; 16 warps is worse.
+    return 4 if block_l <= 32 else 8
+
+
+def gpu_reasons(dtype: torch.dtype, d: int, ws: int) -> List[str]:
+    """Reasons the kernels cannot run ``dtype`` windows of ``ws`` with head dim ``d`` on an sm_90 GPU.
+
+    One program holds a whole ``ws*ws`` window (padded to a power of two) in registers and shared
+    memory. sm_90 cross-compiles: window 12 (256-token tiles) needs 272-320 KB of shared memory in
+    16-bit, over the 227 KB per block; float32 (IEEE dots on FMA units) backward at ws 6-8 with head
+    dim 65-128 needed 337 KB and spilled 2848 registers (at 3 stages), and at ws 9-11 spills even
+    the forward, so float32 is limited to window 8 and head dim 64.
+    """
+    if dtype == torch.float32 and (ws * ws > 64 or d > 64):
+        return [f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (shared memory), "
+                f"got window_size {ws}, head dim {d}; use float16/bfloat16"]
+    if ws * ws > 128:
+        return [f"window_size {ws} needs more than the 227 KB of shared memory per block on GPU (max 11)"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +246,7 @@ def _fwd_launch(q, k, v, table, h, w, ws, shift, scale, store_lse: bool = True):
     out = torch.empty((b, nh, n, d), device=q.device, dtype=q.dtype)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((b, nh, n) if store_lse else (0,), device=q.device, dtype=lse_dtype)
-    block_l, block_d, prec, acc = _meta(q.dtype, d, ws)
+    cfg = _config(q.dtype, d, ws, backward=False)
     has_bias = table is not None
     tab = table if has_bias else q
     st = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
@@ -234,8 +255,7 @@ def _fwd_launch(q, k, v, table, h, w, ws, shift, scale, store_lse: bool = True):
         q, k, v, tab, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *st, *out.stride(),
         nh, h, w, w // ws, float(scale),
-        D=d, WS=ws, SHIFT=shift, BLOCK_L=block_l, BLOCK_D=block_d,
-        HAS_BIAS=has_bias, PREC=prec, ACC=acc, STORE_LSE=store_lse, num_warps=_num_warps(block_l, block_d),
+        D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, STORE_LSE=store_lse, **cfg,
     )
     return out, lse
 
@@ -254,7 +274,7 @@ def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optio
     dq = torch.empty((b, nh, n, d), device=q.device, dtype=q.dtype)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    block_l, block_d, prec, acc = _meta(q.dtype, d, ws)
+    cfg = _config(q.dtype, d, ws, backward=True)
     n_windows = b * (h // ws) * (w // ws)
     wpp = wpp or _windows_per_program(n_windows, nh, q.device)
     chunks = triton.cdiv(n_windows, wpp)
@@ -268,8 +288,7 @@ def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optio
         q, k, v, out, do, lse, tab, dq, dk, dv, part,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *st,
         nh, h, w, w // ws, n_windows, wpp, float(scale),
-        D=d, WS=ws, SHIFT=shift, BLOCK_L=block_l, BLOCK_D=block_d,
-        HAS_BIAS=has_bias, PREC=prec, ACC=acc, num_warps=_num_warps(block_l, block_d),
+        D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, **cfg,
     )
     if not has_bias:
         return dq, dk, dv, q.new_empty((0,))
@@ -277,6 +296,62 @@ def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optio
     dtable = torch.zeros(((2 * ws - 1) ** 2, nh), device=q.device, dtype=part_dtype)
     dtable.index_add_(0, _rel_index(ws, q.device), pair)
     return dq, dk, dv, dtable.to(table.dtype)
+
+
+_IO_ARGS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TABLE"})
+_F32_PTRS = frozenset({"LSE", "DB"})
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _signature(kernel: str, dtype: torch.dtype) -> dict:
+    code = (_window_fwd_kernel if kernel == "_window_fwd_kernel" else _window_bwd_kernel).fn.__code__
+    args = code.co_varnames[: code.co_argcount]
+    io = triton_ptr_type(dtype)
+    return {a: io if a in _IO_ARGS else "*fp32" if a in _F32_PTRS else "fp32" if a == "scale" else "i32"
+            for a in args}
+
+
+def compile_specs(all_flags: bool = False) -> List[dict]:
+    """The distinct kernel configurations :func:`_config` chooses on a GPU, for ``_common.cross_compile``.
+
+    Runs every dtype (float32, float16, bfloat16), window size, shift and head dim the backend accepts
+    on a GPU (:func:`gpu_reasons` empty) through :func:`_config` and keeps one spec per distinct tile
+    configuration, kernel and constexpr
+    flag set; ``D``, ``WS`` and the shift amount change only masks and constants within a tile, so
+    each spec compiles the largest ``ws`` and ``d`` of its group (its label lists the group). Flags:
+    ``HAS_BIAS`` and ``SHIFT > 0`` both on and both off (``all_flags``: every combination), with and
+    without the log-sum-exp store for the forward (training vs ``_infer``).
+    """
+    flag_sets = [(True, True), (False, False)] + ([(True, False), (False, True)] if all_flags else [])
+    groups: dict = {}
+    for dtype in _GPU_DTYPES:
+        for ws in range(MIN_WINDOW, MAX_WINDOW + 1):
+            for d in range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1):
+                if gpu_reasons(dtype, d, ws):
+                    continue
+                for kernel, backward, lse in (("_window_fwd_kernel", False, True), ("_window_fwd_kernel", False, False),
+                                              ("_window_bwd_kernel", True, None)):
+                    cfg = _config(dtype, d, ws, backward)
+                    for bias, shifted in flag_sets:
+                        key = (kernel, lse, dtype, bias, shifted, tuple(sorted((k, str(v)) for k, v in cfg.items())))
+                        g = groups.setdefault(key, dict(ws=[], d=[], cfg=cfg))
+                        g["ws"].append(ws)
+                        g["d"].append(d)
+    specs = []
+    for (kernel, lse, dtype, bias, shifted, _), g in groups.items():
+        ws, d, cfg = max(g["ws"]), max(g["d"]), dict(g["cfg"])
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages", 3))
+        consts = dict(D=d, WS=ws, SHIFT=ws // 2 if shifted else 0, HAS_BIAS=bias, **cfg)
+        name = "fwd" if lse is None or lse else "infer"
+        if kernel == "_window_bwd_kernel":
+            name = "bwd"
+        else:
+            consts["STORE_LSE"] = lse
+        label = (f"ws {min(g['ws'])}-{ws} d {min(g['d'])}-{d} "
+                 f"{'bias' if bias else 'no-bias'} {'shift' if shifted else 'no-shift'}")
+        specs.append(compile_spec(__name__, kernel, label, dtype, _signature(kernel, dtype), consts,
+                                  group=f"window {name}", **opts))
+    return specs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,8 +431,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def check_window_triton(q, k, v, bias_table, *, hw, window_size, shift, scale, auto: bool = False) -> List[str]:
     """Reasons the Triton backend cannot run this (validated) call; empty when it can."""
     reasons = device_reasons(q, auto=auto, what="triton window_attention")
-    if q.device.type == "cpu" and interpreting() and not _INTERPRETED:
-        reasons.append("triton was imported before TRITON_INTERPRET=1 was set, so its kernels are not interpreted")
+    if q.device.type == "cuda" and not reasons:
+        reasons += gpu_reasons(q.dtype, q.shape[-1], window_size)
     if not MIN_WINDOW <= window_size <= MAX_WINDOW:
         reasons.append(f"window_size {window_size} outside the supported {MIN_WINDOW}..{MAX_WINDOW}")
     d = q.shape[-1]
