@@ -15,12 +15,34 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__SSE__)
+#include <xmmintrin.h>
+#define FUSIONBLOCKS_HAVE_MXCSR 1
+#endif
 
 namespace fusionblocks {
 namespace cpu {
 
 constexpr int64_t kBlockQ = 64;
+
+// Flushes denormals to zero on this thread while alive. Masked scores (-100, and exp clamped at
+// exp(-87)) make probabilities whose products are denormal floats, which the BLAS and the vector
+// loops process orders of magnitude slower; values below 1e-38 cannot change any softmax result.
+class DenormalsAreZero {
+ public:
+#ifdef FUSIONBLOCKS_HAVE_MXCSR
+  DenormalsAreZero() : csr_(_mm_getcsr()) { _mm_setcsr(csr_ | 0x8040u); }
+  ~DenormalsAreZero() { _mm_setcsr(csr_); }
+
+ private:
+  unsigned csr_;
+#endif
+  DenormalsAreZero(const DenormalsAreZero&) = delete;
+  DenormalsAreZero& operator=(const DenormalsAreZero&) = delete;
+};
 constexpr int64_t kBlockK = 512;
 
 extern "C" {
@@ -146,6 +168,61 @@ FUSIONBLOCKS_MULTIVERSION inline float exp_shift_sum(float* row, int64_t n, floa
   return total;
 }
 
+// C (m x 16*NV, row stride ldc) = alpha * A B for small float tiles, A(r, p) = a[r * ars + p * acs],
+// B (k x 16*NV, row stride ldb): register-blocked over several rows of C, no call overhead (the BLAS spends
+// more on argument checks than on the arithmetic of one attention window).
+template <int NV, int RB>
+__attribute__((always_inline)) inline void small_mm_rows(int64_t r0, float alpha, int64_t k, const float* a,
+                                                         int64_t ars, int64_t acs, const float* b, int64_t ldb,
+                                                         float* c, int64_t ldc) {
+  vfloat acc[RB][NV] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    vfloat bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + p * ldb + v * kPad);
+    for (int r = 0; r < RB; ++r) {
+      const float av = a[(r0 + r) * ars + p * acs];
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) vstore(c + (r0 + r) * ldc + v * kPad, acc[r][v] * alpha);
+}
+
+// RB rows of C at a time (RB * NV accumulators), the remainder one row at a time
+template <int NV>
+__attribute__((always_inline)) inline void small_mm_body(int64_t m, int64_t k, float alpha, const float* a,
+                                                         int64_t ars, int64_t acs, const float* b, int64_t ldb,
+                                                         float* c, int64_t ldc) {
+  constexpr int RB = NV <= 2 ? 8 : (NV == 3 ? 6 : 5);
+  int64_t r0 = 0;
+  for (; r0 + RB <= m; r0 += RB) small_mm_rows<NV, RB>(r0, alpha, k, a, ars, acs, b, ldb, c, ldc);
+  for (; r0 < m; ++r0) small_mm_rows<NV, 1>(r0, alpha, k, a, ars, acs, b, ldb, c, ldc);
+}
+
+#define FUSIONBLOCKS_SMALL_MM(NV)                                                                              \
+  FUSIONBLOCKS_MULTIVERSION inline void small_mm_##NV(int64_t m, int64_t k, float alpha, const float* a,       \
+                                                      int64_t ars, int64_t acs, const float* b, int64_t ldb,   \
+                                                      float* c, int64_t ldc) {                                 \
+    small_mm_body<NV>(m, k, alpha, a, ars, acs, b, ldb, c, ldc);                                                 \
+  }
+FUSIONBLOCKS_SMALL_MM(1)
+FUSIONBLOCKS_SMALL_MM(2)
+FUSIONBLOCKS_SMALL_MM(3)
+FUSIONBLOCKS_SMALL_MM(4)
+#undef FUSIONBLOCKS_SMALL_MM
+
+// small_mm for n <= 4 * kPad columns (written up to padded(n), so ldb, ldc and the buffers must allow it).
+inline bool small_mm_fits(int64_t n) { return n > 0 && n <= 4 * kPad; }
+inline void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs,
+                     const float* b, int64_t ldb, float* c, int64_t ldc) {
+  switch (padded(n) / kPad) {
+    case 1: small_mm_1(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
+    case 2: small_mm_2(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
+    case 3: small_mm_3(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
+    default: small_mm_4(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
+  }
+}
+
 inline double exp_shift_sum(double* row, int64_t n, double m) {
   double z = 0.0;
   for (int64_t c = 0; c < n; ++c) {
@@ -174,6 +251,154 @@ inline double row_max(const double* row, int64_t n, double m) {
   for (int64_t c = 0; c < n; ++c) m = std::max(m, row[c]);
   return m;
 }
+
+// Softmax of each of `rows` rows of p (length n, stride ld, padded to whole vectors) after adding
+// bias (same layout, zero padding). Rows are normalized, or left as exp(s - max) with inv[r] = 1 / sum.
+FUSIONBLOCKS_MULTIVERSION inline void softmax_rows(float* p, const float* bias, int64_t rows, int64_t n, int64_t ld,
+                                                   float* inv, float* lse = nullptr) {
+  const vfloat lowest = vfloat{} - std::numeric_limits<float>::infinity();
+  vfloat lane;
+  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = p + r * ld;
+    const float* b = bias + r * ld;
+    vfloat mv = lowest;
+    for (int64_t c = 0; c < n; c += kPad) {
+      const vfloat x = vload(row + c) + vload(b + c);
+      vstore(row + c, x);
+      const vfloat xm = lane < static_cast<float>(n - c) ? x : lowest;
+      mv = xm > mv ? xm : mv;
+    }
+    float m = mv[0];
+    for (int64_t c = 1; c < kPad; ++c) m = std::max(m, mv[c]);
+    vfloat z = vfloat{};
+    for (int64_t c = 0; c < n; c += kPad) {
+      const vfloat e = vexp(vload(row + c) - m);
+      vstore(row + c, e);
+      z += lane < static_cast<float>(n - c) ? e : vfloat{};
+    }
+    float total = 0.0f;
+    for (int64_t c = 0; c < kPad; ++c) total += z[c];
+    const float rs = 1.0f / total;
+    if (lse) lse[r] = m + std::log(total);
+    if (inv) {
+      inv[r] = rs;
+    } else {
+      for (int64_t c = 0; c < n; c += kPad) vstore(row + c, vload(row + c) * rs);
+    }
+  }
+}
+
+inline void softmax_rows(double* p, const double* bias, int64_t rows, int64_t n, int64_t ld, double* inv,
+                         double* lse = nullptr) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double* row = p + r * ld;
+    const double* b = bias + r * ld;
+    for (int64_t c = 0; c < n; ++c) row[c] += b[c];
+    const double m = row_max(row, n, -std::numeric_limits<double>::infinity());
+    const double total = exp_shift_sum(row, n, m);
+    const double rs = 1.0 / total;
+    if (lse) lse[r] = m + std::log(total);
+    if (inv) {
+      inv[r] = rs;
+    } else {
+      for (int64_t c = 0; c < n; ++c) row[c] *= rs;
+    }
+  }
+}
+
+// d(score) of softmax rows in place: dp <- p * (dp - sum(p * dp)) over n entries of each row (stride ld,
+// padded to whole vectors); adds the result to dbias (same layout) when given.
+FUSIONBLOCKS_MULTIVERSION inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows,
+                                                        int64_t n, int64_t ld) {
+  vfloat lane;
+  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* pr = p + r * ld;
+    float* ds = dp + r * ld;
+    vfloat acc = vfloat{};
+    for (int64_t c = 0; c < n; c += kPad) {
+      const vfloat x = vload(pr + c) * vload(ds + c);
+      acc += lane < static_cast<float>(n - c) ? x : vfloat{};
+    }
+    float delta = 0.0f;
+    for (int64_t c = 0; c < kPad; ++c) delta += acc[c];
+    for (int64_t c = 0; c < n; c += kPad) vstore(ds + c, vload(pr + c) * (vload(ds + c) - delta));
+    if (dbias) {
+      float* db = dbias + r * ld;
+      for (int64_t c = 0; c < n; c += kPad) vstore(db + c, vload(db + c) + vload(ds + c));
+    }
+  }
+}
+
+inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* pr = p + r * ld;
+    double* ds = dp + r * ld;
+    double delta = 0;
+    for (int64_t c = 0; c < n; ++c) delta += pr[c] * ds[c];
+    for (int64_t c = 0; c < n; ++c) ds[c] = pr[c] * (ds[c] - delta);
+    if (dbias) {
+      double* db = dbias + r * ld;
+      for (int64_t c = 0; c < n; ++c) db[c] += ds[c];
+    }
+  }
+}
+
+// Tiles of `len` token rows of d entries, row l at src + tok[l] * d.
+template <typename T>
+void gather(const T* src, const int64_t* tok, int64_t len, int64_t d, T* dst, int64_t ld) {
+  for (int64_t l = 0; l < len; ++l) {
+    const T* s = src + tok[l] * d;
+    std::copy(s, s + d, dst + l * ld);
+  }
+}
+
+// gathered straight into the transposed tile dst (d x len, stride ld)
+template <typename T>
+void gather_t(const T* src, const int64_t* tok, int64_t len, int64_t d, T* dst, int64_t ld) {
+  for (int64_t l = 0; l < len; ++l) {
+    const T* s = src + tok[l] * d;
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + l] = s[c];
+  }
+}
+
+template <typename T>
+void scatter(const T* src, int64_t ld, const int64_t* tok, int64_t len, int64_t d, T* dst) {
+  for (int64_t l = 0; l < len; ++l) std::copy(src + l * ld, src + l * ld + d, dst + tok[l] * d);
+}
+
+template <typename T>
+void scatter_add(const T* src, int64_t ld, const int64_t* tok, int64_t len, int64_t d, T* dst) {
+  for (int64_t l = 0; l < len; ++l) {
+    const T* s = src + l * ld;
+    T* o = dst + tok[l] * d;
+    for (int64_t c = 0; c < d; ++c) o[c] += s[c];
+  }
+}
+
+// The products of one window: float tiles whose sides fit small_mm use it (operands that enter
+// transposed as B are passed pre-transposed in bt), the rest go through the BLAS.
+// C (m x n) = alpha * op(A) B with A(r, p) = a[r * ars + p * acs]; B given as b (k x n) or bt (n x k).
+template <typename T>
+struct TileMM {
+  bool fast;
+  void operator()(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t ars, int64_t acs, const T* b,
+                  int64_t ldb, const T* bt, int64_t ldbt, T* c, int64_t ldc) const {
+    if constexpr (std::is_same<T, float>::value) {
+      if (fast) {
+        small_mm(m, n, k, alpha, a, ars, acs, b, ldb, c, ldc);
+        return;
+      }
+    }
+    const bool ta = acs != 1;
+    if (b) {
+      mm<T>(ta, false, m, n, k, alpha, a, ta ? acs : ars, b, ldb, T(0), c, ldc);
+    } else {
+      mm<T>(ta, true, m, n, k, alpha, a, ta ? acs : ars, bt, ldbt, T(0), c, ldc);
+    }
+  }
+};
 
 // Decay bias lg * (|yi - yj| + |xi - xj|) on a (rows x cols) raster grid; a line of n tokens is a 1 x n grid.
 template <typename T>

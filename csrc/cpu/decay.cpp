@@ -124,36 +124,114 @@ struct Lines {
 Lines rows_of(int64_t h, int64_t w) { return {h, w, w, 1}; }
 Lines cols_of(int64_t h, int64_t w) { return {w, h, 1, w}; }
 
+// lg[head] * |i - j| of every head as len x len matrices with rows padded to ls: (nh, len, ls)
+template <typename T>
+std::vector<T> line_bias(const std::vector<T>& g, int64_t len, int64_t ls) {
+  const int64_t nh = static_cast<int64_t>(g.size());
+  std::vector<T> m(nh * len * ls, T(0));
+  for (int64_t head = 0; head < nh; ++head)
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t j = 0; j < len; ++j) m[(head * len + i) * ls + j] = g[head] * static_cast<T>(std::abs(i - j));
+  return m;
+}
+
+// Each line is one tile: gathered into contiguous buffers, scores, softmax and products in one go.
 template <typename T>
 void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const std::vector<T>& g, int64_t b, int64_t nh,
                int64_t n, int64_t d, Lines ln, T scale) {
-  std::vector<T> ys(ln.len, T(0)), xs(ln.len);
-  for (int64_t i = 0; i < ln.len; ++i) xs[i] = static_cast<T>(i);
+  const int64_t L = ln.len, ls = padded(L);
+  const std::vector<T> bm = line_bias<T>(g, L, ls);
+  const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
+  const int64_t ld = tmm.fast ? padded(d) : d;
   at::parallel_for(0, b * nh * ln.count, 1, [&](int64_t begin, int64_t end) {
+    const DenormalsAreZero daz;
+    std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), ow(L * ld, T(0));
+    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L), lw(L);
+    std::vector<int64_t> tok(L);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / ln.count, l = t % ln.count;
-      const int64_t tok0 = bh * n + l * ln.line_start, ld = ln.tok_step * d;
-      DecayBias<T> bias{g[bh % nh], ln.len, ys.data(), xs.data()};
-      attn_fwd<T>(q + tok0 * d, ld, k + tok0 * d, ld, v + tok0 * d, ld, out + tok0 * d, ld, lse + tok0, ln.tok_step,
-                  ln.len, ln.len, d, scale, bias);
+      const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d;
+      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
+      gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
+      if (tmm.fast) {
+        gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
+      } else {
+        gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
+      }
+      gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
+      tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
+      softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, inv.data(), lw.data());
+      tmm(L, d, L, T(1), p.data(), ls, 1, vw.data(), ld, nullptr, 0, ow.data(), ld);
+      for (int64_t i = 0; i < L; ++i) {
+        const T* src = ow.data() + i * ld;
+        T* dst = out + base + tok[i] * d;
+        const T r = inv[i];
+        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
+        lse[bh * n + tok[i]] = lw[i];
+      }
     }
   });
 }
 
+// Writes (accumulate = false) or adds (true) dq and dk, writes dv (which may alias dout: a line reads its
+// rows of dout before writing them); returns d(log_gamma) per head. The probabilities are recomputed
+// and delta = rowsum(p * dp) (equal to rowsum(out * dout)), so out and lse are not read.
 template <typename T>
-void lines_bwd(const T* q, const T* k, const T* v, const T* out, const T* dout, const T* lse, T* dq, T* dk, T* dv,
-               T* dlg_part, const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln, T scale) {
-  std::vector<T> ys(ln.len, T(0)), xs(ln.len);
-  for (int64_t i = 0; i < ln.len; ++i) xs[i] = static_cast<T>(i);
+std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv,
+                         const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln, T scale,
+                         bool accumulate) {
+  const int64_t L = ln.len, ls = padded(L);
+  const std::vector<T> bm = line_bias<T>(g, L, ls);
+  const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
+  const int64_t ld = tmm.fast ? padded(d) : d;
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<T> parts(nthreads * nh * L * ls, T(0));
   at::parallel_for(0, b * nh * ln.count, 1, [&](int64_t begin, int64_t end) {
+    const DenormalsAreZero daz;
+    std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), gw(L * ld, T(0));
+    std::vector<T> dqw(L * ld, T(0)), dkw(L * ld, T(0)), dvw(L * ld, T(0));
+    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
+    std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0));
+    std::vector<int64_t> tok(L);
+    T* part = parts.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * L * ls;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / ln.count, l = t % ln.count;
-      const int64_t tok0 = bh * n + l * ln.line_start, ld = ln.tok_step * d, o = tok0 * d;
-      DecayBias<T> bias{g[bh % nh], ln.len, ys.data(), xs.data()};
-      dlg_part[t] += attn_bwd<T>(q + o, ld, k + o, ld, v + o, ld, out + o, ld, dout + o, ld, lse + tok0, ln.tok_step,
-                                 dq + o, ld, dk + o, ld, dv + o, ld, ln.len, ln.len, d, scale, bias);
+      const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d, head = bh % nh;
+      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
+      gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
+      gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
+      gather<T>(dout + base, tok.data(), L, d, gw.data(), ld);
+      if (tmm.fast) {
+        gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
+        gather_t<T>(v + base, tok.data(), L, d, vt.data(), ls);
+      } else {
+        gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
+      }
+      tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
+      softmax_rows(p.data(), bm.data() + head * L * ls, L, L, ls, static_cast<T*>(nullptr));
+      tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
+      tmm(L, L, d, T(1), gw.data(), ld, 1, tmm.fast ? vt.data() : nullptr, ls, vw.data(), ld, dp.data(), ls);
+      softmax_grad_rows(p.data(), dp.data(), part + head * L * ls, L, L, ls);
+      tmm(L, d, L, scale, dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
+      tmm(L, d, L, scale, dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
+      if (accumulate) {
+        scatter_add<T>(dqw.data(), ld, tok.data(), L, d, dq + base);
+        scatter_add<T>(dkw.data(), ld, tok.data(), L, d, dk + base);
+      } else {
+        scatter<T>(dqw.data(), ld, tok.data(), L, d, dq + base);
+        scatter<T>(dkw.data(), ld, tok.data(), L, d, dk + base);
+      }
+      scatter<T>(dvw.data(), ld, tok.data(), L, d, dv + base);
     }
   });
+  std::vector<T> dlg(nh, T(0));
+  for (int64_t th = 0; th < nthreads; ++th)
+    for (int64_t head = 0; head < nh; ++head) {
+      const T* db = parts.data() + (th * nh + head) * L * ls;
+      T acc = 0;
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < L; ++j) acc += db[i * ls + j] * static_cast<T>(std::abs(i - j));
+      dlg[head] += acc;
+    }
+  return dlg;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
@@ -181,23 +259,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad_, const Te
                                                    int64_t h, int64_t w, double scale) {
   check_inputs(q_, k_, v_, lg, h, w);
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  Tensor grad = grad_.to(q.scalar_type()).contiguous(), out = out_.contiguous(), mid = mid_.contiguous();
-  Tensor lse_row = lse_row_.contiguous(), lse_col = lse_col_.contiguous();
+  // the probabilities are recomputed from q, k and the decay, so out and the log-sum-exps are not read
+  Tensor grad = grad_.to(q.scalar_type()).contiguous(), mid = mid_.contiguous();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
-  Tensor dq = at::zeros_like(q), dk = at::zeros_like(q), dv = at::zeros_like(q), dmid = at::zeros_like(q);
-  Tensor part_col = at::zeros({b, nh, w}, q.options()), part_row = at::zeros({b, nh, h}, q.options());
+  // Each pass covers every token once: the columns pass writes dq, dk and d(mid), the rows pass adds to
+  // dq, dk and overwrites d(mid) with dv line by line (a line reads its d(mid) rows before writing them).
+  Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  Tensor dlg = at::empty({nh}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decay_dec_bwd", [&] {
     using T = scalar_t;
     const std::vector<T> g = gammas<T>(lg);
     const T s = static_cast<T>(scale);
-    lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), out.data_ptr<T>(), grad.data_ptr<T>(),
-                 lse_col.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dmid.data_ptr<T>(),
-                 part_col.data_ptr<T>(), g, b, nh, n, d, cols_of(h, w), s);
-    lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mid.data_ptr<T>(), dmid.data_ptr<T>(),
-                 lse_row.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), part_row.data_ptr<T>(),
-                 g, b, nh, n, d, rows_of(h, w), s);
+    const std::vector<T> dcol = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), grad.data_ptr<T>(),
+                                             dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
+                                             cols_of(h, w), s, false);
+    const std::vector<T> drow = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dv.data_ptr<T>(),
+                                             dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
+                                             rows_of(h, w), s, true);
+    T* dp = dlg.data_ptr<T>();
+    for (int64_t head = 0; head < nh; ++head) dp[head] = dcol[head] + drow[head];
   });
-  Tensor dlg = part_col.sum({0, 2}).add(part_row.sum({0, 2}));
   return {dq, dk, dv, dlg};
 }
 
