@@ -64,10 +64,9 @@ def copy_bandwidth_gbps(device: torch.device) -> Optional[float]:
     """Device copy bandwidth (read + write) in GB/s from ``dst.copy_(src)`` on 1 GiB; ``None`` off CUDA."""
     if device.type != "cuda":
         return None
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
+    src = torch.randint(0, 256, (2**30,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     ms = bench.time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * 2**30 / (ms * 1e-3) / 1e9
 
 

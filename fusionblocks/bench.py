@@ -44,6 +44,7 @@ Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them)
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import functools
@@ -1124,9 +1125,8 @@ def run(ops: Optional[Sequence[str]] = None, *, quick: bool = False, dtypes: Seq
 # --------------------------------------------------------------------------------------------- scripts
 
 
-def script_parser(description: str, impls: Sequence[str]) -> "argparse.ArgumentParser":
+def script_parser(description: str, impls: Sequence[str]) -> argparse.ArgumentParser:
     """The options every per-op script (``benchmarks/bench_*.py``) shares; the script adds its own."""
-    import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny shapes, short timing (a smoke run; works on CPU)")

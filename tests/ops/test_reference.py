@@ -1,5 +1,4 @@
 """The reference ops: gradcheck, semantics against independent brute-force formulas, errors."""
-import math
 
 import pytest
 import torch
