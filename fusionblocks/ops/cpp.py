@@ -166,7 +166,7 @@ def check_window_cpp(q, k, v, bias_table, *, hw, window_size, shift, scale, auto
 @register_backend("decay_attention", "cpp", priority=10, check=check_decay_cpp)
 def decay_attention_cpp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
-    hw: Tuple[int, int], mode: str = "full", scale: Optional[float] = None,
+    hw: Tuple[int, int], mode: str = "full", scale: float,
 ) -> torch.Tensor:
     """Decay attention on the C++ CPU kernels; math of :func:`fusionblocks.ops.reference.decay_attention`.
 
@@ -175,7 +175,7 @@ def decay_attention_cpp(
         log_gamma: ``(heads,)``.
         hw: ``(H, W)``.
         mode: ``"full"`` or ``"decomposed"``.
-        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+        scale: multiplies ``q k^T`` (the public op resolves ``None`` to ``D ** -0.5``).
 
     Returns:
         ``(B, heads, H*W, D)`` in the dtype of ``q``.
@@ -183,7 +183,6 @@ def decay_attention_cpp(
     if _C is None:
         raise RuntimeError(extension_reasons()[0])
     h, w = hw
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ct = COMPUTE_DTYPES[q.dtype]
     args = (q.to(ct), k.to(ct), v.to(ct), log_gamma.to(ct), h, w, scale)
     if mode == "full":
@@ -196,7 +195,7 @@ def decay_attention_cpp(
 @register_backend("window_attention", "cpp", priority=10, check=check_window_cpp)
 def window_attention_cpp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
-    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: float,
 ) -> torch.Tensor:
     """Shifted-window attention on the C++ CPU kernel; math of :func:`fusionblocks.ops.reference.window_attention`.
 
@@ -206,7 +205,7 @@ def window_attention_cpp(
         hw: ``(H, W)``, multiples of ``window_size``.
         window_size: window side.
         shift: cyclic shift in ``[0, window_size)``.
-        scale: multiplies ``q``; ``None`` means ``D ** -0.5``.
+        scale: multiplies ``q`` (the public op resolves ``None`` to ``D ** -0.5``).
 
     Returns:
         ``(B, heads, H*W, D)`` in the dtype of ``q``.
@@ -214,7 +213,6 @@ def window_attention_cpp(
     if _C is None:
         raise RuntimeError(extension_reasons()[0])
     h, w = hw
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ct = COMPUTE_DTYPES[q.dtype]
     table = None if bias_table is None else bias_table.to(ct)
     out = _ops.window_fwd(q.to(ct), k.to(ct), v.to(ct), table, h, w, window_size, shift, scale)

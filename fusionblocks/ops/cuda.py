@@ -52,7 +52,7 @@ def check_window_cuda(q, k, v, bias_table, *, hw, window_size, shift, scale, aut
 @register_backend("window_attention", "cuda", priority=30, check=check_window_cuda)
 def window_attention_cuda(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
-    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: float,
 ) -> torch.Tensor:
     """Shifted-window attention on the CUDA kernel; math of :func:`fusionblocks.ops.reference.window_attention`.
 
@@ -62,11 +62,10 @@ def window_attention_cuda(
         hw: ``(H, W)``, multiples of ``window_size``.
         window_size: window side, at most 8.
         shift: cyclic shift in ``[0, window_size)``.
-        scale: multiplies ``q``; ``None`` means ``D ** -0.5``.
+        scale: multiplies ``q`` (the public op resolves ``None`` to ``D ** -0.5``).
 
     Returns:
         ``(B, heads, H*W, D)`` in the dtype of ``q``.
     """
     h, w = hw
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return torch.ops.fusionblocks_C.window_fwd(q, k, v, bias_table, h, w, window_size, shift, scale)

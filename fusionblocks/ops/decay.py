@@ -67,6 +67,7 @@ def decay_attention(
     """
     hw = tuple(hw) if isinstance(hw, list) else hw
     check_decay_args(q, k, v, log_gamma, hw, mode, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
     return dispatch(OP, backend, q, k, v, log_gamma, hw=hw, mode=mode, scale=scale)
 
 

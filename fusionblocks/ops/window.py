@@ -79,6 +79,7 @@ def window_attention(
     """
     hw = tuple(hw) if isinstance(hw, list) else hw
     check_window_args(q, k, v, bias_table, hw, window_size, shift, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
     return dispatch(OP, backend, q, k, v, bias_table, hw=hw, window_size=window_size, shift=shift, scale=scale)
 
 

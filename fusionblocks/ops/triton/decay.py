@@ -596,7 +596,7 @@ def decay_attention_triton(
     *,
     hw: Tuple[int, int],
     mode: str = "full",
-    scale: Optional[float] = None,
+    scale: float,
 ) -> torch.Tensor:
     """Triton decay attention; same contract as :func:`fusionblocks.ops.reference.decay_attention`.
 
@@ -605,13 +605,12 @@ def decay_attention_triton(
         log_gamma: ``(heads,)``; receives a gradient when it requires one.
         hw: ``(H, W)``.
         mode: ``"full"`` or ``"decomposed"``.
-        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+        scale: multiplies ``q k^T`` (the public op resolves ``None`` to ``D ** -0.5``).
 
     Returns:
         ``(B, heads, H*W, D)`` contiguous, in the dtype of ``q``.
     """
     h, w = hw
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if mode == "full":
         return torch.ops.fusionblocks.decay_attention_full(q, k, v, log_gamma, h, w, scale)[0]
     return torch.ops.fusionblocks.decay_attention_decomposed(q, k, v, log_gamma, h, w, scale)[0]

@@ -444,7 +444,7 @@ def check_window_triton(q, k, v, bias_table, *, hw, window_size, shift, scale, a
 @register_backend("window_attention", "triton", priority=20, check=check_window_triton)
 def window_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
-    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: Optional[float] = None,
+    hw: Tuple[int, int], window_size: int, shift: int = 0, scale: float,
 ) -> torch.Tensor:
     """Fused shifted-window attention; same math and layout as :func:`fusionblocks.ops.reference.window_attention`.
 
@@ -454,13 +454,12 @@ def window_attention_triton(
         hw: ``(H, W)``, multiples of ``window_size``.
         window_size: window side, 2..12.
         shift: cyclic shift in ``[0, window_size)``.
-        scale: multiplies ``q k^T``; ``None`` means ``D ** -0.5``.
+        scale: multiplies ``q k^T`` (the public op resolves ``None`` to ``D ** -0.5``).
 
     Returns:
         ``(B, heads, H*W, D)`` contiguous, raster order, dtype of ``q``.
     """
     h, w = hw
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     tensors = (q, k, v) if bias_table is None else (q, k, v, bias_table)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return _infer_op(q, k, v, bias_table, h, w, window_size, shift, scale)
