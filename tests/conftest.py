@@ -35,3 +35,13 @@ def dispatch_backend(request, monkeypatch):
     else:
         monkeypatch.delenv(ENV_VAR, raising=False)
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded torch for the test: steadier and faster on a shared 2-core machine, where
+    OpenMP start-up costs more than tiny ops and threads fight for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

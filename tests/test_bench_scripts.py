@@ -26,14 +26,6 @@ def load_script(name):
     return module
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_quick(module, name, tmp_path, capsys):
     assert module.main(["--quick", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

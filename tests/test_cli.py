@@ -21,15 +21,6 @@ except Exception:  # a model module that fails to import must not hide the other
 OPS_IN_INFO = ("decay_attention (full)", "decay_attention (decomposed)", "window_attention")
 
 
-@pytest.fixture
-def one_thread():
-    """Steady, fast CPU runs on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run_cli(capsys, *argv):
     code = cli.main(list(argv))
     out = capsys.readouterr()

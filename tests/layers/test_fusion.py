@@ -110,15 +110,6 @@ def test_stable_submodule_names():
     assert {n for n, _ in HEF(16).attn_l.named_children()} == {"norm", "mhea", "spatial", "channel"}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny float64 graphs: OpenMP start-up per op costs more than the op itself on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("cls", [HFF, HEF])
 @pytest.mark.parametrize("with_f", [False, True])
 def test_gradcheck_small_blocks(cls, with_f, one_thread):
