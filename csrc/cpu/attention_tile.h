@@ -1,32 +1,46 @@
-// Blocked attention on CPU with an online softmax and an additive bias computed on the fly.
+// Blocked attention on CPU with an online softmax and an additive bias computed on the fly, for ONE
+// instruction set: isa_{default,avx2,avx512}.cpp include this header (after variant_prelude.h and their
+// `#pragma GCC target`) with FUSIONBLOCKS_ISA naming the namespace, FUSIONBLOCKS_VEC_BYTES the vector
+// width and FUSIONBLOCKS_VEC_REGS the number of vector registers.
+//
+// Design decision. PyTorch's CPU flash attention (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+// compiles one source per CPU capability (DEFAULT, AVX2, AVX512 through DispatchStub), does the
+// element-wise work (scaling, exp and row sums fused) with at::vec::Vectorized, and forms each
+// (qSplit x kvSplit) score tile and each P V product with at::native::cpublas::gemm/brgemm. We keep the
+// first idea (one compilation per ISA, chosen at run time, isa.h) and not the other two:
+// - cpublas is not part of torch's public C++ API (not every torch build exports its symbols to
+//   extensions), and its per-call cost (argument checks, the MKL/oneDNN dispatch) is what a 49 x 49 x 32
+//   Swin window or a 56-token HEMF line cannot afford: those products are 10-300 kFLOP each, thousands per
+//   call. They go through the register-blocked tile product below, sized per ISA; only long problems
+//   (full decay, head dims above kMaxSmallN) use the BLAS that torch links.
+// - at::vec::Vectorized<float> picks its width from CPU_CAPABILITY macros of PyTorch's own build system,
+//   which an extension compiled once with `#pragma GCC target` would have to imitate (and whose AVX2
+//   header requires compiling the whole translation unit with -mavx2). GCC vector extensions give the
+//   same code on any width (4, 8, 16 floats), also on aarch64, with no x86 intrinsics outside the guarded
+//   FMA helper.
+// The width and the register blocking follow the ISA: a block of RB rows x NV vectors keeps RB * NV
+// accumulators, NV vectors of B and one broadcast in registers (16 ymm for AVX2 and SSE, 32 zmm for
+// AVX-512). Wider vectors than the registers hold (16-float vectors on AVX2) spill to the stack.
 //
 // Every routine works on one attention problem: `nq` queries against `nk` keys, rows of head dim `d`
 // addressed through a row stride (so rows of a column of a grid, or gathered window buffers, need no
 // copy). The bias is a functor with
 //   void add(int64_t i, int64_t j0, int64_t nj, T* s) const   // s[c] += bias(i, j0 + c)
 //   T grad(int64_t i, int64_t j0, int64_t nj, const T* ds)     // consumes d(score); returns its share of d(param)
-// Matrix products go through the BLAS that torch links (sgemm_/dgemm_, resolved weakly; a plain loop
-// stands in where torch exports none), so no N x N tensor exists:
-// the forward keeps a (BQ x BK) score tile, the backward recomputes tiles from the saved log-sum-exp.
+// No N x N tensor exists: the forward keeps a (BQ x BK) score tile, the backward recomputes tiles from
+// the saved log-sum-exp.
 #pragma once
 
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
-#include <vector>
-
-#if defined(__x86_64__) || defined(__SSE__)
-#include <xmmintrin.h>
-#define FUSIONBLOCKS_HAVE_MXCSR 1
+#ifndef FUSIONBLOCKS_ISA
+#error "attention_tile.h is included by csrc/cpu/isa_*.cpp, which define FUSIONBLOCKS_ISA"
 #endif
 
 namespace fusionblocks {
 namespace cpu {
+namespace FUSIONBLOCKS_ISA {
 
 constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
 
 // Flushes denormals to zero on this thread while alive. Masked scores (-100, and exp clamped at
 // exp(-87)) make probabilities whose products are denormal floats, which the BLAS and the vector
@@ -39,40 +53,30 @@ class DenormalsAreZero {
 
  private:
   unsigned csr_;
+#else
+  DenormalsAreZero() = default;
 #endif
   DenormalsAreZero(const DenormalsAreZero&) = delete;
   DenormalsAreZero& operator=(const DenormalsAreZero&) = delete;
 };
-constexpr int64_t kBlockK = 512;
-
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
 
 template <typename T>
 inline void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k, const T* alpha,
-                      const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc);
-template <>
-inline void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                             const float* beta, float* c, const int* ldc) {
-  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-template <>
-inline void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-                              const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-                              const double* beta, double* c, const int* ldc) {
-  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+                      const T* a, const int* lda, const T* b, const int* ldb, const T* beta, T* c, const int* ldc) {
+  if constexpr (std::is_same<T, float>::value) {
+    sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
 }
 template <typename T>
-inline bool have_blas();
-template <>
-inline bool have_blas<float>() { return sgemm_ != nullptr; }
-template <>
-inline bool have_blas<double>() { return dgemm_ != nullptr; }
+inline bool have_blas() {
+  if constexpr (std::is_same<T, float>::value) {
+    return sgemm_ != nullptr;
+  } else {
+    return dgemm_ != nullptr;
+  }
+}
 
 // Row-major C(m x n) = alpha * op(A) op(B) + beta * C, with leading dimensions of the row-major storage.
 template <typename T>
@@ -106,21 +110,18 @@ inline void mm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const
   }
 }
 
-// row[c] = exp(row[c] - m); returns the sum. The float version is compiled for AVX-512, AVX2 and
-// the baseline ISA and picked at load time.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define FUSIONBLOCKS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FUSIONBLOCKS_MULTIVERSION
-#endif
+// ---------------------------------------------------------------- float vectors of this ISA
 
-// Rows of score tiles are padded to a multiple of kPad entries, so the float loops below run over whole
+constexpr int kVecFloats = FUSIONBLOCKS_VEC_BYTES / static_cast<int>(sizeof(float));
+constexpr int kVecRegs = FUSIONBLOCKS_VEC_REGS;
+
+// Rows of float tiles are padded to a multiple of kPad entries, so the float loops below run over whole
 // vectors (no scalar remainder); padding entries are written but never counted.
-constexpr int64_t kPad = 16;
+constexpr int64_t kPad = kVecFloats;
 inline int64_t padded(int64_t n) { return (n + kPad - 1) / kPad * kPad; }
 
-typedef float vfloat __attribute__((vector_size(kPad * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(kPad * sizeof(int32_t))));
+typedef float vfloat __attribute__((vector_size(FUSIONBLOCKS_VEC_BYTES)));
+typedef int32_t vint __attribute__((vector_size(FUSIONBLOCKS_VEC_BYTES)));
 
 inline vfloat vload(const float* p) {
   vfloat v;
@@ -130,97 +131,152 @@ inline vfloat vload(const float* p) {
 
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
-// exp on kPad float lanes at once (GCC vector extensions, lowered to the ISA of each clone below):
-// Cody-Waite range reduction and a degree-6 polynomial (Cephes expf coefficients), about 2 ulp;
-// inputs below -87 give exp(-87) instead of a denormal or 0, which no softmax row can notice.
+inline vfloat vsplat(float x) { return vfloat{} + x; }
+
+// a * b + c, fused where the ISA has FMA (C++20 mode does not contract a * b + c on its own)
+inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
+#if defined(FUSIONBLOCKS_ISA_AVX512)
+  return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(FUSIONBLOCKS_ISA_AVX2)
+  return (vfloat)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vfloat lane_index() {
+  vfloat lane;
+  for (int c = 0; c < kVecFloats; ++c) lane[c] = static_cast<float>(c);
+  return lane;
+}
+
+inline float hsum(vfloat v) {
+  float t = 0.0f;
+  for (int c = 0; c < kVecFloats; ++c) t += v[c];
+  return t;
+}
+
+inline float hmax(vfloat v) {
+  float m = v[0];
+  for (int c = 1; c < kVecFloats; ++c) m = std::max(m, v[c]);
+  return m;
+}
+
+// exp on whole vectors: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf
+// coefficients), about 2 ulp; inputs below -87 give exp(-87) instead of a denormal or 0, which no
+// softmax row can notice.
 inline vfloat vexp(vfloat x) {
-  const vfloat lo = vfloat{} - 87.0f, hi = vfloat{} + 88.0f;
+  const vfloat lo = vsplat(-87.0f), hi = vsplat(88.0f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const float magic = 12582912.0f;
-  const vfloat n = (x * 1.44269504088896341f + magic) - magic;
-  vfloat r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  vfloat p = vfloat{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const vfloat n = vfma(x, vsplat(1.44269504088896341f), vsplat(magic)) - magic;
+  vfloat r = vfma(n, vsplat(-0.693359375f), x);
+  r = vfma(n, vsplat(2.12194440e-4f), r);
+  vfloat p = vsplat(1.9875691500e-4f);
+  p = vfma(p, r, vsplat(1.3981999507e-3f));
+  p = vfma(p, r, vsplat(8.3334519073e-3f));
+  p = vfma(p, r, vsplat(4.1665795894e-2f));
+  p = vfma(p, r, vsplat(1.6666665459e-1f));
+  p = vfma(p, r, vsplat(5.0000001201e-1f));
+  p = vfma(p * r, r, r + 1.0f);
   const vint e = (__builtin_convertvector(n, vint) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &e, sizeof(scale));
   return p * scale;
 }
 
-FUSIONBLOCKS_MULTIVERSION inline float exp_shift_sum(float* row, int64_t n, float m) {
+// ---------------------------------------------------------------- the register-blocked tile product
+
+// C (m x n, row stride ldc) = alpha * A B for small float tiles, A(r, p) = a[r * ars + p * acs],
+// B (k x n, row stride ldb); columns are written up to padded(n), so ldb, ldc and the buffers must
+// allow it. No call overhead: the BLAS spends more on argument checks than on the arithmetic of one
+// attention window. Columns go in chunks of kChunk vectors, rows in blocks of rows_per_block(NV).
+constexpr int kChunk = kVecRegs >= 32 ? 4 : 2;
+constexpr int rows_per_block(int nv) { return std::min(8, (kVecRegs - 1 - nv) / nv); }
+constexpr int64_t kMaxSmallN = 128;
+
+template <int NV, int R>
+__attribute__((always_inline)) inline void tile_block(int64_t k, float alpha, const float* a, int64_t ars,
+                                                      int64_t acs, const float* b, int64_t ldb, float* c,
+                                                      int64_t ldc) {
+  vfloat acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = vfloat{};
+  for (int64_t p = 0; p < k; ++p) {
+    vfloat bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = vload(b + p * ldb + v * kVecFloats);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vfloat av = vsplat(a[r * ars + p * acs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = vfma(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kVecFloats, acc[r][v] * alpha);
+}
+
+// the last `rem` (< R) rows of a chunk
+template <int NV, int R>
+__attribute__((always_inline)) inline void tile_tail(int64_t rem, int64_t k, float alpha, const float* a,
+                                                     int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
+                                                     int64_t ldc) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      tile_block<NV, R>(k, alpha, a, ars, acs, b, ldb, c, ldc);
+    } else {
+      tile_tail<NV, R - 1>(rem, k, alpha, a, ars, acs, b, ldb, c, ldc);
+    }
+  }
+}
+
+template <int NV>
+inline void tile_chunk(int64_t m, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs, const float* b,
+                       int64_t ldb, float* c, int64_t ldc) {
+  constexpr int RB = rows_per_block(NV);
+  int64_t r0 = 0;
+  for (; r0 + RB <= m; r0 += RB) tile_block<NV, RB>(k, alpha, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
+  tile_tail<NV, RB - 1>(m - r0, k, alpha, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
+}
+
+inline bool small_mm_fits(int64_t n) { return n > 0 && n <= kMaxSmallN; }
+
+inline void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs,
+                     const float* b, int64_t ldb, float* c, int64_t ldc) {
+  const int64_t nv = padded(n) / kPad;
+  for (int64_t j = 0; j < nv; j += kChunk) {
+    const float* bj = b + j * kVecFloats;
+    float* cj = c + j * kVecFloats;
+    switch (std::min<int64_t>(kChunk, nv - j)) {
+      case 1: tile_chunk<1>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 2: tile_chunk<2>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+#if FUSIONBLOCKS_VEC_REGS >= 32
+      case 3: tile_chunk<3>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 4: tile_chunk<4>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+#endif
+      default: break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- row-wise softmax pieces
+
+// row[c] = exp(row[c] - m); returns the sum (rows padded to whole vectors)
+inline float exp_shift_sum(float* row, int64_t n, float m) {
   vfloat z = vfloat{};
-  vfloat lane;
-  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+  const vfloat lane = lane_index();
   for (int64_t c = 0; c < n; c += kPad) {
     const vfloat e = vexp(vload(row + c) - m);
     vstore(row + c, e);
     z += lane < static_cast<float>(n - c) ? e : vfloat{};
   }
-  float total = 0.0f;
-  for (int64_t c = 0; c < kPad; ++c) total += z[c];
-  return total;
-}
-
-// C (m x 16*NV, row stride ldc) = alpha * A B for small float tiles, A(r, p) = a[r * ars + p * acs],
-// B (k x 16*NV, row stride ldb): register-blocked over several rows of C, no call overhead (the BLAS spends
-// more on argument checks than on the arithmetic of one attention window).
-template <int NV, int RB>
-__attribute__((always_inline)) inline void small_mm_rows(int64_t r0, float alpha, int64_t k, const float* a,
-                                                         int64_t ars, int64_t acs, const float* b, int64_t ldb,
-                                                         float* c, int64_t ldc) {
-  vfloat acc[RB][NV] = {};
-  for (int64_t p = 0; p < k; ++p) {
-    vfloat bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload(b + p * ldb + v * kPad);
-    for (int r = 0; r < RB; ++r) {
-      const float av = a[(r0 + r) * ars + p * acs];
-      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) vstore(c + (r0 + r) * ldc + v * kPad, acc[r][v] * alpha);
-}
-
-// RB rows of C at a time (RB * NV accumulators), the remainder one row at a time
-template <int NV>
-__attribute__((always_inline)) inline void small_mm_body(int64_t m, int64_t k, float alpha, const float* a,
-                                                         int64_t ars, int64_t acs, const float* b, int64_t ldb,
-                                                         float* c, int64_t ldc) {
-  constexpr int RB = NV <= 2 ? 8 : (NV == 3 ? 6 : 5);
-  int64_t r0 = 0;
-  for (; r0 + RB <= m; r0 += RB) small_mm_rows<NV, RB>(r0, alpha, k, a, ars, acs, b, ldb, c, ldc);
-  for (; r0 < m; ++r0) small_mm_rows<NV, 1>(r0, alpha, k, a, ars, acs, b, ldb, c, ldc);
-}
-
-#define FUSIONBLOCKS_SMALL_MM(NV)                                                                              \
-  FUSIONBLOCKS_MULTIVERSION inline void small_mm_##NV(int64_t m, int64_t k, float alpha, const float* a,       \
-                                                      int64_t ars, int64_t acs, const float* b, int64_t ldb,   \
-                                                      float* c, int64_t ldc) {                                 \
-    small_mm_body<NV>(m, k, alpha, a, ars, acs, b, ldb, c, ldc);                                                 \
-  }
-FUSIONBLOCKS_SMALL_MM(1)
-FUSIONBLOCKS_SMALL_MM(2)
-FUSIONBLOCKS_SMALL_MM(3)
-FUSIONBLOCKS_SMALL_MM(4)
-#undef FUSIONBLOCKS_SMALL_MM
-
-// small_mm for n <= 4 * kPad columns (written up to padded(n), so ldb, ldc and the buffers must allow it).
-inline bool small_mm_fits(int64_t n) { return n > 0 && n <= 4 * kPad; }
-inline void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs,
-                     const float* b, int64_t ldb, float* c, int64_t ldc) {
-  switch (padded(n) / kPad) {
-    case 1: small_mm_1(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
-    case 2: small_mm_2(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
-    case 3: small_mm_3(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
-    default: small_mm_4(m, k, alpha, a, ars, acs, b, ldb, c, ldc); break;
-  }
+  return hsum(z);
 }
 
 inline double exp_shift_sum(double* row, int64_t n, double m) {
@@ -233,18 +289,16 @@ inline double exp_shift_sum(double* row, int64_t n, double m) {
   return z;
 }
 
-FUSIONBLOCKS_MULTIVERSION inline float row_max(const float* row, int64_t n, float m) {
-  const vfloat lowest = vfloat{} - std::numeric_limits<float>::infinity();
-  vfloat mv = lowest + 0.0f;
-  vfloat lane;
-  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+inline float row_max(const float* row, int64_t n, float m) {
+  const vfloat lowest = vsplat(-std::numeric_limits<float>::infinity());
+  vfloat mv = lowest;
+  const vfloat lane = lane_index();
   for (int64_t c = 0; c < n; c += kPad) {
     vfloat v = vload(row + c);
     v = lane < static_cast<float>(n - c) ? v : lowest;
     mv = v > mv ? v : mv;
   }
-  for (int64_t c = 0; c < kPad; ++c) m = std::max(m, mv[c]);
-  return m;
+  return std::max(m, hmax(mv));
 }
 
 inline double row_max(const double* row, int64_t n, double m) {
@@ -254,11 +308,10 @@ inline double row_max(const double* row, int64_t n, double m) {
 
 // Softmax of each of `rows` rows of p (length n, stride ld, padded to whole vectors) after adding
 // bias (same layout, zero padding). Rows are normalized, or left as exp(s - max) with inv[r] = 1 / sum.
-FUSIONBLOCKS_MULTIVERSION inline void softmax_rows(float* p, const float* bias, int64_t rows, int64_t n, int64_t ld,
-                                                   float* inv, float* lse = nullptr) {
-  const vfloat lowest = vfloat{} - std::numeric_limits<float>::infinity();
-  vfloat lane;
-  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+inline void softmax_rows(float* p, const float* bias, int64_t rows, int64_t n, int64_t ld, float* inv,
+                         float* lse = nullptr) {
+  const vfloat lowest = vsplat(-std::numeric_limits<float>::infinity());
+  const vfloat lane = lane_index();
   for (int64_t r = 0; r < rows; ++r) {
     float* row = p + r * ld;
     const float* b = bias + r * ld;
@@ -269,16 +322,14 @@ FUSIONBLOCKS_MULTIVERSION inline void softmax_rows(float* p, const float* bias, 
       const vfloat xm = lane < static_cast<float>(n - c) ? x : lowest;
       mv = xm > mv ? xm : mv;
     }
-    float m = mv[0];
-    for (int64_t c = 1; c < kPad; ++c) m = std::max(m, mv[c]);
+    const float m = hmax(mv);
     vfloat z = vfloat{};
     for (int64_t c = 0; c < n; c += kPad) {
       const vfloat e = vexp(vload(row + c) - m);
       vstore(row + c, e);
       z += lane < static_cast<float>(n - c) ? e : vfloat{};
     }
-    float total = 0.0f;
-    for (int64_t c = 0; c < kPad; ++c) total += z[c];
+    const float total = hsum(z);
     const float rs = 1.0f / total;
     if (lse) lse[r] = m + std::log(total);
     if (inv) {
@@ -309,10 +360,8 @@ inline void softmax_rows(double* p, const double* bias, int64_t rows, int64_t n,
 
 // d(score) of softmax rows in place: dp <- p * (dp - sum(p * dp)) over n entries of each row (stride ld,
 // padded to whole vectors); adds the result to dbias (same layout) when given.
-FUSIONBLOCKS_MULTIVERSION inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows,
-                                                        int64_t n, int64_t ld) {
-  vfloat lane;
-  for (int64_t c = 0; c < kPad; ++c) lane[c] = static_cast<float>(c);
+inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows, int64_t n, int64_t ld) {
+  const vfloat lane = lane_index();
   for (int64_t r = 0; r < rows; ++r) {
     const float* pr = p + r * ld;
     float* ds = dp + r * ld;
@@ -321,8 +370,7 @@ FUSIONBLOCKS_MULTIVERSION inline void softmax_grad_rows(const float* p, float* d
       const vfloat x = vload(pr + c) * vload(ds + c);
       acc += lane < static_cast<float>(n - c) ? x : vfloat{};
     }
-    float delta = 0.0f;
-    for (int64_t c = 0; c < kPad; ++c) delta += acc[c];
+    const float delta = hsum(acc);
     for (int64_t c = 0; c < n; c += kPad) vstore(ds + c, vload(pr + c) * (vload(ds + c) - delta));
     if (dbias) {
       float* db = dbias + r * ld;
@@ -344,6 +392,8 @@ inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_
     }
   }
 }
+
+// ---------------------------------------------------------------- gathered tiles
 
 // Tiles of `len` token rows of d entries, row l at src + tok[l] * d.
 template <typename T>
@@ -377,8 +427,8 @@ void scatter_add(const T* src, int64_t ld, const int64_t* tok, int64_t len, int6
   }
 }
 
-// The products of one window: float tiles whose sides fit small_mm use it (operands that enter
-// transposed as B are passed pre-transposed in bt), the rest go through the BLAS.
+// The products of one window or line: float tiles whose sides fit small_mm use it (operands that
+// enter transposed as B are passed pre-transposed in bt), the rest go through the BLAS.
 // C (m x n) = alpha * op(A) B with A(r, p) = a[r * ars + p * acs]; B given as b (k x n) or bt (n x k).
 template <typename T>
 struct TileMM {
@@ -399,6 +449,8 @@ struct TileMM {
     }
   }
 };
+
+// ---------------------------------------------------------------- streaming attention (full decay)
 
 // Decay bias lg * (|yi - yj| + |xi - xj|) on a (rows x cols) raster grid; a line of n tokens is a 1 x n grid.
 template <typename T>
@@ -513,5 +565,6 @@ T attn_bwd(const T* q, int64_t ldq, const T* k, int64_t ldk, const T* v, int64_t
   return dparam;
 }
 
+}  // namespace FUSIONBLOCKS_ISA
 }  // namespace cpu
 }  // namespace fusionblocks
