@@ -1,97 +1,247 @@
-"""CPU benchmark of the compiled ``cpp`` kernels against the reference (issue 7), in the bench suite of issue 6.
+"""CPU benchmark of the compiled ``cpp`` kernels against the reference, side by side, per ISA variant (issue 11).
 
-A thin wrapper over :mod:`fusionblocks.bench` (the engine of ``fusionblocks bench``): the implementations,
-the timing, the peak memory and the record format are the engine's; see ``benchmarks/results/README.md``
-for the definitions. This script picks the engine's ``cpu`` shape preset (``bench.PRESETS["cpu"]``):
+Every case times ``reference`` and ``cpp`` (the kernel variant forced with
+:func:`fusionblocks.ops.cpp.use_isa`) in one process on the same inputs, **interleaved**: ``--rounds``
+rounds, each timing a block of calls of every implementation in turn (the order rotating between rounds),
+so that load from other processes falls on all of them alike. A record's ``ms`` is the median over the
+rounds of the per-call mean of its block; the records are the engine's (:func:`fusionblocks.bench.make_record`,
+:func:`fusionblocks.bench.write_results`): ``device`` names the CPU model, and the shape carries
+``isa``, the cpp kernel variant the case ran (the reference's records of the case carry the same value,
+so the pairs line up). ``io_mb`` (q, k, v, o and, for ``fwd+bwd``, their gradients) and ``max_abs_err``
+(forward, against the fp32 reference) as in ``benchmarks/results/README.md``; ``peak_mem_mb`` is measured
+for the full decay only (its O(N) memory is the point), by the engine's :func:`fusionblocks.bench.peak_mem_mb`.
 
-- decay attention, full and decomposed, at 28×28 and 56×56 tokens, B=1, 4 heads, D=32 (RMT's fixed decay);
-- window attention at HiFuse's stage-1 shape (56×56 tokens, 3 heads, D=32, window 7, shift 0 and 3, with
-  the relative-position bias table) at batch 2;
+Shapes (``--set``):
 
-each for ``fwd`` and ``fwd+bwd``, fp32, on CPU, with ``max_abs_err`` against the fp32 reference. Default
-implementations: ``reference`` and ``cpp`` (``--impls ... sdpa`` adds the SDPA anchor). Issue 7's target:
-at 56², full decay ``fwd`` with ``cpp`` needs < 60 MB above its inputs (``peak_mem_mb`` minus ``io_mb``)
-and is no slower than ``reference``.
+- ``models`` (default): every attention call of the models, batch ``--batch`` (2): HEMF's decomposed decay
+  (8 heads, 56²/D12, 28²/D24, 14²/D48, 7²/D96), HiFuse-T's window attention (window 7, D 32, 56²/3 heads,
+  28²/6, 14²/12, 7²/24; shift 0 and 3), and the full decay at issue 7's shapes (B=1, 4 heads, D 32, 28², 56²);
+- ``targets``: the subset with issue 11's speed targets (window 56²/3 heads and 14²/12 heads, shift 0 and 3;
+  decomposed 28²/D24 and 56²/D12; full decay 56²).
 
-Run (writes ``benchmarks/results/cpu_kernels-<device>-<N>thread(s).json`` and ``.md``)::
+Run (writes ``benchmarks/results/cpu_kernels-<device>-<isa>-<N>thread(s).json`` and ``.md``)::
 
-    python benchmarks/bench_cpu.py --threads 1 --budget 3
-    python benchmarks/bench_cpu.py --threads 2 --budget 3
+    python benchmarks/bench_cpu.py --isa avx2 --threads 1
+    python benchmarks/bench_cpu.py --isa avx2 --threads 2
 
-Smoke run (tiny shapes; writes to a temporary folder unless ``--out-dir`` is given)::
+``--isa`` takes several variants (default: every one this machine runs, one file each). Smoke run (tiny
+shapes; writes to a temporary folder unless ``--out-dir`` is given)::
 
     python benchmarks/bench_cpu.py --quick
 """
 from __future__ import annotations
 
-import functools
+import argparse
 import os
+import statistics
 import sys
-from typing import Dict, List, Optional
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from fusionblocks import bench
+from fusionblocks.ops import cpp, decay_attention, reference, window_attention
 
 NAME = "cpu_kernels"
-PRESET = "cpu"
-IMPLS = ("reference", "cpp", "sdpa")
-DEFAULT_IMPLS = ("reference", "cpp")
+IMPLS = ("reference", "cpp")
+PASSES = ("fwd", "fwd+bwd")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+HEMF = [(56, 12), (28, 24), (14, 48), (7, 96)]  # decomposed decay, 8 heads: (side, D)
+HIFUSE = [(56, 3), (28, 6), (14, 12), (7, 24)]  # window 7, D 32: (side, heads)
+
+
+def model_shapes(batch: int = 2) -> Dict[str, List[dict]]:
+    """Every attention call of HEMF and HiFuse-T, and the full decay at issue 7's shapes (op -> shapes)."""
+    return {
+        "decay_attention_decomposed": [dict(B=batch, heads=8, H=s, W=s, D=d) for s, d in HEMF],
+        "window_attention": [dict(B=batch, heads=h, H=s, W=s, D=32, ws=7, shift=sh) for s, h in HIFUSE for sh in (0, 3)],
+        "decay_attention_full": [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)],
+    }
+
+
+def target_shapes(batch: int = 2) -> Dict[str, List[dict]]:
+    """The shapes of issue 11's speed targets."""
+    return {
+        "decay_attention_decomposed": [dict(B=batch, heads=8, H=s, W=s, D=d) for s, d in HEMF[:2]],
+        "window_attention": [dict(B=batch, heads=h, H=s, W=s, D=32, ws=7, shift=sh)
+                             for s, h in (HIFUSE[0], HIFUSE[2]) for sh in (0, 3)],
+        "decay_attention_full": [dict(B=1, heads=4, H=56, W=56, D=32)],
+    }
+
+
 QUICK_SHAPES = {
     "decay_attention_full": [dict(B=1, heads=2, H=5, W=7, D=16)],
-    "decay_attention_decomposed": [dict(B=1, heads=2, H=5, W=7, D=16)],
-    "window_attention": [dict(B=1, heads=2, H=9, W=6, D=16, ws=3, shift=1)],
+    "decay_attention_decomposed": [dict(B=1, heads=2, H=5, W=7, D=12)],
+    "window_attention": [dict(B=1, heads=2, H=9, W=6, D=20, ws=3, shift=1)],
 }
+SETS = {"models": model_shapes, "targets": target_shapes}
 COLUMNS = [("io MB", "io_mb"), ("max abs err", "max_abs_err")]
 
 
-def shapes(quick: bool) -> Dict[str, List[dict]]:
-    """The ``cpu`` preset's shapes (op name -> shapes), or the tiny smoke shapes."""
-    return {op: [dict(s) for s in ss] for op, ss in QUICK_SHAPES.items()} if quick else bench.preset(PRESET)
+def shapes(quick: bool, which: str = "models", batch: int = 2) -> Dict[str, List[dict]]:
+    """The shapes of a run (op name -> shapes): the named set, or the tiny smoke shapes."""
+    if quick:
+        return {op: [dict(s) for s in ss] for op, ss in QUICK_SHAPES.items()}
+    return SETS[which](batch)
+
+
+def make_inputs(op: str, shape: dict, seed: int = 0) -> dict:
+    """fp32 CPU inputs of one case; q, k, v (and the bias parameters) require grad."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape["H"] * shape["W"]
+    qkv = [torch.randn(shape["B"], shape["heads"], n, shape["D"], generator=g).requires_grad_() for _ in range(3)]
+    x = dict(zip("qkv", qkv))
+    if op.startswith("decay"):
+        x["p"] = torch.log(1 - 2.0 ** (-5 - torch.arange(shape["heads"], dtype=torch.float32))).requires_grad_()
+    else:
+        x["p"] = (0.02 * torch.randn((2 * shape["ws"] - 1) ** 2, shape["heads"], generator=g)).requires_grad_()
+    return x
+
+
+def call(op: str, shape: dict, backend: str) -> Callable[[dict], torch.Tensor]:
+    """The op at this shape on one backend, as a function of the inputs."""
+    hw = (shape["H"], shape["W"])
+    if op.startswith("decay"):
+        mode = "full" if op.endswith("full") else "decomposed"
+        return lambda x: decay_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, mode=mode, backend=backend)
+    return lambda x: window_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, window_size=shape["ws"],
+                                      shift=shape["shift"], backend=backend)
+
+
+def runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable[[], object]:
+    """One call of a pass: ``fwd`` under ``no_grad``; ``fwd+bwd`` backpropagates a fixed random gradient
+    into freshly reset input gradients."""
+    if pass_ == "fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(x)
+        return fwd
+    grads = [t for t in x.values() if t.requires_grad]
+    with torch.no_grad():
+        g = torch.randn_like(fn(x))
+
+    def fwd_bwd():
+        for t in grads:
+            t.grad = None
+        fn(x).backward(g)
+    return fwd_bwd
+
+
+def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int, budget_s: float) -> Dict[str, float]:
+    """Median over ``rounds`` of the mean ms per call of each function, the functions taking turns in every
+    round (rotating order); each block of calls lasts about ``budget_s / rounds`` seconds."""
+    names = list(fns)
+    reps = {}
+    for name in names:  # warm-up, and the calls per block
+        fns[name]()
+        t0 = time.perf_counter()
+        fns[name]()
+        reps[name] = max(1, int(budget_s / rounds / max(time.perf_counter() - t0, 1e-6)))
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fns[name]()
+            samples[name].append(1e3 * (time.perf_counter() - t0) / reps[name])
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def io_mb(shape: dict, pass_: str) -> float:
+    tensor_mb = shape["B"] * shape["heads"] * shape["H"] * shape["W"] * shape["D"] * 4 / 2**20
+    return tensor_mb * (8 if pass_ == "fwd+bwd" else 4)
+
+
+def run_isa(isa: str, cases: Dict[str, List[dict]], *, passes: Sequence[str], impls: Sequence[str], rounds: int,
+            budget_s: float, device: str, log=print) -> List[dict]:
+    """The records of every case with the cpp kernels forced to ``isa``."""
+    records = []
+    with cpp.use_isa(isa):
+        for op, op_shapes in cases.items():
+            for shape in op_shapes:
+                x = make_inputs(op, shape)
+                fns = {impl: call(op, shape, impl) for impl in impls}
+                with torch.no_grad():
+                    want = call(op, shape, "reference")(x)
+                    err = {impl: float((fn(x) - want).abs().max()) for impl, fn in fns.items()}
+                rec_shape = dict(shape, isa=isa)
+                for p in passes:
+                    ms = interleaved_ms({impl: runner(fn, x, p) for impl, fn in fns.items()}, rounds, budget_s)
+                    for impl in impls:
+                        mem = None
+                        if op == "decay_attention_full":
+                            mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
+                        records.append(bench.make_record(op, impl, rec_shape, torch.float32, p, ms[impl], mem, device,
+                                                         io_mb=io_mb(shape, p), max_abs_err=err[impl]))
+                    if "reference" in ms and "cpp" in ms:
+                        log(f"{isa:8s} {op:27s} {bench.shape_str(shape):42s} {p:8s} reference {ms['reference']:9.3f} ms"
+                            f"  cpp {ms['cpp']:9.3f} ms  x{ms['reference'] / ms['cpp']:.2f}")
+    return records
 
 
 def load_average() -> Optional[float]:
-    """The machine's 1-minute load average (``None`` where the OS has none): other work on the cores skews
-    CPU timings, so the Markdown title records it before and after the run."""
+    """The machine's 1-minute load average (``None`` where the OS has none), recorded in the Markdown title."""
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
 
 
-def add_fields(records: List[dict], device: torch.device, load_before: Optional[float] = None) -> str:
-    """``io_mb``: q, k, v, o (+ their gradients for ``fwd+bwd``), the floor of a fused kernel's ``peak_mem_mb``."""
-    for r in records:
-        if r["ms"] is None:
-            continue
-        s = r["shape"]
-        elem = torch.empty((), dtype=bench.parse_dtype(r["dtype"])).element_size()
-        tensor_mb = s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * elem / 2**20
-        r["io_mb"] = tensor_mb * (8 if r["pass"] == "fwd+bwd" else 4)
-    note = f"{torch.get_num_threads()} thread(s) on {os.cpu_count()} cores"
-    load_after = load_average()
-    if load_before is not None and load_after is not None:
-        note += f" · 1-min load average {load_before:.1f} before, {load_after:.1f} after the run"
-    return note
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--isa", nargs="+", default=None,
+                   help=f"cpp kernel variants to time, one output file each (of {list(cpp.ISAS)}; "
+                        "default: every one this machine runs)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--set", dest="which", choices=sorted(SETS), default="models", help="shape set (default models)")
+    p.add_argument("--batch", type=int, default=2, help="batch of the model shapes (default 2)")
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 15; --quick 2)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds per implementation and case, over all rounds (default 3; --quick 0.05)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, short timing (a smoke run)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON and Markdown go (default benchmarks/results; --quick: a new temporary folder)")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = bench.script_parser(__doc__.split("\n\n")[0], IMPLS)
-    p.set_defaults(impls=list(DEFAULT_IMPLS))
-    args = p.parse_args(argv)
-    if args.dtypes is None:
-        args.dtypes = ["fp32"]
-    if args.rotate is None:
-        args.rotate = 1
-    threads = args.threads or torch.get_num_threads()
-    bench.run_script(
-        args, name=NAME, shapes=shapes(args.quick), results_dir=RESULTS_DIR,
-        command=" ".join(["python benchmarks/bench_cpu.py", *(sys.argv[1:] if argv is None else argv)]),
-        columns=COLUMNS, add_fields=functools.partial(add_fields, load_before=load_average()), device="cpu",
-        pivot="cpp",
-        suffix=f"-{threads}thread" + ("s" if threads != 1 else ""),
-    )
+    args = parser().parse_args(argv)
+    if not cpp.available():
+        sys.exit(f"bench_cpu: the cpp kernels are not built: {cpp.LOAD_ERROR}; {cpp.BUILD_HINT}")
+    isas = args.isa or cpp.supported_isas()
+    for isa in isas:
+        if isa not in cpp.ISAS:
+            sys.exit(f"bench_cpu: unknown --isa {isa!r}; expected some of {list(cpp.ISAS)}")
+        why = cpp.isa_unsupported_reason(isa)
+        if why:
+            sys.exit(f"bench_cpu: cannot time the {isa} variant here: {why}; this machine runs {cpp.supported_isas()}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    rounds = args.rounds or (2 if args.quick else 15)
+    budget = args.budget or (0.05 if args.quick else 3.0)
+    cases = shapes(args.quick, args.which, args.batch)
+    device = bench.device_name(torch.device("cpu"))
+    out_dir = args.out_dir or (tempfile.mkdtemp(prefix=f"bench_{NAME}_") if args.quick else RESULTS_DIR)
+    command = " ".join(["python benchmarks/bench_cpu.py", *(sys.argv[1:] if argv is None else argv)])
+    for isa in isas:
+        load_before = load_average()
+        records = run_isa(isa, cases, passes=args.passes, impls=args.impls, rounds=rounds, budget_s=budget,
+                          device=device)
+        load_after = load_average()
+        note = f"cpp variant {isa} · {threads} thread(s) on {os.cpu_count()} cores · {rounds} interleaved rounds"
+        if load_before is not None and load_after is not None:
+            note += f" · 1-min load average {load_before:.1f} before, {load_after:.1f} after"
+        suffix = f"-{isa}-{threads}thread" + ("s" if threads != 1 else "")
+        path = os.path.join(out_dir, f"{NAME}-{bench.device_slug(device)}{suffix}.json")
+        md = bench.write_results(records, path, extra_columns=COLUMNS, title=f"{NAME}: `{command}` · {note}",
+                                 pivot="cpp" if "cpp" in args.impls and "reference" in args.impls else None)
+        print(f"wrote {path} and {md}")
     return 0
 
 

@@ -10,6 +10,15 @@ Dtypes: float64 is computed in float64 and float32 in float32; bfloat16 and floa
 accepted and computed in float32 (more accurate than the reference, which forms scores in the input
 dtype), the result is cast back. Gradients flow to q, k, v, ``log_gamma`` and ``bias_table``.
 
+ISA variants: the kernels are compiled once per instruction set (``default``: the compiler's baseline,
+4-float vectors, on any CPU including aarch64; ``avx2``: AVX2 + FMA, 8-float vectors; ``avx512``:
+AVX-512F, 16-float vectors; the last two with GCC on x86-64 only), each with the register blocking of
+its ISA, and the best one this CPU runs is used. :func:`set_isa` (or the :func:`use_isa` context
+manager, or the environment variable ``FUSIONBLOCKS_CPU_ISA=auto|avx512|avx2|default``, read at every
+call) forces one, so each variant can be tested and benchmarked on the machine at hand;
+:func:`current_isa` names the variant the next call uses and :func:`supported_isas` those this machine
+runs. Asking for a variant the CPU lacks is an error naming what it lacks, never a silent fallback.
+
 The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` with TORCH_LIBRARY
 schemas; their fake (meta) kernels and autograd formulas are registered here, so they trace under
 ``torch.compile`` and pass ``torch.library.opcheck``. When the extension is not built, the backends
@@ -17,7 +26,9 @@ stay registered and ``fusionblocks.ops.explain`` says how to build it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+import os
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -44,12 +55,94 @@ COMPUTE_DTYPES = {
     torch.float16: torch.float32,
 }
 
-__all__ = ["available", "LOAD_ERROR", "BUILD_HINT", "COMPUTE_DTYPES", "decay_attention_cpp", "window_attention_cpp"]
+# every CPU kernel variant, widest first
+ISAS = ("avx512", "avx2", "default")
+ISA_ENV = "FUSIONBLOCKS_CPU_ISA"
+
+__all__ = [
+    "available", "LOAD_ERROR", "BUILD_HINT", "COMPUTE_DTYPES", "ISAS", "ISA_ENV", "supported_isas", "current_isa",
+    "set_isa", "use_isa", "isa_unsupported_reason", "decay_attention_cpp", "window_attention_cpp",
+]
 
 
 def available() -> bool:
     """True when ``fusionblocks._C`` is built and loaded."""
     return _C is not None
+
+
+def _require_extension() -> None:
+    if _C is None:
+        raise RuntimeError(extension_reasons()[0])
+
+
+def supported_isas() -> List[str]:
+    """Names of the CPU kernel variants this machine and this build run, best first (``[]`` without the
+    extension); ``"default"`` is always among them when the extension is built."""
+    return list(_C.cpu_isas()) if _C is not None else []
+
+
+def isa_unsupported_reason(name: str) -> str:
+    """Why this machine cannot run the variant ``name`` (``""`` when it can), e.g. ``"this CPU lacks avx512f"``."""
+    _require_extension()
+    _check_isa_name(name)
+    return _C.cpu_isa_unsupported_reason(name)
+
+
+def current_isa() -> Optional[str]:
+    """The CPU kernel variant the next ``cpp`` call uses (``"avx512"``, ``"avx2"`` or ``"default"``), or
+    ``None`` when the extension is not built. Raises ``RuntimeError`` when ``FUSIONBLOCKS_CPU_ISA`` asks
+    for a variant this CPU lacks (the message says which feature is missing)."""
+    return _C.cpu_isa() if _C is not None else None
+
+
+# the variant forced through set_isa (None: automatic), mirrored here so use_isa can restore it
+_forced_isa: Optional[str] = None
+
+
+def _check_isa_name(name: str) -> None:
+    if not isinstance(name, str) or name.lower() not in ISAS:
+        raise ValueError(f"fusionblocks cpp kernels: unknown CPU ISA variant {name!r}; expected one of {list(ISAS)} "
+                         "(or None / 'auto' for the automatic choice)")
+
+
+def set_isa(name: Optional[str]) -> None:
+    """Force the CPU kernel variant ``name`` for every later ``cpp`` call in this process (all threads);
+    ``None`` or ``"auto"`` returns to the automatic choice (``FUSIONBLOCKS_CPU_ISA``, then the best variant).
+
+    Raises ``ValueError`` for an unknown name and ``RuntimeError`` when this CPU (or this build) cannot run it,
+    naming what is missing and the variants it can run.
+    """
+    global _forced_isa
+    _require_extension()
+    if name is None or name == "auto":
+        _C.set_cpu_isa(None)
+        _forced_isa = None
+        return
+    _check_isa_name(name)
+    _C.set_cpu_isa(name.lower())
+    _forced_isa = name.lower()
+
+
+@contextlib.contextmanager
+def use_isa(name: Optional[str]) -> Iterator[str]:
+    """Context manager: :func:`set_isa` ``(name)`` inside the block, the previous setting restored after it;
+    yields the variant in use."""
+    previous = _forced_isa
+    set_isa(name)
+    try:
+        yield current_isa()
+    finally:
+        set_isa(previous)
+
+
+def _isa_reasons() -> List[str]:
+    if _C is None or not os.environ.get(ISA_ENV):
+        return []
+    try:
+        _C.cpu_isa()
+    except (RuntimeError, ValueError) as e:
+        return [str(e)]
+    return []
 
 
 def extension_reasons() -> List[str]:
@@ -59,7 +152,7 @@ def extension_reasons() -> List[str]:
 
 
 def _common_reasons(what: str, tensors) -> List[str]:
-    reasons = extension_reasons()
+    reasons = extension_reasons() or _isa_reasons()
     devices = sorted({str(t.device) for t in tensors if t is not None and t.device.type != "cpu"})
     if devices:
         reasons.append(f"{what} runs on CPU tensors only, got {', '.join(devices)}")

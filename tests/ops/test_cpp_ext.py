@@ -1,5 +1,6 @@
 """The compiled extension ``fusionblocks._C`` (``cpp`` backend): parity of outputs and of every gradient
-with the reference, dispatch reasons, opcheck / torch.compile, and the golden blocks on the cpp kernels."""
+with the reference (for every CPU kernel variant this machine runs), the ISA switch, dispatch reasons,
+opcheck / torch.compile, and the golden blocks on the cpp kernels."""
 from __future__ import annotations
 
 import os
@@ -214,6 +215,127 @@ def test_window_low_precision(dtype):
         lambda *a: window_attention(*a, hw=(14, 14), window_size=7, shift=3, backend="cpp"),
         inputs, dtype,
     )
+
+
+# ---------------------------------------------------------------- every ISA variant
+
+
+@pytest.fixture(params=cpp.ISAS)
+def isa(request):
+    """Runs the test with the cpp kernels forced to one ISA variant; skips (with the reason) where this
+    machine or build cannot run it."""
+    if not cpp.available():
+        pytest.skip(f"fusionblocks._C not built: {cpp.LOAD_ERROR}")
+    why = cpp.isa_unsupported_reason(request.param)
+    if why:
+        pytest.skip(f"the {request.param} kernels cannot run here: {why}")
+    with cpp.use_isa(request.param) as name:
+        assert name == request.param
+        yield name
+
+
+def _isa_parity(ref_fn, cpp_fn, inputs, dtype):
+    """cpp in ``dtype`` against the reference in float64 on the same values: outputs and every gradient.
+    float64 must agree to rounding; float32 to a few float32 ulps of the largest entry of each tensor."""
+    inputs = [t.detach().to(dtype).requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    out, want = cpp_fn(*inputs), ref_fn(*ref_inputs)
+    assert out.dtype == dtype
+    g = torch.randn_like(want)
+    diff = [t for t in inputs if t is not None and t.requires_grad]
+    got_g = torch.autograd.grad(out, diff, g.to(dtype))
+    want_g = torch.autograd.grad(want, [t for t in ref_inputs if t is not None and t.requires_grad], g)
+    names = ["out"] + [f"grad {i}" for i in range(len(diff))]
+    for name, got, ref in zip(names, (out, *got_g), (want, *want_g)):
+        if dtype == torch.float64:
+            torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+        else:
+            err = (got.double() - ref).abs().max().item()
+            assert err <= 5e-6 * max(1.0, ref.abs().max().item()), (name, err, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+@pytest.mark.parametrize("hw, b, d, noncontig", [
+    ((7, 13), 1, 12, True),   # non-square, odd sides, batch 1, packed-projection views
+    ((13, 7), 2, 20, False),  # head dim not a multiple of 8 or 16
+    ((57, 3), 1, 24, True),   # a line longer than one vector chunk of every ISA
+    ((5, 6), 1, 96, False),   # the widest model head dim (HEMF 7x7 stage)
+])
+def test_isa_decay_parity(isa, dtype, mode, hw, b, d, noncontig):
+    inputs = _decay_case(mode, hw, b, 2, d, noncontig=noncontig)
+    with torch.no_grad():
+        inputs[3].mul_(40)  # a strong decay (log_gamma ~ -1): rows far from uniform
+    _isa_parity(
+        lambda *a: reference.decay_attention(*a, hw=hw, mode=mode),
+        lambda *a: decay_attention(*a, hw=hw, mode=mode, backend="cpp"),
+        inputs, dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("ws, shift, hw, b, d, bias, noncontig", [
+    (7, 0, (14, 21), 1, 32, True, True),   # HiFuse's window and head dim, non-square grid
+    (7, 3, (14, 7), 2, 12, True, False),   # shifted, head dim 12
+    (7, 3, (7, 7), 1, 24, True, True),     # one window covering the grid, shifted
+    (5, 2, (10, 15), 1, 20, False, False),  # odd window (25 tokens), no bias table
+    (3, 1, (9, 6), 1, 96, True, False),    # tiny windows, wide heads
+])
+def test_isa_window_parity(isa, dtype, ws, shift, hw, b, d, bias, noncontig):
+    inputs = _window_case(ws, hw, b, 3, d, bias, noncontig=noncontig)
+    _isa_parity(
+        lambda *a: reference.window_attention(*a, hw=hw, window_size=ws, shift=shift),
+        lambda *a: window_attention(*a, hw=hw, window_size=ws, shift=shift, backend="cpp"),
+        inputs, dtype,
+    )
+
+
+@needs_ext
+def test_isa_switch():
+    names = cpp.supported_isas()
+    assert names and names[-1] == "default" and set(names) <= set(cpp.ISAS)
+    assert cpp.current_isa() == names[0]  # automatic: the best variant
+    for name in names:
+        with cpp.use_isa(name) as got:
+            assert got == cpp.current_isa() == name
+            with cpp.use_isa("default"):
+                assert cpp.current_isa() == "default"
+            assert cpp.current_isa() == name  # nested blocks restore the outer choice
+    assert cpp.current_isa() == names[0]
+    with pytest.raises(ValueError, match="unknown CPU ISA variant 'sse4'.*avx512"):
+        cpp.set_isa("sse4")
+    for name in cpp.ISAS:
+        why = cpp.isa_unsupported_reason(name)
+        assert (why == "") == (name in names)
+        if why:
+            with pytest.raises(RuntimeError, match=f"cannot use the {name} variant: {why}"):
+                cpp.set_isa(name)
+            assert cpp.current_isa() == names[0]  # a refused request changes nothing
+
+
+@needs_ext
+def test_isa_environment_variable(monkeypatch):
+    q, k, v, lg = _decay_case("full", (3, 3), 1, 2, 8, torch.float32)
+    for name in cpp.supported_isas():
+        monkeypatch.setenv(cpp.ISA_ENV, name.upper())
+        assert cpp.current_isa() == name
+        with cpp.use_isa("default"):  # set_isa wins over the environment
+            assert cpp.current_isa() == "default"
+        assert cpp.current_isa() == name
+    monkeypatch.setenv(cpp.ISA_ENV, "auto")
+    assert cpp.current_isa() == cpp.supported_isas()[0]
+    monkeypatch.setenv(cpp.ISA_ENV, "neon9")
+    with pytest.raises(ValueError, match="unknown CPU ISA variant 'neon9'"):
+        cpp.current_isa()
+    with pytest.raises(ValueError, match="unknown CPU ISA variant 'neon9'"):
+        torch.ops.fusionblocks_C.decay_full_fwd(q, k, v, lg, 3, 3, 0.5)
+    reasons = explain("decay_attention", q, k, v, lg, hw=(3, 3), mode="full", scale=None)["cpp"]
+    assert len(reasons) == 1 and "FUSIONBLOCKS_CPU_ISA" not in reasons[0] and "neon9" in reasons[0]
+    missing = [n for n in cpp.ISAS if cpp.isa_unsupported_reason(n)]
+    if missing:
+        monkeypatch.setenv(cpp.ISA_ENV, missing[0])
+        with pytest.raises(RuntimeError, match=f"FUSIONBLOCKS_CPU_ISA={missing[0]} asks for"):
+            decay_attention(q, k, v, lg, hw=(3, 3), backend="cpp")
 
 
 # ---------------------------------------------------------------- dispatch, opcheck, compile
