@@ -131,7 +131,12 @@ inline vfloat vload(const float* p) {
 
 inline void vstore(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline vfloat vsplat(float x) { return vfloat{} + x; }
+template <size_t... I>
+inline vfloat vsplat_(float x, std::index_sequence<I...>) {
+  return vfloat{((void)I, x)...};
+}
+// every lane x (a broadcast; `vfloat{} + x` would cost an add and a register)
+inline vfloat vsplat(float x) { return vsplat_(x, std::make_index_sequence<kVecFloats>()); }
 
 // a * b + c, fused where the ISA has FMA (C++20 mode does not contract a * b + c on its own)
 inline vfloat vfma(vfloat a, vfloat b, vfloat c) {
@@ -395,13 +400,27 @@ inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_
 
 // ---------------------------------------------------------------- gathered tiles
 
+// d floats from s to t: whole vectors, then the rest (a call to memmove costs more than 32 floats)
+inline void copy_row(const float* s, float* t, int64_t d) {
+  int64_t c = 0;
+  for (; c + kPad <= d; c += kPad) vstore(t + c, vload(s + c));
+  for (; c < d; ++c) t[c] = s[c];
+}
+inline void copy_row(const double* s, double* t, int64_t d) { std::copy(s, s + d, t); }
+
+inline void add_row(const float* s, float* t, int64_t d) {
+  int64_t c = 0;
+  for (; c + kPad <= d; c += kPad) vstore(t + c, vload(t + c) + vload(s + c));
+  for (; c < d; ++c) t[c] += s[c];
+}
+inline void add_row(const double* s, double* t, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) t[c] += s[c];
+}
+
 // Tiles of `len` token rows of d entries, row l at src + tok[l] * d.
 template <typename T>
 void gather(const T* src, const int64_t* tok, int64_t len, int64_t d, T* dst, int64_t ld) {
-  for (int64_t l = 0; l < len; ++l) {
-    const T* s = src + tok[l] * d;
-    std::copy(s, s + d, dst + l * ld);
-  }
+  for (int64_t l = 0; l < len; ++l) copy_row(src + tok[l] * d, dst + l * ld, d);
 }
 
 // gathered straight into the transposed tile dst (d x len, stride ld)
@@ -415,16 +434,12 @@ void gather_t(const T* src, const int64_t* tok, int64_t len, int64_t d, T* dst, 
 
 template <typename T>
 void scatter(const T* src, int64_t ld, const int64_t* tok, int64_t len, int64_t d, T* dst) {
-  for (int64_t l = 0; l < len; ++l) std::copy(src + l * ld, src + l * ld + d, dst + tok[l] * d);
+  for (int64_t l = 0; l < len; ++l) copy_row(src + l * ld, dst + tok[l] * d, d);
 }
 
 template <typename T>
 void scatter_add(const T* src, int64_t ld, const int64_t* tok, int64_t len, int64_t d, T* dst) {
-  for (int64_t l = 0; l < len; ++l) {
-    const T* s = src + l * ld;
-    T* o = dst + tok[l] * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += s[c];
-  }
+  for (int64_t l = 0; l < len; ++l) add_row(src + l * ld, dst + tok[l] * d, d);
 }
 
 // The products of one window or line: float tiles whose sides fit small_mm use it (operands that

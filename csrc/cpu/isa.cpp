@@ -69,13 +69,24 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
-Isa parse_isa(const std::string& name) {
+namespace {
+bool lookup_isa(const std::string& name, Isa* out) {
   std::string s(name);
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Default})
-    if (s == isa_name(isa)) return isa;
-  TORCH_CHECK_VALUE(false, "fusionblocks cpp kernels: unknown CPU ISA variant '", name,
+    if (s == isa_name(isa)) {
+      *out = isa;
+      return true;
+    }
+  return false;
+}
+}  // namespace
+
+Isa parse_isa(const std::string& name) {
+  Isa isa = Isa::Default;
+  TORCH_CHECK_VALUE(lookup_isa(name, &isa), "fusionblocks cpp kernels: unknown CPU ISA variant '", name,
                     "'; expected one of avx512, avx2, default (or auto)");
+  return isa;
 }
 
 void set_active_isa(std::optional<Isa> isa) {
@@ -94,7 +105,9 @@ Isa active_isa() {
   if (f >= 0) return static_cast<Isa>(f);
   const char* env = std::getenv("FUSIONBLOCKS_CPU_ISA");
   if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
-  const Isa isa = parse_isa(env);
+  Isa isa = Isa::Default;
+  TORCH_CHECK_VALUE(lookup_isa(env, &isa), "fusionblocks cpp kernels: FUSIONBLOCKS_CPU_ISA=", env,
+                    " is not a CPU ISA variant; expected one of auto, avx512, avx2, default");
   const std::string why = isa_unsupported_reason(isa);
   TORCH_CHECK(why.empty(), "fusionblocks cpp kernels: FUSIONBLOCKS_CPU_ISA=", env, " asks for the ", isa_name(isa),
               " variant, but ", why, "; this machine runs: ", c10::Join(", ", supported_isas()),

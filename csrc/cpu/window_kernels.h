@@ -48,28 +48,54 @@ inline int64_t window_kind(const WindowGeometry& g, int64_t win) {
   return 2 * (win / g.nwx == nwy - 1) + (win % g.nwx == g.nwx - 1);
 }
 
-// bias + mask of every (kind, head) as len x len matrices with rows padded to `ls`: (4, nh, len, ls)
+// bias + mask of every (kind, head) that occurs, as len x len matrices with rows padded to `ls`: matrix
+// (slot[kind] * nh + head). Without a shift only kind 0 occurs; on a grid of one window only kind 3.
 template <typename T>
-std::vector<T> bias_matrices(const WindowGeometry& g, const std::vector<int32_t>& rel, int64_t nh, const T* table,
-                             int64_t ls) {
+struct BiasMatrices {
+  std::vector<T> m;
+  int64_t slot[4] = {-1, -1, -1, -1};
+  int64_t nh = 0, size = 0;
+  const T* of(int64_t kind, int64_t head) const { return m.data() + (slot[kind] * nh + head) * size; }
+};
+
+template <typename T>
+BiasMatrices<T> bias_matrices(const WindowGeometry& g, const std::vector<int32_t>& rel, int64_t nh, const T* table,
+                              int64_t ls) {
   const int64_t L = g.len, nwy = g.h / g.ws;
-  std::vector<T> m(4 * nh * L * ls, T(0));
-  std::vector<int64_t> region(L);
-  for (int64_t kind = 0; kind < 4; ++kind) {
-    const int64_t win = ((kind & 2) ? nwy - 1 : 0) * g.nwx + ((kind & 1) ? g.nwx - 1 : 0);
-    for (int64_t l = 0; l < L; ++l) region[l] = g.shift ? g.region(win, l) : 0;
-    for (int64_t head = 0; head < nh; ++head) {
-      T* mk = m.data() + (kind * nh + head) * L * ls;
-      for (int64_t i = 0; i < L; ++i) {
-        T* row = mk + i * ls;
-        for (int64_t j = 0; j < L; ++j) {
-          const T b = table ? table[rel[i * L + j] * nh + head] : T(0);
-          row[j] = b + (region[j] != region[i] ? T(-100) : T(0));
-        }
-      }
+  BiasMatrices<T> bm;
+  bm.nh = nh;
+  bm.size = L * ls;
+  int64_t kinds[4], nk = 0;
+  for (int64_t win = 0; win < g.nwin; ++win) {
+    const int64_t kind = window_kind(g, win);
+    if (bm.slot[kind] < 0) {
+      bm.slot[kind] = nk;
+      kinds[nk++] = kind;
     }
   }
-  return m;
+  bm.m.assign(nk * nh * L * ls, T(0));
+  // the shift mask of each kind that occurs (-100 across shift regions), then the table's bias per head
+  std::vector<T> mask(nk * L * L, T(0));
+  std::vector<int64_t> region(L);
+  for (int64_t s = 0; s < nk; ++s) {
+    const int64_t kind = kinds[s];
+    const int64_t win = ((kind & 2) ? nwy - 1 : 0) * g.nwx + ((kind & 1) ? g.nwx - 1 : 0);
+    for (int64_t l = 0; l < L; ++l) region[l] = g.shift ? g.region(win, l) : 0;
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) mask[(s * L + i) * L + j] = region[j] != region[i] ? T(-100) : T(0);
+  }
+  std::vector<T> bias(L * L, T(0));
+  for (int64_t head = 0; head < nh; ++head) {
+    if (table)
+      for (int64_t ij = 0; ij < L * L; ++ij) bias[ij] = table[rel[ij] * nh + head];
+    for (int64_t s = 0; s < nk; ++s) {
+      T* mk = bm.m.data() + (s * nh + head) * L * ls;
+      const T* ms = mask.data() + s * L * L;
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < L; ++j) mk[i * ls + j] = bias[i * L + j] + ms[i * L + j];
+    }
+  }
+  return bm;
 }
 
 // window rows to/from a tile with row stride ld >= d
@@ -102,7 +128,7 @@ Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const st
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_fwd", [&] {
     using T = scalar_t;
     const int64_t L = g.len, ls = padded(L);
-    const std::vector<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
+    const BiasMatrices<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
     const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
@@ -121,7 +147,7 @@ Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const st
           gather<T>(kp + base, tk, L, d, kw.data(), ld);
         }
         gather<T>(vp + base, tk, L, d, vw.data(), ld);
-        const T* bias = bm.data() + (window_kind(g, win) * nh + bh % nh) * L * ls;
+        const T* bias = bm.of(window_kind(g, win), bh % nh);
         window_probs<T>(tmm, qw.data(), kw.data(), tmm.fast ? kt.data() : nullptr, ld, bias, L, ls, d,
                         static_cast<T>(scale), p.data(), inv.data());
         tmm(L, d, L, T(1), p.data(), ls, 1, vw.data(), ld, nullptr, 0, ow.data(), ld);
@@ -156,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
   const std::vector<int64_t> tok = window_tokens(g);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_bwd", [&] {
     using T = scalar_t;
-    const std::vector<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
+    const BiasMatrices<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = grad.data_ptr<T>();
     T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
     T* pp = table.defined() ? parts.data_ptr<T>() : nullptr;
@@ -182,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
         } else {
           gather<T>(vp + base, tk, L, d, vw.data(), ld);
         }
-        const T* bias = bm.data() + (window_kind(g, win) * nh + head) * L * ls;
+        const T* bias = bm.of(window_kind(g, win), head);
         window_probs<T>(tmm, qw.data(), kw.data(), tmm.fast ? kt.data() : nullptr, ld, bias, L, ls, d, sc, p.data(),
                         nullptr);
         tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
