@@ -202,9 +202,8 @@ constexpr int rows_per_block(int nv) { return std::min(8, (kVecRegs - 1 - nv) / 
 constexpr int64_t kMaxSmallN = 128;
 
 template <int NV, int R>
-__attribute__((always_inline)) inline void tile_block(int64_t k, float alpha, const float* a, int64_t ars,
-                                                      int64_t acs, const float* b, int64_t ldb, float* c,
-                                                      int64_t ldc) {
+__attribute__((always_inline)) inline void tile_block(int64_t k, const float* a, int64_t ars, int64_t acs,
+                                                      const float* b, int64_t ldb, float* c, int64_t ldc) {
   vfloat acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -224,30 +223,29 @@ __attribute__((always_inline)) inline void tile_block(int64_t k, float alpha, co
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kVecFloats, acc[r][v] * alpha);
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * kVecFloats, acc[r][v]);
 }
 
 // the last `rem` (< R) rows of a chunk
 template <int NV, int R>
-__attribute__((always_inline)) inline void tile_tail(int64_t rem, int64_t k, float alpha, const float* a,
-                                                     int64_t ars, int64_t acs, const float* b, int64_t ldb, float* c,
-                                                     int64_t ldc) {
+__attribute__((always_inline)) inline void tile_tail(int64_t rem, int64_t k, const float* a, int64_t ars,
+                                                     int64_t acs, const float* b, int64_t ldb, float* c, int64_t ldc) {
   if constexpr (R > 0) {
     if (rem == R) {
-      tile_block<NV, R>(k, alpha, a, ars, acs, b, ldb, c, ldc);
+      tile_block<NV, R>(k, a, ars, acs, b, ldb, c, ldc);
     } else {
-      tile_tail<NV, R - 1>(rem, k, alpha, a, ars, acs, b, ldb, c, ldc);
+      tile_tail<NV, R - 1>(rem, k, a, ars, acs, b, ldb, c, ldc);
     }
   }
 }
 
 template <int NV>
-inline void tile_chunk(int64_t m, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs, const float* b,
-                       int64_t ldb, float* c, int64_t ldc) {
+inline void tile_chunk(int64_t m, int64_t k, const float* a, int64_t ars, int64_t acs, const float* b, int64_t ldb,
+                       float* c, int64_t ldc) {
   constexpr int RB = rows_per_block(NV);
   int64_t r0 = 0;
-  for (; r0 + RB <= m; r0 += RB) tile_block<NV, RB>(k, alpha, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
-  tile_tail<NV, RB - 1>(m - r0, k, alpha, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
+  for (; r0 + RB <= m; r0 += RB) tile_block<NV, RB>(k, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
+  tile_tail<NV, RB - 1>(m - r0, k, a + r0 * ars, ars, acs, b, ldb, c + r0 * ldc, ldc);
 }
 
 inline bool small_mm_fits(int64_t n) { return n > 0 && n <= kMaxSmallN; }
@@ -259,15 +257,19 @@ inline void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* 
     const float* bj = b + j * kVecFloats;
     float* cj = c + j * kVecFloats;
     switch (std::min<int64_t>(kChunk, nv - j)) {
-      case 1: tile_chunk<1>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
-      case 2: tile_chunk<2>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 1: tile_chunk<1>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 2: tile_chunk<2>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
 #if FUSIONBLOCKS_VEC_REGS >= 32
-      case 3: tile_chunk<3>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
-      case 4: tile_chunk<4>(m, k, alpha, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 3: tile_chunk<3>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
+      case 4: tile_chunk<4>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
 #endif
       default: break;
     }
   }
+  // alpha after the products: kept out of the blocks, it would take the register of a B vector
+  if (alpha != 1.0f)
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c0 = 0; c0 < nv * kPad; c0 += kPad) vstore(c + r * ldc + c0, vload(c + r * ldc + c0) * alpha);
 }
 
 // ---------------------------------------------------------------- row-wise softmax pieces
