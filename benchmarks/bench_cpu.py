@@ -8,8 +8,8 @@ rounds of the per-call mean of its block; the records are the engine's (:func:`f
 :func:`fusionblocks.bench.write_results`): ``device`` names the CPU model, and the shape carries
 ``isa``, the cpp kernel variant the case ran (the reference's records of the case carry the same value,
 so the pairs line up). ``io_mb`` (q, k, v, o and, for ``fwd+bwd``, their gradients) and ``max_abs_err``
-(forward, against the fp32 reference) as in ``benchmarks/results/README.md``; ``peak_mem_mb`` is measured
-for the full decay only (its O(N) memory is the point), by the engine's :func:`fusionblocks.bench.peak_mem_mb`.
+(forward, against the fp32 reference) as in ``benchmarks/results/README.md``; ``peak_mem_mb`` by the engine's
+:func:`fusionblocks.bench.peak_mem_mb` (one extra, untimed call).
 
 Shapes (``--set``):
 
@@ -171,9 +171,7 @@ def run_isa(isa: str, cases: Dict[str, List[dict]], *, passes: Sequence[str], im
                 for p in passes:
                     ms = interleaved_ms({impl: runner(fn, x, p) for impl, fn in fns.items()}, rounds, budget_s)
                     for impl in impls:
-                        mem = None
-                        if op == "decay_attention_full":
-                            mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
+                        mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
                         records.append(bench.make_record(op, impl, rec_shape, torch.float32, p, ms[impl], mem, device,
                                                          io_mb=io_mb(shape, p), max_abs_err=err[impl]))
                     if "reference" in ms and "cpp" in ms:

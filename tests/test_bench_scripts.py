@@ -132,45 +132,53 @@ def cpp_can_run() -> bool:
 
 def test_cpu_script_quick(tmp_path, capsys, one_thread):
     mod = load_script("bench_cpu")
+    if not cpp_can_run():
+        with pytest.raises(SystemExit, match="cpp kernels are not built"):
+            mod.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+        return
+    from fusionblocks.ops import cpp
+
     assert mod.main(["--quick", "--threads", "1", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    path = tmp_path / f"cpu_kernels-{bench.device_slug(torch.device('cpu'))}-1thread.json"
-    assert path.exists(), sorted(os.listdir(tmp_path))
-    records = json.loads(path.read_text())
-    bench.validate_records(records)
-    jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(records, bench.RECORDS_SCHEMA)
-    impls = {"reference", "cpp"} if cpp_can_run() else {"reference"}
-    assert {r["op"] for r in records} == set(mod.QUICK_SHAPES)
-    for op, shapes in mod.QUICK_SHAPES.items():
-        for shape in shapes:
-            for p in bench.PASSES:
-                got = [r for r in records if r["op"] == op and r["shape"] == shape and r["pass"] == p]
-                assert {r["impl"] for r in got} == impls and len(got) == len(impls), (op, shape, p)
-    for r in records:
-        assert r["device"] == bench.device_name(torch.device("cpu")) and r["dtype"] == "float32"
-        assert "error" not in r and r["ms"] > 0
-        assert r["max_abs_err"] < 1e-5, r
-        s = r["shape"]
-        io = s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20 * (8 if r["pass"] == "fwd+bwd" else 4)
-        assert r["io_mb"] == pytest.approx(io)
-        # inputs are counted: q, k, v (+ the decay or the bias table) at the least
-        assert r["peak_mem_mb"] >= 3 * s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20
-    md = path.with_suffix(".md").read_text()
-    assert "| op | shape |" in md and md.count("\n| ") >= len(records) + 1
-    assert ("cpp vs reference" in md) == ("cpp" in impls)
-    assert "1 thread(s) on" in md and "wrote" in out
+    for isa in cpp.supported_isas():  # one file per ISA variant this machine runs
+        path = tmp_path / f"cpu_kernels-{bench.device_slug(torch.device('cpu'))}-{isa}-1thread.json"
+        assert path.exists(), sorted(os.listdir(tmp_path))
+        records = json.loads(path.read_text())
+        bench.validate_records(records)
+        jsonschema = pytest.importorskip("jsonschema")
+        jsonschema.validate(records, bench.RECORDS_SCHEMA)
+        assert {r["op"] for r in records} == set(mod.QUICK_SHAPES)
+        for op, shapes in mod.QUICK_SHAPES.items():
+            for shape in shapes:
+                for p in bench.PASSES:
+                    got = [r for r in records if r["op"] == op and r["shape"] == dict(shape, isa=isa) and r["pass"] == p]
+                    assert {r["impl"] for r in got} == {"reference", "cpp"} and len(got) == 2, (op, shape, p)
+        for r in records:
+            assert r["device"] == bench.device_name(torch.device("cpu")) and r["dtype"] == "float32"
+            assert "error" not in r and r["ms"] > 0
+            assert r["max_abs_err"] < 1e-5, r
+            s = r["shape"]
+            io = s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20 * (8 if r["pass"] == "fwd+bwd" else 4)
+            assert r["io_mb"] == pytest.approx(io)
+            # inputs are counted: q, k, v (+ the decay or the bias table) at the least
+            assert r["peak_mem_mb"] >= 3 * s["B"] * s["heads"] * s["H"] * s["W"] * s["D"] * 4 / 2**20
+        md = path.with_suffix(".md").read_text()
+        assert "| op | shape |" in md and md.count("\n| ") >= len(records) + 1
+        assert "cpp vs reference" in md
+        assert f"cpp variant {isa} · 1 thread(s) on" in md and "wrote" in out
 
 
-def test_cpu_script_times_issue_7_shapes():
+def test_cpu_script_times_the_model_shapes():
     mod = load_script("bench_cpu")
-    decay = [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)]
-    assert mod.shapes(False) == {
-        "decay_attention_full": decay,
-        "decay_attention_decomposed": decay,
-        "window_attention": [dict(B=2, heads=3, H=56, W=56, D=32, ws=7, shift=sh) for sh in (0, 3)],
-    }
-    assert mod.shapes(False) == bench.preset("cpu")
+    shapes = mod.shapes(False)
+    assert shapes["decay_attention_decomposed"] == [dict(B=2, heads=8, H=s, W=s, D=d)
+                                                   for s, d in ((56, 12), (28, 24), (14, 48), (7, 96))]
+    assert shapes["window_attention"] == [dict(B=2, heads=h, H=s, W=s, D=32, ws=7, shift=sh)
+                                          for s, h in ((56, 3), (28, 6), (14, 12), (7, 24)) for sh in (0, 3)]
+    assert shapes["decay_attention_full"] == [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)]
+    targets = mod.shapes(False, "targets")
+    for op, ss in targets.items():
+        assert all(s in shapes[op] for s in ss), op
     with pytest.raises(KeyError, match="unknown bench preset 'gpu'"):
         bench.preset("gpu")
 
