@@ -365,6 +365,22 @@ inline void softmax_rows(double* p, const double* bias, int64_t rows, int64_t n,
   }
 }
 
+// Probabilities from saved log-sum-exps: p[r][c] = exp(p[r][c] + bias[r][c] - lse[r]) (rows of stride ld,
+// padded to whole vectors; bias in the same layout).
+inline void exp_rows(float* p, const float* bias, const float* lse, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = p + r * ld;
+    const float* b = bias + r * ld;
+    const vfloat m = vsplat(lse[r]);
+    for (int64_t c = 0; c < n; c += kPad) vstore(row + c, vexp(vload(row + c) + vload(b + c) - m));
+  }
+}
+
+inline void exp_rows(double* p, const double* bias, const double* lse, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) p[r * ld + c] = std::exp(p[r * ld + c] + bias[r * ld + c] - lse[r]);
+}
+
 // d(score) of softmax rows in place: dp <- p * (dp - sum(p * dp)) over n entries of each row (stride ld,
 // padded to whole vectors); adds the result to dbias (same layout) when given.
 inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows, int64_t n, int64_t ld) {

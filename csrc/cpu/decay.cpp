@@ -46,14 +46,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd(const Tensor& q, const Tensor
   return active_kernels().decay_dec_fwd(q, k, v, lg, h, w, scale);
 }
 
-// out and the log-sum-exps are in the schema (saved by the forward) but not read: the backward
-// recomputes the probabilities from q, k and the decay
+void check_lse(const Tensor& lse, const Tensor& q, const char* name) {
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "decay_attention(cpp): expected ", name, " of shape (B, heads, H*W) = ", q.sizes().slice(0, 3),
+              ", got ", lse.sizes());
+}
+
+// out is in the schema (saved by the forward) but not read: the backward recomputes the probabilities
+// from q, k, the decay and the log-sum-exps
 std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad, const Tensor& q, const Tensor& k,
                                                    const Tensor& v, const Tensor& lg, const Tensor& /*out*/,
-                                                   const Tensor& mid, const Tensor& /*lse_row*/,
-                                                   const Tensor& /*lse_col*/, int64_t h, int64_t w, double scale) {
+                                                   const Tensor& mid, const Tensor& lse_row, const Tensor& lse_col,
+                                                   int64_t h, int64_t w, double scale) {
   check_inputs(q, k, v, lg, h, w);
-  return active_kernels().decay_dec_bwd(grad, q, k, v, lg, mid, h, w, scale);
+  check_lse(lse_row, q, "lse_row");
+  check_lse(lse_col, q, "lse_col");
+  return active_kernels().decay_dec_bwd(grad, q, k, v, lg, mid, lse_row, lse_col, h, w, scale);
 }
 
 }  // namespace

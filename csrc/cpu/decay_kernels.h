@@ -150,9 +150,10 @@ void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const std::ve
 
 // Writes (accumulate = false) or adds (true) dq and dk, writes dv (which may alias dout: a line reads its
 // rows of dout before writing them); returns d(log_gamma) per head. The probabilities are recomputed
-// and delta = rowsum(p * dp) (equal to rowsum(out * dout)), so out and lse are not read.
+// from the forward's log-sum-exps of the pass (lse, raster order) and delta = rowsum(p * dp) (equal to
+// rowsum(out * dout)), so out is not read.
 template <typename T>
-std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, T* dq, T* dk, T* dv,
+std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, const T* lse, T* dq, T* dk, T* dv,
                          const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln, T scale,
                          bool accumulate) {
   const int64_t L = ln.len, ls = padded(L);
@@ -166,12 +167,15 @@ std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, T* d
     std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), gw(L * ld, T(0));
     std::vector<T> dqw(L * ld, T(0)), dkw(L * ld, T(0)), dvw(L * ld, T(0));
     std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
-    std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0));
+    std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0)), lw(L);
     std::vector<int64_t> tok(L);
     T* part = parts.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * L * ls;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d, head = bh % nh;
-      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
+      for (int64_t i = 0; i < L; ++i) {
+        tok[i] = tok0 + i * ln.tok_step;
+        lw[i] = lse[bh * n + tok[i]];
+      }
       gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
       gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
       gather<T>(dout + base, tok.data(), L, d, gw.data(), ld);
@@ -182,7 +186,7 @@ std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, T* d
         gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
       }
       tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
-      softmax_rows(p.data(), bm.data() + head * L * ls, L, L, ls, static_cast<T*>(nullptr));
+      exp_rows(p.data(), bm.data() + head * L * ls, lw.data(), L, L, ls);
       tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
       tmm(L, L, d, T(1), gw.data(), ld, 1, tmm.fast ? vt.data() : nullptr, ls, vw.data(), ld, dp.data(), ls);
       softmax_grad_rows(p.data(), dp.data(), part + head * L * ls, L, L, ls);
@@ -229,11 +233,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd(const Tensor& q_, const Tenso
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
-                                                   const Tensor& v_, const Tensor& lg, const Tensor& mid_, int64_t h,
+                                                   const Tensor& v_, const Tensor& lg, const Tensor& mid_,
+                                                   const Tensor& lse_row_, const Tensor& lse_col_, int64_t h,
                                                    int64_t w, double scale) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  // the probabilities are recomputed from q, k and the decay, so out and the log-sum-exps are not read
+  // the probabilities are recomputed from q, k, the decay and the log-sum-exps, so out is not read
   Tensor grad = grad_.to(q.scalar_type()).contiguous(), mid = mid_.contiguous();
+  Tensor lse_row = lse_row_.to(q.scalar_type()).contiguous(), lse_col = lse_col_.to(q.scalar_type()).contiguous();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
   // Each pass covers every token once: the columns pass writes dq, dk and d(mid), the rows pass adds to
   // dq, dk and overwrites d(mid) with dv line by line (a line reads its d(mid) rows before writing them).
@@ -244,10 +250,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad_, const Te
     const std::vector<T> g = gammas<T>(lg);
     const T s = static_cast<T>(scale);
     const std::vector<T> dcol = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), grad.data_ptr<T>(),
-                                             dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
+                                             lse_col.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
                                              cols_of(h, w), s, false);
     const std::vector<T> drow = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dv.data_ptr<T>(),
-                                             dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
+                                             lse_row.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
                                              rows_of(h, w), s, true);
     T* dp = dlg.data_ptr<T>();
     for (int64_t head = 0; head < nh; ++head) dp[head] = dcol[head] + drow[head];

@@ -38,7 +38,8 @@ struct Kernels {
                                                               const Tensor& lg, int64_t h, int64_t w, double scale);
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*decay_dec_bwd)(const Tensor& grad, const Tensor& q, const Tensor& k,
                                                               const Tensor& v, const Tensor& lg, const Tensor& mid,
-                                                              int64_t h, int64_t w, double scale);
+                                                              const Tensor& lse_row, const Tensor& lse_col, int64_t h,
+                                                              int64_t w, double scale);
   Tensor (*window_fwd)(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& table,
                        int64_t h, int64_t w, int64_t ws, int64_t shift, double scale);
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*window_bwd)(const Tensor& grad, const Tensor& q, const Tensor& k,
