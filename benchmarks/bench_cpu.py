@@ -195,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
                         "default: every one this machine runs)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--set", dest="which", choices=sorted(SETS), default="models", help="shape set (default models)")
+    p.add_argument("--ops", nargs="+", default=None, choices=sorted(model_shapes()),
+                   help="only these ops (default: every op of the set)")
     p.add_argument("--batch", type=int, default=2, help="batch of the model shapes (default 2)")
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -224,6 +226,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rounds = args.rounds or (2 if args.quick else 15)
     budget = args.budget or (0.05 if args.quick else 3.0)
     cases = shapes(args.quick, args.which, args.batch)
+    if args.ops:
+        cases = {op: ss for op, ss in cases.items() if op in args.ops}
     device = bench.device_name(torch.device("cpu"))
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix=f"bench_{NAME}_") if args.quick else RESULTS_DIR)
     command = " ".join(["python benchmarks/bench_cpu.py", *(sys.argv[1:] if argv is None else argv)])
