@@ -198,6 +198,9 @@ inline vfloat vexp(vfloat x) {
 // allow it. No call overhead: the BLAS spends more on argument checks than on the arithmetic of one
 // attention window. Columns go in chunks of kChunk vectors, rows in blocks of rows_per_block(NV).
 constexpr int kChunk = kVecRegs >= 32 ? 4 : 2;
+// 16 registers: chunks of 2 vectors, but an odd count of at least 3 starts with one of 3 (4 rows of 3),
+// so that no 1-vector chunk (8 FMAs on 9 loads) is left over
+constexpr bool kOddChunk3 = kVecRegs < 32;
 constexpr int rows_per_block(int nv) { return std::min(8, (kVecRegs - 1 - nv) / nv); }
 constexpr int64_t kMaxSmallN = 128;
 
@@ -253,18 +256,20 @@ inline bool small_mm_fits(int64_t n) { return n > 0 && n <= kMaxSmallN; }
 inline void small_mm(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t ars, int64_t acs,
                      const float* b, int64_t ldb, float* c, int64_t ldc) {
   const int64_t nv = padded(n) / kPad;
-  for (int64_t j = 0; j < nv; j += kChunk) {
+  for (int64_t j = 0; j < nv;) {
     const float* bj = b + j * kVecFloats;
     float* cj = c + j * kVecFloats;
-    switch (std::min<int64_t>(kChunk, nv - j)) {
+    const int64_t chunk = kOddChunk3 && j == 0 && nv >= 3 && nv % 2 == 1 ? 3 : std::min<int64_t>(kChunk, nv - j);
+    switch (chunk) {
       case 1: tile_chunk<1>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
       case 2: tile_chunk<2>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
-#if FUSIONBLOCKS_VEC_REGS >= 32
       case 3: tile_chunk<3>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
+#if FUSIONBLOCKS_VEC_REGS >= 32
       case 4: tile_chunk<4>(m, k, a, ars, acs, bj, ldb, cj, ldc); break;
 #endif
       default: break;
     }
+    j += chunk;
   }
   // alpha after the products: kept out of the blocks, it would take the register of a B vector
   if (alpha != 1.0f)
