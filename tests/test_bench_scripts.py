@@ -162,13 +162,15 @@ def test_cpu_script_quick(tmp_path, capsys, one_thread):
     assert "1 thread(s) on" in md and "wrote" in out
 
 
-def test_cpu_script_times_issue_7_shapes():
+def test_cpu_script_times_the_model_shapes():
     mod = load_script("bench_cpu")
-    decay = [dict(B=1, heads=4, H=s, W=s, D=32) for s in (28, 56)]
+    # issue 11: HEMF's decomposed decay (8 heads; 56²/D12 … 7²/D96), HiFuse-T's window attention (ws 7, D 32;
+    # 56²/3 heads … 7²/24, shift 0 and 3), full decay at 56² and 28²; batch 2
     assert mod.shapes(False) == {
-        "decay_attention_full": decay,
-        "decay_attention_decomposed": decay,
-        "window_attention": [dict(B=2, heads=3, H=56, W=56, D=32, ws=7, shift=sh) for sh in (0, 3)],
+        "decay_attention_full": [dict(B=2, heads=8, H=56, W=56, D=12), dict(B=2, heads=8, H=28, W=28, D=24)],
+        "decay_attention_decomposed": [dict(B=2, heads=8, H=s, W=s, D=d) for s, d in ((56, 12), (28, 24), (14, 48), (7, 96))],
+        "window_attention": [dict(B=2, heads=nh, H=s, W=s, D=32, ws=7, shift=sh)
+                             for s, nh in ((56, 3), (28, 6), (14, 12), (7, 24)) for sh in (0, 3)],
     }
     assert mod.shapes(False) == bench.preset("cpu")
     with pytest.raises(KeyError, match="unknown bench preset 'gpu'"):
