@@ -207,7 +207,7 @@ def _split(values: Optional[Sequence[str]]) -> List[str]:
 
 
 def add_bench(sub) -> None:
-    from .bench import OPS, PASSES
+    from .bench import OPS, PASSES, PRESETS
 
     p = sub.add_parser(
         "bench", help="time every op (or a whole network) for every backend that can run, side by side",
@@ -218,6 +218,9 @@ def add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small shapes (under a minute on a 2-core CPU); with --model: B<=2, N<=64, 2 steps")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all): {', '.join(OPS)}")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named shape set instead of the papers' shapes, e.g. cpu: the shapes the models call on "
+                        "CPU at batch 2 (its ops only, unless --ops)")
     p.add_argument("--dtype", nargs="+", metavar="DTYPE",
                    help="fp32, bf16, fp16 (default: bf16 and fp32 on CUDA, fp32 on CPU)")
     p.add_argument("--backends", nargs="+", metavar="IMPL",
@@ -273,6 +276,9 @@ def cmd_bench(args) -> int:
                 dtypes = [torch.bfloat16, torch.float32] if on_cuda else [torch.float32]
             ops = _split(args.ops)
             bench.resolve_ops(ops)
+            shapes = bench.preset(args.preset) if args.preset else None
+            if shapes and not ops:
+                ops = list(shapes)
             result = bench.BenchResult([], [])
             before = torch.get_num_threads()
             try:
@@ -280,7 +286,8 @@ def cmd_bench(args) -> int:
                     if n:
                         torch.set_num_threads(n)
                     one = bench.run(ops or None, quick=args.quick, dtypes=dtypes, passes=passes,
-                                    impls=_split(args.backends) or None, device=args.device, progress=progress)
+                                    impls=_split(args.backends) or None, device=args.device, progress=progress,
+                                    shapes=shapes, check=bool(args.preset))
                     result.records += one.records
                     result.skipped += one.skipped
             finally:

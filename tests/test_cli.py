@@ -1,5 +1,6 @@
 """The ``fusionblocks`` command: argument errors, ``info``, ``summary``, ``bench`` and the bench engine."""
 import json
+import os
 import subprocess
 import sys
 
@@ -118,6 +119,22 @@ def test_info_json_lists_every_backend_with_reasons(capsys):
             assert all(isinstance(r, str) and r for r in b["reasons"])
         assert op["backends"]["reference"]["available"]
         assert op["auto"] in op["backends"] and op["backends"][op["auto"]]["available"]
+        assert op["choice"]["how"] in ("only candidate", "measured", "cached", "rule") and op["choice"]["why"]
+        if op["choice"]["how"] in ("measured", "cached"):
+            assert "reference" in op["choice"]["times_ms"]
+    assert info["autotune"]["mode"] == "on" and info["autotune"]["cache"].endswith(".json")
+
+
+def test_info_clear_cache(capsys, tmp_path, monkeypatch):
+    from fusionblocks.ops import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_disk", None)
+    (tmp_path / "dispatch-0123.json").write_text("{}")
+    code, out, err = run_cli(capsys, "info", "--clear-cache")
+    assert code == 0 and "cleared 1 cache file(s)" in err and "why: " in out
+    assert "dispatch-0123.json" not in os.listdir(tmp_path)
 
 
 def test_info_text(capsys):

@@ -323,14 +323,17 @@ def _rule(op: str, candidates: list, args: tuple, kwargs: dict, device: torch.de
                   key, candidates=names)
 
 
-def _clone(a):
+def _clone(a, grad: bool):
+    """A copy of one input with no autograd history (the caller's tensors never see the measurement)."""
     if isinstance(a, torch.Tensor):
-        return a.detach().clone().requires_grad_(a.requires_grad and a.is_floating_point())
+        with torch.no_grad():
+            c = a.detach().clone()
+        return c.requires_grad_(grad and a.requires_grad and a.is_floating_point())
     return a
 
 
 def _timer(backend, args: tuple, kwargs: dict, grad: bool) -> Callable[[], float]:
-    inputs = tuple(_clone(a) for a in args)
+    inputs = tuple(_clone(a, grad) for a in args)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     cache: dict = {}
 
