@@ -17,8 +17,15 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_inductor_inference_and_training_step(family, one_thread):
+@pytest.mark.parametrize("family", [
+    "hemf",  # its decomposed decay crashed torch 2.14's inductor: always tested
+    pytest.param("hifuse", marks=pytest.mark.slow),
+    pytest.param("hatr_conv2d", marks=pytest.mark.slow),
+])
+def test_inductor_inference_and_training_step(family, one_thread, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no worker pool to start on a 2-core machine
     torch.manual_seed(0)
     model = FAMILIES[family]()
     x = torch.randn(2, 3, 32, 32)

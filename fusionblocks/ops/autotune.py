@@ -78,7 +78,7 @@ class Choice:
     candidates: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return f"{self.op}: {self.backend} ({self.how}: {self.why})"
+        return f"{self.op}: {self.backend} ({self.how}; {self.why})"
 
 
 @dataclass(frozen=True)
@@ -385,13 +385,13 @@ def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, k
                 winner = n
                 break
         if winner == "reference":
-            why = f"measured {pass_}: no fast path beat the reference by {MARGIN:.0%} (median of {rounds} rounds)"
+            why = f"{pass_}: no fast path beat the reference by {MARGIN:.0%} (median of {rounds} rounds)"
         else:
-            why = (f"measured {pass_}: {med['reference'] / med[winner]:.2f}x the reference's speed "
+            why = (f"{pass_}: {med['reference'] / med[winner]:.2f}x the reference's speed "
                    f"(median of {rounds} rounds)")
     else:
         winner = min(med, key=med.get)
-        why = f"measured {pass_}: fastest median of {rounds} rounds"
+        why = f"{pass_}: fastest median of {rounds} rounds"
     if failed:
         why += "; failed while measuring: " + "; ".join(f"{n}: {r}" for n, r in failed.items())
     return Choice(op, winner, "measured", why, key, {n: round(v, 4) for n, v in med.items()}, rounds, names)
