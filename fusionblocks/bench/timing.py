@@ -1,4 +1,11 @@
-"""How long one call takes: CUDA events / ``triton.testing.do_bench`` on GPU, ``torch.utils.benchmark`` on CPU."""
+"""How long one call takes: ``triton.testing.do_bench`` (or CUDA events) on GPU, ``time.perf_counter`` per call on CPU.
+
+``torch.utils.benchmark.Timer.blocked_autorange`` was considered for CPU and not used: it times blocks of
+back-to-back calls, so the input gradients of a ``fwd+bwd`` pass cannot be reset between calls outside the
+timed region, and its block means hide the per-call spread that the median here is robust to on a shared
+machine. Thread counts are set by the caller (``torch.set_num_threads``; records carry ``threads``), as
+``Timer(num_threads=...)`` would.
+"""
 from __future__ import annotations
 
 import statistics
