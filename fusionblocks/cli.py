@@ -52,8 +52,8 @@ def collect_info(device: Optional[str] = None) -> dict:
 
     import fusionblocks
 
-    from .bench import device_name, triton_version
-    from .ops import dispatch
+    from ._device import device_name, triton_version
+    from .ops import autotune, dispatch
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
@@ -69,13 +69,15 @@ def collect_info(device: Optional[str] = None) -> dict:
     for label, (op, args, kw) in _example_calls(dev).items():
         reasons = dispatch.explain(op, *args, **kw)
         try:
-            auto = dispatch.select(op, None, *args, **kw).name
-        except dispatch.BackendUnavailable:
-            auto = None
+            choice = dispatch.choose(op, *args, **kw)
+            auto, why = choice.backend, {"how": choice.how, "why": choice.why, "times_ms": choice.times_ms}
+        except dispatch.BackendUnavailable as e:
+            auto, why = None, {"how": "none", "why": str(e).splitlines()[0], "times_ms": None}
         ops[label] = {
             "example": {"shape": list(args[0].shape), "dtype": str(args[0].dtype).replace("torch.", ""),
                         **{k: v for k, v in kw.items() if v is not None}},
             "auto": auto,
+            "choice": why,
             "backends": {n: {"available": not r, "reasons": r} for n, r in reasons.items()},
         }
     return {
@@ -88,6 +90,8 @@ def collect_info(device: Optional[str] = None) -> dict:
         "cuda_available": torch.cuda.is_available(),
         "device": device_name(dev),
         "env_backend": os.environ.get(dispatch.ENV_VAR),
+        "autotune": {"mode": autotune.tune_mode(), "cache": autotune.cache_path() if autotune.tune_mode() == "on" else None,
+                     "known_choices": len(autotune.cached_choices())},
         "extension": ext,
         "models": models,
         "ops": ops,
@@ -107,10 +111,16 @@ def format_info(info: dict) -> str:
     lines.append(f"  models   {', '.join(info['models'])}")
     if info["env_backend"]:
         lines.append(f"  FUSIONBLOCKS_BACKEND={info['env_backend']}")
+    tune = info["autotune"]
+    lines.append(f"  autotune {tune['mode']} (FUSIONBLOCKS_AUTOTUNE); cache {tune['cache'] or 'none'}; "
+                 f"{tune['known_choices']} choice(s) known")
     for label, op in info["ops"].items():
         ex = op["example"]
         lines.append("")
         lines.append(f"{label}: example {tuple(ex['shape'])} {ex['dtype']}; auto picks {op['auto'] or 'nothing'}")
+        c = op["choice"]
+        times = ", ".join(f"{n} {t:.3f} ms" for n, t in (c["times_ms"] or {}).items())
+        lines.append(f"  why: {c['how']}: {c['why']}" + (f" [{times}]" if times else ""))
         for name, b in op["backends"].items():
             state = "can run" if b["available"] else "cannot run: " + "; ".join(b["reasons"])
             lines.append(f"  {name:<10} {state}")
@@ -124,10 +134,17 @@ def add_info(sub) -> None:
                                    "that cannot.")
     p.add_argument("--device", default=None, help="device of the example tensors (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--clear-cache", action="store_true",
+                   help="forget every measured backend choice (delete the per-machine cache files) first")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(args) -> int:
+    if args.clear_cache:
+        from .ops import autotune
+
+        removed = autotune.clear_cache()
+        print(f"cleared {len(removed)} cache file(s) in {autotune.cache_dir()}", file=sys.stderr)
     info = collect_info(args.device)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
     return 0
@@ -190,7 +207,7 @@ def _split(values: Optional[Sequence[str]]) -> List[str]:
 
 
 def add_bench(sub) -> None:
-    from .bench import OPS, PASSES
+    from .bench import OPS, PASSES, PRESETS
 
     p = sub.add_parser(
         "bench", help="time every op (or a whole network) for every backend that can run, side by side",
@@ -201,18 +218,24 @@ def add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="small shapes (under a minute on a 2-core CPU); with --model: B<=2, N<=64, 2 steps")
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all): {', '.join(OPS)}")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="a named shape set instead of the papers' shapes, e.g. cpu: the shapes the models call on "
+                        "CPU at batch 2 (its ops only, unless --ops)")
     p.add_argument("--dtype", nargs="+", metavar="DTYPE",
                    help="fp32, bf16, fp16 (default: bf16 and fp32 on CUDA, fp32 on CPU)")
     p.add_argument("--backends", nargs="+", metavar="IMPL",
-                   help="keep only these implementations (reference, triton, cpp, cuda, sdpa, flex, eager)")
-    p.add_argument("--pass", dest="passes", nargs="+", choices=PASSES, default=list(PASSES))
+                   help="keep only these implementations (reference, triton, cpp, cuda, auto, sdpa, flex, compiled, "
+                        "eager); --model: reference, cpp, ..., auto (default: all that run here) and compiled "
+                        "(torch.compile of the model, only when named)")
+    p.add_argument("--pass", dest="passes", nargs="+", choices=(*PASSES, "train"), default=None,
+                   help="ops: fwd, fwd+bwd (default both); --model: fwd (inference), train (default both)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", metavar="FILE.json",
                    help="write the records as JSON and FILE.md with a Markdown table; '{device}' in the path "
                         "becomes the device name, e.g. benchmarks/results/ops-{device}.json")
     p.add_argument("--plot", metavar="FILE.png", help="write a bar chart (needs matplotlib); '{device}' as in --out")
-    p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="CPU threads (torch.set_num_threads); 1 gives steadier numbers on a busy machine")
+    p.add_argument("--threads", type=_positive_int, nargs="+", metavar="N",
+                   help="CPU threads (torch.set_num_threads); several values run once each, e.g. --threads 1 2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("whole network (--model)")
     g.add_argument("--model", metavar="NAME", help="time training steps of this registered model instead of ops")
@@ -230,26 +253,45 @@ def cmd_bench(args) -> int:
     if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available here")
     progress = False if args.no_progress else None
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or [None]
     try:
         if args.model:
             _check_model(args.model)
             if args.quick:
                 args.batch_size, args.image_size = min(args.batch_size, 2), min(args.image_size, 64)
                 args.steps = min(args.steps, 2)
+            passes = args.passes or ["fwd", "train"]
+            if "fwd+bwd" in passes:
+                raise CLIError("--model: passes are fwd (inference) and train (a training step), not fwd+bwd")
             result = bench.run_model(args.model, batch_size=args.batch_size, image_size=args.image_size,
                                      steps=args.steps, backends=_split(args.backends) or None, device=args.device,
-                                     progress=progress)
+                                     passes=passes, threads=args.threads, progress=progress)
         else:
+            passes = args.passes or list(bench.PASSES)
+            if "train" in passes:
+                raise CLIError("--pass train needs --model")
             dtypes = [bench.parse_dtype(d) for d in _split(args.dtype)]
             if not dtypes:
                 on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
                 dtypes = [torch.bfloat16, torch.float32] if on_cuda else [torch.float32]
             ops = _split(args.ops)
             bench.resolve_ops(ops)
-            result = bench.run(ops or None, quick=args.quick, dtypes=dtypes, passes=args.passes,
-                               impls=_split(args.backends) or None, device=args.device, progress=progress)
+            shapes = bench.preset(args.preset) if args.preset else None
+            if shapes and not ops:
+                ops = list(shapes)
+            result = bench.BenchResult([], [])
+            before = torch.get_num_threads()
+            try:
+                for n in threads:
+                    if n:
+                        torch.set_num_threads(n)
+                    one = bench.run(ops or None, quick=args.quick, dtypes=dtypes, passes=passes,
+                                    impls=_split(args.backends) or None, device=args.device, progress=progress,
+                                    shapes=shapes, check=bool(args.preset))
+                    result.records += one.records
+                    result.skipped += one.skipped
+            finally:
+                torch.set_num_threads(before)
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(bench.format_table(result.records))

@@ -1,10 +1,19 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # golden_utils
+
+# The automatic backend choice caches its measurements per machine: tests (and their subprocesses) use a
+# throw-away cache, never the user's ~/.cache.
+if "FUSIONBLOCKS_CACHE_DIR" not in os.environ:
+    os.environ["FUSIONBLOCKS_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusionblocks-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["FUSIONBLOCKS_CACHE_DIR"], ignore_errors=True)
 
 # Triton reads TRITON_INTERPRET when it is imported; without a GPU the Triton kernels are tested on the interpreter.
 if not torch.cuda.is_available() and "triton" not in sys.modules:

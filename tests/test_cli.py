@@ -1,5 +1,6 @@
 """The ``fusionblocks`` command: argument errors, ``info``, ``summary``, ``bench`` and the bench engine."""
 import json
+import os
 import subprocess
 import sys
 
@@ -118,6 +119,22 @@ def test_info_json_lists_every_backend_with_reasons(capsys):
             assert all(isinstance(r, str) and r for r in b["reasons"])
         assert op["backends"]["reference"]["available"]
         assert op["auto"] in op["backends"] and op["backends"][op["auto"]]["available"]
+        assert op["choice"]["how"] in ("only candidate", "measured", "cached", "rule") and op["choice"]["why"]
+        if op["choice"]["how"] in ("measured", "cached"):
+            assert "reference" in op["choice"]["times_ms"]
+    assert info["autotune"]["mode"] == "on" and info["autotune"]["cache"].endswith(".json")
+
+
+def test_info_clear_cache(capsys, tmp_path, monkeypatch):
+    from fusionblocks.ops import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_disk", None)
+    (tmp_path / "dispatch-0123.json").write_text("{}")
+    code, out, err = run_cli(capsys, "info", "--clear-cache")
+    assert code == 0 and "cleared 1 cache file(s)" in err and "why: " in out
+    assert "dispatch-0123.json" not in os.listdir(tmp_path)
 
 
 def test_info_text(capsys):
@@ -217,11 +234,34 @@ def test_bench_model_one_step(capsys, one_thread, tmp_path):
     assert code == 0
     records = json.loads(out_json.read_text())
     bench.validate_records(records)
-    assert records and all(r["op"] == "train_step" and r["pass"] == "train" for r in records)
+    assert records and all(r["op"] == "model" for r in records)
+    assert {r["pass"] for r in records} == {"fwd", "train"}
     for r in records:
         assert r["shape"] == {"model": name, "B": 2, "image_size": 64}
         assert r["img_per_s"] == pytest.approx(2 / (r["ms"] / 1e3))
     assert "img/s" in out
+
+
+def test_bench_model_per_backend_choice_and_threads(capsys, tmp_path):
+    """hemf dispatches decay attention: reference, the fast backends that run here and auto, side by side,
+    inference and a training step, at 1 and 2 threads; auto's record names what it ran on."""
+    out_json = tmp_path / "hemf.json"
+    code, out, _ = run_cli(capsys, "bench", "--model", "hemf", "--batch-size", "2", "--image-size", "32", "--steps", "1",
+                           "--threads", "1", "2", "--no-progress", "--out", str(out_json))
+    assert code == 0
+    records = json.loads(out_json.read_text())
+    bench.validate_records(records)
+    impls = {r["impl"] for r in records}
+    assert {"reference", "auto"} <= impls and "triton" not in impls
+    for nt in (1, 2):
+        for p in ("fwd", "train"):
+            got = {r["impl"] for r in records if r["threads"] == nt and r["pass"] == p}
+            assert got == impls, (nt, p, got)
+    auto = [r for r in records if r["impl"] == "auto"]
+    assert all(r["chosen"].startswith("decay_attention: ") for r in auto)
+    assert "threads=2" in out and "auto -> decay_attention" in out
+    code, err = cli_error(capsys, "bench", "--model", "hemf", "--pass", "fwd+bwd")
+    assert code == 2 and "passes are fwd (inference) and train" in err
 
 
 def test_validate_records_rejects_bad_records():
@@ -232,21 +272,23 @@ def test_validate_records_rejects_bad_records():
     assert failed["ms"] is None and failed["peak_mem_mb"] is None and failed["error"].startswith("NotImpl")
     bench.validate_records([good, failed, {**good, "triton": None, "max_abs_err": 0.0, "tflops": 1.0}])
     jsonschema.validate([good, failed], bench.RECORDS_SCHEMA)
-    for bad, msg in [
-        ({k: v for k, v in good.items() if k != "ms"}, "missing 'ms'"),
-        ({**good, "ms": -1.0}, "must be > 0"),
-        ({**good, "pass": "bwd"}, "not one of"),
-        ({**good, "shape": "B=1"}, "not of type"),
-        ({**good, "dtype": "int8"}, "not one of"),
-        ({**good, "ms": None}, "ms is null but there is no error"),
-        ({**failed, "ms": 1.0}, "must have ms and peak_mem_mb null"),
-        ({**failed, "peak_mem_mb": 3.0}, "must have ms and peak_mem_mb null"),
-        ({**failed, "error": ""}, "must not be empty"),
-        ({**good, "max_err": 0.1}, "unknown field"),
-        ({**good, "triton": "absent", "hbm_share": -0.5}, "must be >= 0"),
+    for bad, name in [  # the error names the record and the offending field
+        ({k: v for k, v in good.items() if k != "ms"}, "'ms' is a required property"),
+        ({**good, "ms": -1.0}, "field ms"),
+        ({**good, "pass": "bwd"}, "field pass"),
+        ({**good, "shape": "B=1"}, "field shape"),
+        ({**good, "dtype": "int8"}, "field dtype"),
+        ({**good, "ms": None}, "field ms"),  # null without an error
+        ({**failed, "ms": 1.0}, "field ms"),  # an error with a measurement
+        ({**failed, "peak_mem_mb": 3.0}, "field peak_mem_mb"),
+        ({**failed, "error": ""}, "field error"),
+        ({**good, "max_err": 0.1}, "'max_err' was unexpected"),
+        ({**good, "triton": "absent", "hbm_share": -0.5}, "field hbm_share"),
+        ({**good, "threads": 0}, "field threads"),
     ]:
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ValueError, match=r"^bench record 1\b") as e:
             bench.validate_records([good, bad])
+        assert name in str(e.value), (name, str(e.value))
         with pytest.raises(jsonschema.ValidationError):  # the schema says the same
             jsonschema.validate([good, bad], bench.RECORDS_SCHEMA)
 

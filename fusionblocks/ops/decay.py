@@ -7,7 +7,7 @@ import torch
 
 from .._validate import expect_rank, shape_str
 from . import reference
-from .dispatch import dispatch, register_backend
+from .dispatch import dispatch, register_backend, register_op
 
 OP = "decay_attention"
 MODES = ("full", "decomposed")
@@ -65,10 +65,19 @@ def decay_attention(
     Returns:
         ``(B, heads, H*W, D)``.
     """
+    args, kwargs = prepare_decay_args(q, k, v, log_gamma, hw=hw, mode=mode, scale=scale)
+    return dispatch(OP, backend, *args, **kwargs)
+
+
+def prepare_decay_args(q, k, v, log_gamma, *, hw, mode="full", scale=None):
+    """The arguments every backend receives: validated (:func:`check_decay_args`), ``hw`` a tuple, ``scale`` a float."""
     hw = tuple(hw) if isinstance(hw, list) else hw
     check_decay_args(q, k, v, log_gamma, hw, mode, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
-    return dispatch(OP, backend, q, k, v, log_gamma, hw=hw, mode=mode, scale=scale)
+    return (q, k, v, log_gamma), dict(hw=hw, mode=mode, scale=scale)
+
+
+register_op(OP, prepare_decay_args)
 
 
 @register_backend(OP, "reference", priority=0)

@@ -1,9 +1,12 @@
 """Backend choice for every op: one mechanism, and it says why.
 
-Each backend of an op registers an implementation and a ``check`` that returns the reasons it cannot
-run a given call (an empty list means it can). ``backend=None`` (or the environment variable
-``FUSIONBLOCKS_BACKEND`` when set) picks the highest-priority backend that can run; naming a backend
-that cannot run raises :class:`BackendUnavailable` listing every candidate's reasons.
+Each op registers a ``prepare`` function (its own argument checks and defaults, :func:`register_op`) and
+each backend of an op an implementation and a ``check`` that returns the reasons it cannot run a given
+call (an empty list means it can). A named backend (or the environment variable ``FUSIONBLOCKS_BACKEND``)
+runs if it can and raises :class:`BackendUnavailable` listing every candidate's reasons if it cannot.
+``backend=None`` picks among the backends that can run with :func:`fusionblocks.ops.autotune.decide`:
+the reference unless a fast path is measured (once per call class, cached per machine) or known by a
+benchmark-calibrated rule to be faster; :func:`choose` says what was picked and why.
 
 Backends live in provider modules, imported once by :func:`load_backends` (``import fusionblocks.ops``
 calls it, so nothing is imported while ``torch.compile`` traces a call); a missing Triton or an unbuilt
@@ -14,7 +17,10 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import autotune
+from .autotune import Choice
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
 ENV_VAR = "FUSIONBLOCKS_BACKEND"
@@ -44,6 +50,7 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Dict[str, Backend]] = {}
+_PREPARE: Dict[str, Callable[..., Tuple[tuple, dict]]] = {}
 _provider_errors: Dict[str, str] = {}
 _providers_loaded = False
 
@@ -65,6 +72,23 @@ def register_backend(op: str, name: str, *, priority: int, check: Optional[Calla
     return deco
 
 
+def register_op(op: str, prepare: Callable[..., Tuple[tuple, dict]]) -> None:
+    """Register the op's ``prepare(*args, **kwargs) -> (args, kwargs)``: the public op's own argument checks
+    (raising its clear errors) and defaults, so :func:`explain` and :func:`choose` see exactly what the op's
+    backends would receive."""
+    _PREPARE[op] = prepare
+
+
+def prepare(op: str, *args, **kwargs) -> Tuple[tuple, dict]:
+    """Validate ``op``'s arguments and resolve its defaults like the public op (identity for an unregistered op)."""
+    fn = _PREPARE.get(op)
+    if fn is None:
+        if op not in _REGISTRY:
+            raise ValueError(f"unknown op {op!r}; expected one of {sorted(_REGISTRY)}")
+        return args, kwargs
+    return fn(*args, **kwargs)
+
+
 def load_backends() -> None:
     """Import every provider module once (idempotent); failures are kept as reasons."""
     global _providers_loaded
@@ -84,7 +108,18 @@ def backends_for(op: str) -> Dict[str, Backend]:
 
 
 def explain(op: str, *args, auto: bool = False, **kwargs) -> Dict[str, List[str]]:
-    """Every backend name -> the reasons it cannot run this call (empty: it can)."""
+    """Every backend name -> the reasons it cannot run this call (empty: it can).
+
+    The arguments are those of the public op (``backend`` excluded) and are validated and completed
+    exactly as the op does (invalid input raises the op's own error). ``auto=True`` asks as the automatic
+    choice does (some backends, e.g. Triton's interpreter, run only when named); :func:`choose` says which
+    backend the automatic choice picks and why.
+    """
+    args, kwargs = prepare(op, *args, **kwargs)
+    return _reasons(op, args, kwargs, auto)
+
+
+def _reasons(op: str, args: tuple, kwargs: dict, auto: bool) -> Dict[str, List[str]]:
     registered = backends_for(op)
     out: Dict[str, List[str]] = {}
     for name in BACKENDS:
@@ -104,26 +139,44 @@ def _format(reasons: Dict[str, List[str]]) -> str:
     return "\n".join(f"  {n}: {'; '.join(r) if r else 'can run'}" for n, r in reasons.items())
 
 
-def select(op: str, backend: Optional[str], *args, **kwargs) -> Backend:
-    """The backend that will run this call (see module docstring)."""
+def _choice(op: str, backend: Optional[str], args: tuple, kwargs: dict) -> Tuple[Backend, Choice]:
+    how = "named"
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None
+        how = "environment"
     registered = backends_for(op)
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {list(BACKENDS)} or None (auto)")
         if backend in registered and not registered[backend].reasons(*args, **kwargs):
-            return registered[backend]
+            why = f"{ENV_VAR}={backend}" if how == "environment" else f"backend={backend!r}"
+            return registered[backend], Choice(op, backend, how, why, candidates=[backend])
         raise BackendUnavailable(
-            f"{op}: backend {backend!r} cannot run this call. Candidates:\n{_format(explain(op, *args, **kwargs))}"
+            f"{op}: backend {backend!r} cannot run this call. Candidates:\n{_format(_reasons(op, args, kwargs, False))}"
         )
     ranked = sorted(registered.values(), key=lambda b: -b.priority)
-    for b in ranked:
-        if not b.reasons(*args, auto=True, **kwargs):
-            return b
-    raise BackendUnavailable(
-        f"{op}: no backend can run this call. Candidates:\n{_format(explain(op, *args, auto=True, **kwargs))}"
-    )
+    candidates = [b for b in ranked if not b.reasons(*args, auto=True, **kwargs)]
+    if not candidates:
+        raise BackendUnavailable(
+            f"{op}: no backend can run this call. Candidates:\n{_format(_reasons(op, args, kwargs, True))}"
+        )
+    choice = autotune.decide(op, candidates, args, kwargs)
+    return registered[choice.backend], choice
+
+
+def select(op: str, backend: Optional[str], *args, **kwargs) -> Backend:
+    """The backend that will run this (already validated) call; see the module docstring."""
+    return _choice(op, backend, args, kwargs)[0]
+
+
+def choose(op: str, *args, backend: Optional[str] = None, **kwargs) -> Choice:
+    """Which backend runs this call of the public op ``op`` and why (measured times, cache, rule, or forced).
+
+    Takes the op's own arguments (validated and completed as the op does). Like the op itself, an
+    automatic choice not yet known for this call class is measured now (outside any trace) and cached.
+    """
+    args, kwargs = prepare(op, *args, **kwargs)
+    return _choice(op, backend, args, kwargs)[1]
 
 
 def dispatch(op: str, backend: Optional[str], *args, **kwargs):

@@ -88,16 +88,18 @@ def decay_attention(
     if mode != "decomposed":
         raise ValueError(f"decay_attention: expected mode 'full' or 'decomposed', got {mode!r}")
     b, nh = q.shape[:2]
-    q5 = q.reshape(b, nh, h, w, d)
-    k5 = k.reshape(b, nh, h, w, d)
-    v5 = v.reshape(b, nh, h, w, v.shape[-1])
-    # along W within each row: (B, heads, H, W, W)
-    s_w = scale * (q5 @ k5.transpose(-1, -2)) + _decay_1d(log_gamma, w, q.dtype)[:, None]
-    o = _softmax(s_w) @ v5
-    # along H within each column: (B, heads, W, H, H)
-    qt, kt, ot = q5.transpose(2, 3), k5.transpose(2, 3), o.transpose(2, 3)
-    s_h = scale * (qt @ kt.transpose(-1, -2)) + _decay_1d(log_gamma, h, q.dtype)[:, None]
-    o = (_softmax(s_h) @ ot).transpose(2, 3)
+    # rank 4 with batch and heads folded: inductor's attention pattern matcher rewrites rank-4 attention
+    # correctly but crashes on rank 5 (torch 2.14 `_sfdp_replacement_21`)
+    q4 = q.reshape(b * nh, h, w, d)
+    k4 = k.reshape(b * nh, h, w, d)
+    v4 = v.reshape(b * nh, h, w, v.shape[-1])
+    # along W within each row: (B*heads, H, W, W)
+    decay_w = _decay_1d(log_gamma, w, q.dtype).repeat(b, 1, 1)[:, None]
+    o = _softmax(scale * (q4 @ k4.transpose(-1, -2)) + decay_w) @ v4
+    # along H within each column: (B*heads, W, H, H)
+    qt, kt, ot = q4.transpose(1, 2), k4.transpose(1, 2), o.transpose(1, 2)
+    decay_h = _decay_1d(log_gamma, h, q.dtype).repeat(b, 1, 1)[:, None]
+    o = (_softmax(scale * (qt @ kt.transpose(-1, -2)) + decay_h) @ ot).transpose(1, 2)
     return o.reshape(b, nh, h * w, v.shape[-1])
 
 

@@ -7,7 +7,7 @@ import torch
 
 from .._validate import expect_rank, shape_str
 from . import reference
-from .dispatch import dispatch, register_backend
+from .dispatch import dispatch, register_backend, register_op
 
 OP = "window_attention"
 
@@ -77,10 +77,19 @@ def window_attention(
     Returns:
         ``(B, heads, H*W, D)`` in raster order.
     """
+    args, kwargs = prepare_window_args(q, k, v, bias_table, hw=hw, window_size=window_size, shift=shift, scale=scale)
+    return dispatch(OP, backend, *args, **kwargs)
+
+
+def prepare_window_args(q, k, v, bias_table, *, hw, window_size, shift=0, scale=None):
+    """The arguments every backend receives: validated (:func:`check_window_args`), ``hw`` a tuple, ``scale`` a float."""
     hw = tuple(hw) if isinstance(hw, list) else hw
     check_window_args(q, k, v, bias_table, hw, window_size, shift, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
-    return dispatch(OP, backend, q, k, v, bias_table, hw=hw, window_size=window_size, shift=shift, scale=scale)
+    return (q, k, v, bias_table), dict(hw=hw, window_size=window_size, shift=shift, scale=scale)
+
+
+register_op(OP, prepare_window_args)
 
 
 @register_backend(OP, "reference", priority=0)

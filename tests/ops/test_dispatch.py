@@ -1,4 +1,6 @@
 """The dispatch layer: automatic choice, forced backends, reasons, the environment override."""
+import os
+
 import pytest
 import torch
 
@@ -77,3 +79,245 @@ def test_compile_fullgraph_first_call_in_a_fresh_process():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- explain / choose validate like the op
+
+
+def test_explain_resolves_defaults_like_the_op():
+    """No scale=/shift=: every backend's check sees the op's defaults (no 'support check failed')."""
+    q = torch.randn(1, 2, 16, 8)
+    lg = torch.tensor([-0.5, -1.0])
+    for op, args, kw in (("decay_attention", (q, q, q, lg), dict(hw=(4, 4))),
+                         ("window_attention", (q, q, q, None), dict(hw=(4, 4), window_size=2))):
+        reasons = ops.explain(op, *args, **kw)
+        assert reasons["reference"] == []
+        assert not any("support check failed" in r for rs in reasons.values() for r in rs), reasons
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(hw=(3, 3)), r"decay_attention: expected H\*W = 3\*3 = 9 tokens"),
+    (dict(hw=(4, 4), mode="diagonal"), r"decay_attention: expected mode one of"),
+    (dict(hw=(4, 4), scale="big"), r"decay_attention: expected scale as a float"),
+])
+def test_explain_and_choose_raise_the_ops_error_on_invalid_input(bad, match):
+    q = torch.randn(1, 2, 16, 8)
+    lg = torch.tensor([-0.5, -1.0])
+    for fn in (ops.explain, ops.choose):
+        with pytest.raises((ValueError, TypeError), match=match):
+            fn("decay_attention", q, q, q, lg, **bad)
+    with pytest.raises(ValueError, match="decay_attention: expected H"):
+        ops.explain("decay_attention", q, q, q, lg, hw=(3, 3), auto=True)
+
+
+def test_explain_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'attention'"):
+        ops.explain("attention", torch.zeros(1))
+
+
+# ---------------------------------------------------------------- the measured, cached automatic choice
+
+from fusionblocks.ops import autotune  # noqa: E402
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty per-machine cache in tmp_path and nothing remembered in this process."""
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.delenv(autotune.ENV_TUNE, raising=False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_disk", None)
+    return tmp_path
+
+
+def _fake_op(name, ref_s, fast_s, calls=None):
+    """A registered op with a reference that sleeps ref_s and a 'cpp' fast path that sleeps fast_s."""
+    import time
+
+    def backend(delay, label):
+        def fn(x, *, n):
+            if calls is not None:
+                calls.append(label)
+            time.sleep(delay)
+            return x * n
+
+        return fn
+
+    dispatch.register_backend(name, "reference", priority=0)(backend(ref_s, "reference"))
+    dispatch.register_backend(name, "cpp", priority=10)(backend(fast_s, "cpp"))
+    return name
+
+
+def test_a_slow_fast_path_is_never_chosen(fresh_cache):
+    op = _fake_op("_tune_slow_fast_path", ref_s=0.001, fast_s=0.006)
+    x = torch.ones(4)
+    c = dispatch._choice(op, None, (x,), dict(n=2))[1]
+    assert (c.backend, c.how) == ("reference", "measured")
+    assert c.times_ms["cpp"] > c.times_ms["reference"] and c.rounds >= autotune.MIN_ROUNDS
+    assert dispatch.select(op, None, x, n=2).name == "reference"
+    assert "no fast path beat the reference" in c.why
+
+
+def test_a_faster_path_is_chosen_and_the_choice_is_made_once(fresh_cache):
+    calls = []
+    op = _fake_op("_tune_fast_path", ref_s=0.006, fast_s=0.0, calls=calls)
+    x = torch.ones(4)
+    assert dispatch.dispatch(op, None, x, n=3).tolist() == [3.0] * 4
+    measured = len(calls)
+    assert measured >= 2 * (1 + autotune.MIN_ROUNDS) + 1  # warm-up + rounds for both backends, then the call
+    c = dispatch._choice(op, None, (x,), dict(n=3))[1]
+    assert (c.backend, c.how) == ("cpp", "measured") and "x the reference's speed" in c.why
+    for _ in range(3):
+        dispatch.dispatch(op, None, x, n=3)
+    assert calls[measured:] == ["cpp"] * 3  # the remembered answer: no new measurement
+    # a forced backend is obeyed and says so
+    assert dispatch._choice(op, "reference", (x,), dict(n=3))[1].how == "named"
+
+
+def test_call_classes_separate_grad_threads_and_shapes(fresh_cache, one_thread):
+    x = torch.ones(2, 3, 4, 5)
+    base = autotune.call_class("op", (x,), dict(hw=(4, 5), scale=0.1), grad=False)
+    assert "threads=1" in base and "nograd" in base and "scale" not in base
+    assert autotune.call_class("op", (x,), dict(hw=(4, 5)), grad=True) != autotune.call_class("op", (x,), dict(hw=(4, 5)), grad=False)
+    assert autotune.call_class("op", (torch.ones(3, 3, 4, 5),), {}, False) == autotune.call_class("op", (torch.ones(4, 3, 4, 5),), {}, False)
+    assert autotune.call_class("op", (torch.ones(5, 3, 4, 5),), {}, False) != autotune.call_class("op", (torch.ones(4, 3, 4, 5),), {}, False)
+    assert "strided" in autotune.call_class("op", (x.transpose(2, 3),), {}, False)
+    torch.set_num_threads(2)
+    assert autotune.call_class("op", (x,), dict(hw=(4, 5)), grad=False) != base
+
+
+def test_grad_calls_are_measured_with_the_backward(fresh_cache):
+    op = "_tune_grad"
+    seen = []
+
+    class Slow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append("bwd")
+            import time
+
+            time.sleep(0.004)  # the fast path's forward is free, its backward is not
+            return g * 2
+
+    dispatch.register_backend(op, "reference", priority=0)(lambda x: x * 2)
+    dispatch.register_backend(op, "cpp", priority=10)(lambda x: Slow.apply(x))
+    x = torch.ones(8, requires_grad=True)
+    assert dispatch._choice(op, None, (x,), {})[1].backend == "reference"
+    assert seen and x.grad is None  # timed on copies: the caller's tensors get no gradient
+    with torch.no_grad():
+        c = dispatch._choice(op, None, (x,), {})[1]
+    assert "nograd" in c.key and c.how == "measured"
+
+
+def test_cache_round_trip_and_invalidation(fresh_cache, monkeypatch):
+    op = _fake_op("_tune_cache", ref_s=0.004, fast_s=0.0)
+    x = torch.ones(4)
+    first = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    path = autotune.cache_path()
+    assert path.startswith(str(fresh_cache)) and os.path.exists(path)
+    import json
+
+    data = json.load(open(path))
+    assert data["machine"] == autotune.machine_key() and data["entries"][first.key]["backend"] == "cpp"
+    # a new process: nothing in memory, the answer comes from disk without measuring
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_disk", None)
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured although cached"))
+    again = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    assert (again.backend, again.how, again.times_ms) == ("cpp", "cached", first.times_ms)
+    # another machine key (e.g. a rebuilt extension or another torch) does not see it
+    monkeypatch.setattr(autotune, "_disk", None)
+    monkeypatch.setattr(autotune, "_machine", {**autotune.machine_key(), "extension": "rebuilt"})
+    assert autotune.load_cache() == {}
+    # clearing removes the files and the memory
+    monkeypatch.setattr(autotune, "_machine", None)
+    assert path in autotune.clear_cache() and not os.path.exists(path)
+    assert autotune.load_cache() == {}
+
+
+def test_concurrent_writers_keep_the_cache_whole(fresh_cache):
+    import threading
+
+    choices = [autotune.Choice("op", "reference", "measured", "t", key=f"k{i}") for i in range(16)]
+    threads = [threading.Thread(target=autotune._store, args=(c,)) for c in choices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    import json
+
+    entries = json.load(open(autotune.cache_path()))["entries"]
+    assert sorted(entries) == sorted(c.key for c in choices)
+
+
+def test_env_off_uses_the_rule_and_never_measures(fresh_cache, monkeypatch):
+    op = _fake_op("_tune_off", ref_s=0.004, fast_s=0.0)
+    monkeypatch.setenv(autotune.ENV_TUNE, "off")
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured with autotune off"))
+    c = dispatch._choice(op, None, (torch.ones(4),), dict(n=1))[1]
+    assert (c.backend, c.how) == ("reference", "rule") and "FUSIONBLOCKS_AUTOTUNE=off" in c.why
+    assert not os.listdir(fresh_cache)
+    monkeypatch.setenv(autotune.ENV_TUNE, "sometimes")
+    with pytest.raises(ValueError, match="FUSIONBLOCKS_AUTOTUNE='sometimes'"):
+        dispatch._choice(op, None, (torch.ones(4),), dict(n=1))
+
+
+def test_env_backend_overrides_the_measured_choice(fresh_cache, monkeypatch):
+    op = _fake_op("_tune_env", ref_s=0.004, fast_s=0.0)
+    x = torch.ones(4)
+    assert dispatch.select(op, None, x, n=1).name == "cpp"
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    c = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    assert (c.backend, c.how) == ("reference", "environment")
+
+
+def test_the_calibrated_rule_for_full_decay():
+    q = torch.zeros(1, 2, 28 * 28, 8)
+    lg = torch.full((2,), -0.1)
+    cands = [b for b in dispatch.backends_for("decay_attention").values()
+             if b.name in ("reference", "cpp") and not b.reasons(q, q, q, lg, hw=(28, 28), mode="full", scale=1.0, auto=True)]
+    if len(cands) < 2:
+        pytest.skip("the cpp extension is not built here")
+    full = autotune._rule("decay_attention", cands, (q, q, q, lg), dict(hw=(28, 28), mode="full"), q.device, "k", "t")
+    dec = autotune._rule("decay_attention", cands, (q, q, q, lg), dict(hw=(28, 28), mode="decomposed"), q.device, "k", "t")
+    assert full.backend == "cpp" and "rule:" in full.why
+    assert dec.backend == "reference"
+
+
+def _graph_ops(fn, *args):
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True, backend=capture)(*args)
+    return out, "\n".join(graphs)
+
+
+def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cache, monkeypatch):
+    q = torch.randn(1, 2, 36, 8)
+    lg = torch.tensor([-0.5, -1.0])
+    args, kw = ops.dispatch.prepare("decay_attention", q, q, q, lg, hw=(6, 6), mode="decomposed")
+    names = [n for n, r in ops.explain("decay_attention", q, q, q, lg, hw=(6, 6), mode="decomposed", auto=True).items() if not r]
+    if "cpp" not in names:
+        pytest.skip("the cpp extension is not built here")
+    fn = lambda q: ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed")  # noqa: E731
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured inside a trace"))
+    with torch.no_grad():
+        # nothing known: the trace takes the (deterministic) rule answer and measures nothing
+        _, g1 = _graph_ops(fn, q)
+        _, g2 = _graph_ops(fn, q)
+        assert g1 == g2 and "fusionblocks_C" not in g1 and autotune._memo == {}
+        # an eager call measured it (here: set the answer): the trace follows that answer
+        key = autotune.call_class("decay_attention", args, kw, grad=False)
+        autotune._memo[key] = autotune.Choice("decay_attention", "cpp", "measured", "test", key)
+        out, g3 = _graph_ops(fn, q)
+        assert "fusionblocks_C.decay_dec_fwd" in g3
+        assert (out - ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed", backend="reference")).abs().max() < 1e-5

@@ -1,0 +1,69 @@
+"""How long one call takes: ``triton.testing.do_bench`` (or CUDA events) on GPU, ``time.perf_counter`` per call on CPU.
+
+``torch.utils.benchmark.Timer.blocked_autorange`` was considered for CPU and not used: it times blocks of
+back-to-back calls, so the input gradients of a ``fwd+bwd`` pass cannot be reset between calls outside the
+timed region, and its block means hide the per-call spread that the median here is robust to on a shared
+machine. Thread counts are set by the caller (``torch.set_num_threads``; records carry ``threads``), as
+``Timer(num_threads=...)`` would.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence, Union
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: Union[torch.device, str], *, grads: Sequence[torch.Tensor] = (),
+            budget_s: float = 1.0, min_reps: int = 3, max_reps: int = 100) -> float:
+    """Median milliseconds of ``fn()`` after one warm-up call; ``grads`` are reset to ``None`` before each call.
+
+    CUDA: :func:`triton.testing.do_bench` (``return_mode="median"``, warm-up/repeat windows of
+    ``25 * budget_s`` / ``100 * budget_s`` ms, at least 5 / 20) or, without Triton, CUDA events over 20
+    calls. CPU: ``time.perf_counter`` per call, as many calls as fit ``budget_s`` (``min_reps`` to ``max_reps``).
+    """
+    device = torch.device(device)
+
+    def reset():
+        for t in grads:
+            t.grad = None
+
+    if device.type == "cuda":
+        reset()
+        fn()  # compilation and autotuning stay out of the measurement
+        _sync(device)
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, warmup=max(5, int(25 * budget_s)), rep=max(20, int(100 * budget_s)),
+                                  grad_to_none=list(grads) or None, return_mode="median"))
+        times = []
+        for _ in range(max(min_reps, 20)):
+            reset()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    reset()
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    reps = int(max(min_reps, min(max_reps, budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(reps):
+        reset()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)

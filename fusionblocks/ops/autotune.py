@@ -1,0 +1,432 @@
+"""The automatic backend choice: measured once per call class, cached per machine, a rule where it cannot measure.
+
+:func:`decide` answers "which of these backends, all able to run this call, should run it?" for
+``backend=None``. The reference is the default answer; a fast path replaces it only where it is measurably
+faster, so the automatic choice never makes a call slower than the reference:
+
+1. One candidate: it.
+2. Known answer: the choice made earlier for the same **call class** in this process, or stored in the
+   per-machine cache on disk. A call class is the op, its tensors' shapes (batch rounded up to a power of
+   two), dtypes and contiguity, its integer/string options (``hw``, ``mode``, ``window_size``, ``shift``),
+   the device, the intra-op thread count, and whether a backward will follow (grad enabled and an input
+   requires grad: a training step pays the backward too, so it is timed too).
+3. Measured (CPU, eager, not while ``torch.compile`` traces or ``torch.export`` exports): every candidate
+   runs the same inputs (copies of the call's own), one warm-up call each, then interleaved rounds in a
+   rotating order (forward, or forward+backward when a backward will follow) until a budget of
+   :data:`BUDGET_MS` ms (at least 2, at most 15 rounds). A fast path wins only if its median time is below
+   ``1 - MARGIN`` of the reference's median and its best time below the reference's best; otherwise (tie,
+   noise, a failure) the reference stays.
+4. Otherwise (tracing, exporting, measuring off, or a device that is not measured): :data:`RULES`,
+   conditions calibrated by the benchmark under which a fast path wins, else the reference on CPU; on
+   CUDA the highest-priority backend (the fused GPU kernels). Rule answers are deterministic, so a trace
+   never depends on timing; an eager call of the same class before compiling puts the measured answer in
+   the cache, and the trace then uses it.
+
+The cache file lives in ``$FUSIONBLOCKS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusionblocks``, else
+``~/.cache/fusionblocks``), one JSON file per machine key (CPU model, torch version, fusionblocks version,
+build id of ``fusionblocks._C``): another CPU, another torch or a rebuilt extension starts a fresh file.
+Writes merge under a lock file and replace the file atomically, so concurrent processes are safe.
+
+Environment: ``FUSIONBLOCKS_AUTOTUNE=on`` (default: measure, cache on disk), ``memory`` (measure, keep the
+answers in this process only), ``off`` (never measure, no cache: the rule answers everywhere).
+:func:`clear_cache` (``fusionblocks info --clear-cache``) deletes the cache files.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+ENV_TUNE = "FUSIONBLOCKS_AUTOTUNE"
+ENV_CACHE_DIR = "FUSIONBLOCKS_CACHE_DIR"
+TUNE_MODES = ("on", "memory", "off")
+BUDGET_MS = 40.0
+MIN_ROUNDS, MAX_ROUNDS = 2, 15
+MARGIN = 0.05  # a fast path must be at least 5 % faster than the reference to replace it
+CACHE_FORMAT = 1
+MEASURED_DEVICES = ("cpu",)
+
+__all__ = ["Choice", "Rule", "RULES", "decide", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
+
+
+@dataclass
+class Choice:
+    """What the automatic choice picked for one call class, and why.
+
+    ``how``: ``"only candidate"``, ``"measured"`` (this process timed it), ``"cached"`` (an earlier
+    measurement on this machine), ``"rule"`` (:data:`RULES` or the device default), or, from
+    :func:`fusionblocks.ops.choose`, ``"named"`` / ``"environment"`` when the caller forced a backend.
+    ``times_ms``: median ms per candidate when measured; ``why``: one readable sentence.
+    """
+
+    op: str
+    backend: str
+    how: str
+    why: str
+    key: str = ""
+    times_ms: Optional[Dict[str, float]] = None
+    rounds: int = 0
+    candidates: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.op}: {self.backend} ({self.how}; {self.why})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``backend`` wins for ``op`` on ``device`` wherever ``when(args, kwargs)`` holds (``evidence`` says why)."""
+
+    op: str
+    backend: str
+    device: str
+    when: Callable[[tuple, dict], bool]
+    evidence: str
+
+
+def _tokens(args: tuple) -> int:
+    return int(args[0].shape[2])
+
+
+# Calibrated by `fusionblocks bench` / benchmarks/bench_cpu.py records: only where the fast path's lead
+# is large on every machine measured (memory-bound full attention, where the reference stores N x N).
+RULES: List[Rule] = [
+    Rule("decay_attention", "cpp", "cpu",
+         lambda a, k: k.get("mode") == "full" and _tokens(a) >= 28 * 28,
+         "full decay from 28x28 tokens: the reference materializes (heads, N, N) scores; cpp streams them in O(N) "
+         "memory and measured 2.7-9.8x faster forward, 1.7-4.6x forward+backward (1 thread, fp32, AMD EPYC and "
+         "Intel Xeon, benchmarks/results)"),
+]
+
+_lock = threading.RLock()
+_memo: Dict[str, Choice] = {}
+_disk: Optional[Dict[str, dict]] = None
+_machine: Optional[Dict[str, str]] = None
+
+
+def tune_mode() -> str:
+    """``FUSIONBLOCKS_AUTOTUNE`` as one of :data:`TUNE_MODES` (unknown values raise)."""
+    raw = os.environ.get(ENV_TUNE, "on").strip().lower() or "on"
+    aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+    mode = aliases.get(raw, raw)
+    if mode not in TUNE_MODES:
+        raise ValueError(f"{ENV_TUNE}={os.environ.get(ENV_TUNE)!r}: expected one of {list(TUNE_MODES)}")
+    return mode
+
+
+def tracing(tensors: Sequence[torch.Tensor] = ()) -> bool:
+    """True while torch.compile traces, torch.export / torch.jit exports, or any input is a fake/meta tensor."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None:
+        if getattr(compiler, "is_compiling", lambda: False)():
+            return True
+        if getattr(compiler, "is_exporting", lambda: False)():
+            return True
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    for t in tensors:
+        if t.device.type == "meta" or type(t).__name__ in ("FakeTensor", "FunctionalTensor"):
+            return True
+    return False
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    _threads = torch.compiler.assume_constant_result(_threads)  # read at trace time, a constant in the graph
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def call_class(op: str, args: tuple, kwargs: dict, grad: bool) -> str:
+    """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads."""
+    parts = [op]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            shape = list(a.shape)
+            if a.dim() >= 3:
+                shape[0] = _bucket(shape[0])
+            c = "" if a.is_contiguous() else ",strided"
+            parts.append(f"{'x'.join(map(str, shape))}:{str(a.dtype).replace('torch.', '')}{c}")
+        elif a is None:
+            parts.append("none")
+    for k in sorted(kwargs):
+        v = kwargs[k]
+        if isinstance(v, (bool, int, str)) or (isinstance(v, tuple) and all(isinstance(x, int) for x in v)):
+            parts.append(f"{k}={v}")
+    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    parts.append(f"device={dev.type}")
+    parts.append(f"threads={_threads()}")
+    parts.append("grad" if grad else "nograd")
+    return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ the disk cache
+
+
+def _extension_build_id() -> str:
+    try:
+        from .. import _C
+    except ImportError:
+        return "none"
+    build_id = getattr(_C, "build_id", None)
+    if callable(build_id):
+        build_id = build_id()
+    if build_id:
+        return str(build_id)
+    path = getattr(_C, "__file__", None)
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}-{int(st.st_mtime)}"
+    except (OSError, TypeError):
+        return "unknown"
+
+
+def machine_key() -> Dict[str, str]:
+    """What a cached choice is valid for: CPU model, torch, fusionblocks, the extension's build."""
+    global _machine
+    if _machine is None:
+        from .. import __version__
+        from .._device import device_name
+
+        isa = "n/a"
+        try:
+            from . import cpp
+
+            current = getattr(cpp, "current_isa", None)
+            isa = str(current()) if callable(current) else "n/a"
+        except Exception:  # a missing or broken extension: the key says n/a
+            pass
+        _machine = {"cpu": device_name("cpu"), "torch": torch.__version__, "fusionblocks": __version__,
+                    "extension": _extension_build_id(), "isa": isa, "format": str(CACHE_FORMAT)}
+    return dict(_machine)
+
+
+def cache_dir() -> str:
+    base = os.environ.get(ENV_CACHE_DIR)
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(xdg, "fusionblocks")
+    return base
+
+
+def cache_path() -> str:
+    """The cache file of this machine key."""
+    m = machine_key()
+    digest = hashlib.sha1(json.dumps(m, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"dispatch-{digest}.json")
+
+
+def _read(path: str) -> Dict[str, dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("machine") != machine_key():
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): the atomic replace alone keeps the file whole
+        yield
+        return
+    with open(path + ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _store(choice: Choice) -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _file_lock(path):
+            entries = _read(path)
+            entries[choice.key] = asdict(choice)
+            fd, tmp = tempfile.mkstemp(prefix=".dispatch-", dir=os.path.dirname(path))
+            with os.fdopen(fd, "w") as f:
+                json.dump({"machine": machine_key(), "entries": entries}, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        if _disk is not None:
+            _disk[choice.key] = asdict(choice)
+    except OSError:  # a read-only home must not break a forward pass; the answer stays in memory
+        pass
+
+
+def load_cache() -> Dict[str, dict]:
+    """The cached entries of this machine key (read once per process; ``{}`` when the cache is off)."""
+    global _disk
+    if tune_mode() != "on":
+        return {}
+    if _disk is None:
+        _disk = _read(cache_path())
+    return _disk
+
+
+def clear_cache() -> List[str]:
+    """Forget every answer: this process's and the cache files (all machine keys). Returns the files removed."""
+    global _disk
+    with _lock:
+        _memo.clear()
+        _disk = None
+        removed = []
+        d = cache_dir()
+        if os.path.isdir(d):
+            for name in sorted(os.listdir(d)):
+                if name.startswith("dispatch-") and (name.endswith(".json") or name.endswith(".json.lock")):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(d, name))
+                        removed.append(os.path.join(d, name))
+        return removed
+
+
+def cached_choices() -> Dict[str, dict]:
+    """Every answer known here: this process's and the disk cache's, by call class."""
+    out = {k: dict(v) for k, v in load_cache().items()}
+    out.update({k: asdict(c) for k, c in _memo.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ deciding
+
+
+def _rule(op: str, candidates: list, args: tuple, kwargs: dict, device: torch.device, key: str, why: str) -> Choice:
+    names = [b.name for b in candidates]
+    for r in RULES:
+        if r.op == op and r.device == device.type and r.backend in names and r.when(args, kwargs):
+            return Choice(op, r.backend, "rule", f"{why}; rule: {r.evidence}", key, candidates=names)
+    if device.type in MEASURED_DEVICES and "reference" in names:
+        return Choice(op, "reference", "rule", f"{why}; no rule says a fast path wins this call on {device.type}: "
+                      "the reference", key, candidates=names)
+    best = max(candidates, key=lambda b: b.priority)
+    return Choice(op, best.name, "rule", f"{why}; on {device.type} the fused kernels (highest priority) run",
+                  key, candidates=names)
+
+
+def _clone(a, grad: bool):
+    """A copy of one input with no autograd history (the caller's tensors never see the measurement)."""
+    if isinstance(a, torch.Tensor):
+        with torch.no_grad():
+            c = a.detach().clone()
+        return c.requires_grad_(grad and a.requires_grad and a.is_floating_point())
+    return a
+
+
+def _timer(backend, args: tuple, kwargs: dict, grad: bool) -> Callable[[], float]:
+    inputs = tuple(_clone(a, grad) for a in args)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    cache: dict = {}
+
+    def once() -> float:
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        if grad:
+            out = backend.fn(*inputs, **kwargs)
+            if "g" not in cache:
+                cache["g"] = torch.ones_like(out)
+            out.backward(cache["g"])
+        else:
+            with torch.no_grad():
+                backend.fn(*inputs, **kwargs)
+        return time.perf_counter() - t0
+
+    return once
+
+
+def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, key: str) -> Choice:
+    names = [b.name for b in candidates]
+    timers, failed = {}, {}
+    for b in candidates:
+        try:
+            t = _timer(b, args, kwargs, grad)
+            t()  # warm-up: first-call costs (allocations, lazy init) stay out
+            timers[b.name] = t
+        except Exception as e:  # a backend that fails here is not chosen; the reason is kept
+            failed[b.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not timers:
+        raise RuntimeError(f"{op}: every backend failed while measuring: {failed}")
+    samples: Dict[str, List[float]] = {n: [] for n in timers}
+    order = list(timers)
+    spent, rounds = 0.0, 0
+    while rounds < MAX_ROUNDS and (rounds < MIN_ROUNDS or spent < BUDGET_MS / 1e3):
+        for n in order[rounds % len(order):] + order[: rounds % len(order)]:
+            dt = timers[n]()
+            samples[n].append(dt)
+            spent += dt
+        rounds += 1
+    med = {n: statistics.median(s) * 1e3 for n, s in samples.items()}
+    best = {n: min(s) * 1e3 for n, s in samples.items()}
+    pass_ = "fwd+bwd" if grad else "fwd"
+    if "reference" in med:
+        winner = "reference"
+        for n in sorted(med, key=med.get):
+            if n != "reference" and med[n] < (1 - MARGIN) * med["reference"] and best[n] < best["reference"]:
+                winner = n
+                break
+        if winner == "reference":
+            why = f"{pass_}: no fast path beat the reference by {MARGIN:.0%} (median of {rounds} rounds)"
+        else:
+            why = (f"{pass_}: {med['reference'] / med[winner]:.2f}x the reference's speed "
+                   f"(median of {rounds} rounds)")
+    else:
+        winner = min(med, key=med.get)
+        why = f"{pass_}: fastest median of {rounds} rounds"
+    if failed:
+        why += "; failed while measuring: " + "; ".join(f"{n}: {r}" for n, r in failed.items())
+    return Choice(op, winner, "measured", why, key, {n: round(v, 4) for n, v in med.items()}, rounds, names)
+
+
+def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
+    """The automatic choice among ``candidates`` (backends that can run this validated call); see the module doc."""
+    names = [b.name for b in candidates]
+    if len(candidates) == 1:
+        return Choice(op, names[0], "only candidate", "the only backend that can run this call", candidates=names)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    key = call_class(op, args, kwargs, grad)
+    mode = tune_mode()
+    traced = tracing(tensors)
+    known = _memo.get(key)
+    if known is None and mode == "on" and (_disk is not None or not traced):  # no file I/O inside a trace
+        entry = load_cache().get(key)
+        if entry is not None and entry.get("backend") in names:
+            known = Choice(**{**entry, "how": "cached"})
+            known.candidates = names
+    if known is not None and known.backend in names:
+        return known
+    if mode == "off":
+        return _rule(op, candidates, args, kwargs, device, key, f"{ENV_TUNE}=off")
+    if traced:
+        return _rule(op, candidates, args, kwargs, device, key, "not measured inside a traced graph")
+    if device.type not in MEASURED_DEVICES:
+        return _rule(op, candidates, args, kwargs, device, key, f"not measured on {device.type}")
+    with _lock:
+        known = _memo.get(key)
+        if known is None:
+            known = _measure(op, candidates, args, kwargs, grad, key)
+            _memo[key] = known
+            if mode == "on":
+                _store(known)
+    return known
