@@ -1,0 +1,141 @@
+"""ONNX and torch.export (pt2) export: the ops and every model, checked in ONNX Runtime / torch.export.load."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fusionblocks import create_model, list_models
+from fusionblocks.ops import decay_attention, window_attention
+from fusionblocks.ops.dispatch import ENV_VAR
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+HW = (6, 9)  # uneven grid; window 3 divides it, the decay ops take any grid
+
+
+class _AllOps(nn.Module):
+    """Every custom-op variant the models reach: decay full / decomposed, window attention with and without shift."""
+
+    def __init__(self, heads: int = 2, ws: int = 3):
+        super().__init__()
+        self.log_gamma = nn.Parameter(torch.tensor([-0.1, -0.7])[:heads])
+        self.table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, heads))
+        self.ws = ws
+
+    def forward(self, q, k, v):
+        return (
+            decay_attention(q, k, v, self.log_gamma, hw=HW, mode="full"),
+            decay_attention(q, k, v, self.log_gamma, hw=HW, mode="decomposed"),
+            window_attention(q, k, v, self.table, hw=HW, window_size=self.ws, shift=1),
+            window_attention(q, k, v, None, hw=HW, window_size=self.ws, shift=0),
+        )
+
+
+def _qkv(batch, d=8, heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, HW[0] * HW[1], d, generator=g) for _ in range(3))
+
+
+def _batch_dims(n):
+    b = torch.export.Dim("batch", min=1, max=64)
+    return tuple({0: b} for _ in range(n))
+
+
+def _fusionblocks_ops(program) -> list:
+    return [str(n.target) for n in program.graph.nodes if n.op == "call_function" and "fusionblocks" in str(n.target)]
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_ops_onnx_match_eager_and_reference_with_dynamic_batch(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    m = _AllOps().eval()
+    prog = torch.onnx.export(m, _qkv(2), dynamo=True, dynamic_shapes=_batch_dims(3), verbose=False)
+    path = tmp_path / "ops.onnx"
+    prog.save(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    for batch in (1, 3):
+        q, k, v = _qkv(batch, seed=batch)
+        outs = sess.run(None, dict(zip(names, (q.numpy(), k.numpy(), v.numpy()))))
+        with torch.no_grad():
+            eager = m(q, k, v)  # whatever backend dispatch picks here (cpp when built)
+            monkeypatch.setenv(ENV_VAR, "reference")
+            spec = m(q, k, v)
+            monkeypatch.delenv(ENV_VAR)
+        for got, e, s in zip(outs, eager, spec):
+            got = torch.from_numpy(got)
+            assert got.shape == s.shape
+            assert _rel(got, s) <= 1e-4
+            assert _rel(got, e) <= 1e-4
+
+
+def test_export_traces_the_reference_unless_a_backend_is_named(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    m = _AllOps().eval()
+    ep = torch.export.export(m, _qkv(2), dynamic_shapes=_batch_dims(3))
+    assert _fusionblocks_ops(ep) == []
+    from fusionblocks.ops import cpp
+
+    if not cpp.available():
+        pytest.skip("fusionblocks._C not built: the named-backend half needs it")
+    monkeypatch.setenv(ENV_VAR, "cpp")
+    ep = torch.export.export(m, _qkv(2))
+    ops = _fusionblocks_ops(ep)
+    assert any("decay_full_fwd" in o for o in ops) and any("window_fwd" in o for o in ops), ops
+
+
+def test_pt2_program_loads_and_runs_without_fusionblocks(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    m = _AllOps().eval()
+    ep = torch.export.export(m, _qkv(2), dynamic_shapes=_batch_dims(3))
+    torch.export.save(ep, str(tmp_path / "ops.pt2"))
+    q, k, v = _qkv(3, seed=5)
+    with torch.no_grad():
+        want = m(q, k, v)
+    torch.save({"inputs": (q, k, v), "want": want}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["fusionblocks"] = None  # any import of fusionblocks now fails
+        import torch
+        io = torch.load("io.pt")
+        got = torch.export.load("ops.pt2").module()(*io["inputs"])
+        for g, w in zip(got, io["want"]):
+            err = ((g - w).abs().max() / w.abs().max()).item()
+            assert err <= 1e-5, err
+        assert not any(name.startswith("fusionblocks") for name in sys.modules if sys.modules[name] is not None)
+        print("ok")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok")
+
+
+# Every model at the smallest size the checks need (32 px: the stride-32 last stage is 1x1).
+@pytest.mark.parametrize("name", ["hifuse_tiny", "hifuse_small", "hifuse_base", "hemf", "hatr_resnet50", "hatr_conv2d"])
+def test_model_onnx_parity_dynamic_batch(name, tmp_path, monkeypatch):
+    from fusionblocks.export import check_exported, export_model, read_metadata
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert name in list_models()
+    model = create_model(name, num_classes=3).eval()
+    path = tmp_path / f"{name}.onnx"
+    export_model(model, path, format="onnx", image_size=32, metadata={"model": name})
+    assert read_metadata(path) == {"model": name}
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert isinstance(sess.get_inputs()[0].shape[0], str)  # symbolic batch axis
+    _, rel = check_exported(path, "onnx", model, image_size=32, batch=3)
+    assert rel <= 1e-4
+    _, rel1 = check_exported(path, "onnx", model, image_size=32, batch=1, seed=7)
+    assert rel1 <= 1e-4
