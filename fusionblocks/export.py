@@ -16,6 +16,7 @@ fresh weights, exports, runs the file on a random batch and prints the error aga
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import warnings
@@ -100,17 +101,24 @@ def export_model(model: nn.Module, path: str | Path, *, format: str, image_size:
     model = model.eval()
     x = _example(in_chans, image_size)
     meta = json.dumps(metadata or {})
+    # the exporter logs every torchvision op it skips when torchvision is absent: not about this model
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporters' deprecation chatter, not about this model
-        if format == "onnx":
-            program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=_dynamic_batch(),
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
-            program.model.metadata_props[METADATA_KEY] = meta
-            program.save(str(path))
-        else:
-            program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
-            torch.export.save(program, str(path), extra_files={PT2_METADATA_FILE: meta})
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporters' deprecation chatter, not about this model
+            if format == "onnx":
+                program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=_dynamic_batch(),
+                                            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], verbose=False)
+                program.model.metadata_props[METADATA_KEY] = meta
+                program.save(str(path))
+            else:
+                program = torch.export.export(model, (x,), dynamic_shapes=_dynamic_batch())
+                torch.export.save(program, str(path), extra_files={PT2_METADATA_FILE: meta})
+    finally:
+        registry_log.setLevel(level)
     return time.perf_counter() - t0
 
 
@@ -259,6 +267,11 @@ def run_export(model_name, checkpoint, *, format, out, num_classes=None, image_s
     from . import __version__
 
     meta = meta | {"fusionblocks_version": __version__, "torch_version": torch.__version__, "format": format}
+    try:  # the model's own input checks, with its own message, before the exporter wraps them
+        with torch.no_grad():
+            model.eval()(_example(meta["in_chans"], meta["image_size"], batch=1))
+    except ValueError as e:
+        raise ExportError(f"{meta['model']} at --image-size {meta['image_size']}: {e}") from None
     seconds = export_model(model, out, format=format, image_size=meta["image_size"], in_chans=meta["in_chans"],
                            metadata=meta)
     abs_err, rel_err = check_exported(out, format, model, image_size=meta["image_size"], in_chans=meta["in_chans"])
