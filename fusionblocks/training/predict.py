@@ -78,15 +78,28 @@ class Predictor:
     @classmethod
     def from_onnx(cls, path: str | Path, checkpoint: Optional[str | Path] = None) -> "Predictor":
         """The preprocessing comes from ``checkpoint`` when given, else from the file's metadata."""
-        from ..export import read_metadata
+        import json
+
+        from ..export import METADATA_KEY
 
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"predict: ONNX file not found: {path}")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DataError("predict --onnx needs onnxruntime: `pip install onnxruntime`") from None
+        try:
+            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a bad file
+            raise DataError(f"predict: ONNX Runtime cannot load {path}: {type(e).__name__}: {e}") from None
+        name = sess.get_inputs()[0].name
         if checkpoint is not None:
             from .engine import load_checkpoint
 
             pre = _preprocessing(load_checkpoint(checkpoint))
         else:
-            meta = read_metadata(path)
+            meta = json.loads(sess.get_modelmeta().custom_metadata_map.get(METADATA_KEY, "{}"))
             missing = [k for k in _FIELDS if k not in meta]
             if missing:
                 raise DataError(
@@ -94,10 +107,10 @@ class Predictor:
                     "export it with `fusionblocks export`, or pass --checkpoint for the preprocessing"
                 )
             pre = {k: meta[k] for k in _FIELDS}
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
+        k = sess.get_outputs()[0].shape[-1]
+        if isinstance(k, int) and k != len(pre["classes"]):
+            raise DataError(f"predict: {path} outputs {k} classes, the preprocessing names {len(pre['classes'])}: "
+                            f"{pre['classes']}")
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(sess.run(None, {name: x.float().numpy()})[0]).float().softmax(-1)

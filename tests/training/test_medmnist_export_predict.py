@@ -186,3 +186,71 @@ def test_export_pt2_of_a_checkpoint(trained):
     assert "torch.export.load" in r.stdout
     meta = read_metadata(out)
     assert meta["classes"] == ["normal", "pneumonia"] and meta["image_size"] == 32 and meta["mean"] == [0.485]
+
+
+def _tiny_onnx(path, meta=None, size=8, classes=2, seed=0):
+    """logits = flatten(image) @ W, built directly with onnx.helper (no exporter: fast)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).normal(size=(3 * size * size, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta is not None:
+        import json
+
+        helper.set_model_props(model, {"fusionblocks": json.dumps(meta)})
+    onnx.save(model, str(path))
+    return w
+
+
+def test_predict_onnx_applies_the_stored_preprocessing(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from fusionblocks.training.transforms import build
+
+    meta = {"classes": ["benign", "malignant"], "image_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.25]}
+    w = _tiny_onnx(tmp_path / "m.onnx", meta)
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (13, 11, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--input", tmp_path / "a.png", "--out", tmp_path / "p.csv",
+             "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (row,) = _read_csv(tmp_path / "p.csv")
+    x = build(False, {}, 8, [0.5], [0.25])(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    logits = x.reshape(1, -1).numpy() @ w
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose([float(row["benign"]), float(row["malignant"])], want[0], atol=2e-6)
+    assert row["predicted"] == meta["classes"][int(want.argmax())]
+
+
+def test_predict_errors_are_clear(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _tiny_onnx(tmp_path / "bare.onnx")
+    (tmp_path / "img").mkdir()
+    r = _cli("predict", "--onnx", tmp_path / "bare.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "carries no fusionblocks preprocessing metadata" in r.stderr
+    meta = {"classes": ["a", "b", "c"], "image_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.5]}
+    _tiny_onnx(tmp_path / "three.onnx", meta)  # outputs 2 classes, names 3
+    r = _cli("predict", "--onnx", tmp_path / "three.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "outputs 2 classes" in r.stderr
+    meta["classes"] = ["a", "b"]
+    _tiny_onnx(tmp_path / "ok.onnx", meta)
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "no images" in r.stderr
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "nope.png", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "input not found" in r.stderr
+    r = _cli("predict", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "give --checkpoint" in r.stderr
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"\x00" * 10)
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv",
+             "--no-progress")
+    assert r.returncode == 1 and "bad.jpg" in r.stderr and "predicted 0 of 1 images" in r.stdout
