@@ -192,35 +192,34 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], *, num
         close = difflib.get_close_matches(model_name, list_models(), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ExportError(f"unknown model {model_name!r}{hint} Available: {', '.join(list_models())}")
-    meta: Dict[str, object] = {}
-    if checkpoint is None:
+    sd = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise ExportError(f"checkpoint not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ExportError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        if isinstance(obj, dict) and all(key in obj for key in ("model", "config", "classes")):
+            return _from_training_checkpoint(path, obj, model_name, num_classes, image_size, in_chans)
+        sd = _state_dict_of(obj)
+        if sd is None:
+            raise ExportError(f"{path} is neither a fusionblocks training checkpoint (model/config/classes) nor a state_dict")
         if model_name is None:
-            raise ExportError("export: name a MODEL or give --checkpoint")
-        k, size, ch = num_classes or 1000, image_size or 224, in_chans or 3
-        model = create_model(model_name, num_classes=k, **({"in_chans": ch} if ch != 3 else {}))
-        meta = {"model": model_name, "classes": [f"class_{i}" for i in range(k)], "image_size": size,
-                "in_chans": ch, "mean": [0.5], "std": [0.5], "recipe": "hifuse", "weights": "fresh (untrained)"}
-        return model, meta
+            raise ExportError(f"{path} is a plain state_dict: name the MODEL it belongs to")
+    elif model_name is None:
+        raise ExportError("export: name a MODEL or give --checkpoint")
+    from .training.recipes import get_recipe
 
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ExportError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ExportError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    sd = _state_dict_of(obj)
-    if sd is None and isinstance(obj, dict) and "model" in obj and "config" in obj and "classes" in obj:
-        return _from_training_checkpoint(path, obj, model_name, num_classes, image_size, in_chans)
-    if sd is None:
-        raise ExportError(f"{path} is neither a fusionblocks training checkpoint (model/config/classes) nor a state_dict")
-    if model_name is None:
-        raise ExportError(f"{path} is a plain state_dict: name the MODEL it belongs to")
     k, size, ch = num_classes or 1000, image_size or 224, in_chans or 3
     model = create_model(model_name, num_classes=k, **({"in_chans": ch} if ch != 3 else {}))
-    _load_strict(model, sd, f"{path} does not fit {model_name} (num_classes={k}, in_chans={ch})")
+    if sd is not None:
+        _load_strict(model, sd, f"{checkpoint} does not fit {model_name} (num_classes={k}, in_chans={ch})")
+    recipe = get_recipe("hifuse")  # no training config: the default recipe's normalization
     meta = {"model": model_name, "classes": [f"class_{i}" for i in range(k)], "image_size": size, "in_chans": ch,
-            "mean": [0.5], "std": [0.5], "recipe": "hifuse", "weights": str(path)}
+            "mean": list(recipe.mean), "std": list(recipe.std), "recipe": recipe.name,
+            "weights": str(checkpoint) if sd is not None else "fresh (untrained)"}
     return model, meta
 
 

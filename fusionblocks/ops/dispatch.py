@@ -104,12 +104,6 @@ def _format(reasons: Dict[str, List[str]]) -> str:
     return "\n".join(f"  {n}: {'; '.join(r) if r else 'can run'}" for n, r in reasons.items())
 
 
-def _exporting() -> bool:
-    import torch
-
-    return torch.compiler.is_exporting()
-
-
 def select(op: str, backend: Optional[str], *args, **kwargs) -> Backend:
     """The backend that will run this call (see module docstring)."""
     if backend is None:
@@ -133,7 +127,10 @@ def select(op: str, backend: Optional[str], *args, **kwargs) -> Backend:
 
 
 def dispatch(op: str, backend: Optional[str], *args, **kwargs):
-    """Run ``op`` on the chosen backend (the reference when the choice is automatic under ``torch.export``)."""
-    if backend is None and not os.environ.get(ENV_VAR) and _exporting():
-        backend = "reference"  # an exported program (pt2, ONNX) holds standard ops only, no compiled extension's
+    """Run ``op`` on the chosen backend; under ``torch.export`` (also ONNX's) an automatic choice is the reference."""
+    if backend is None and not os.environ.get(ENV_VAR):
+        import torch
+
+        if torch.compiler.is_exporting():
+            backend = "reference"  # an exported program (pt2, ONNX) holds standard ops only, no compiled extension's
     return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
