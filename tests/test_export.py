@@ -122,9 +122,9 @@ def test_pt2_program_loads_and_runs_without_fusionblocks(tmp_path, monkeypatch):
     assert r.stdout.strip().endswith("ok")
 
 
-# ONNX export traces a whole network: 10-60 s per model on a 2-core CPU. hifuse_tiny (window attention,
-# HFF) and hemf (decomposed decay, HEF) run always, hatr_conv2d runs in tests/training (export CLI); the
-# models that only repeat those code paths at a larger width run with FUSIONBLOCKS_SLOW_TESTS=1.
+# ONNX export traces a whole network: tens of seconds per model on a 2-core CPU. hifuse_tiny (window
+# attention, HFF) and hemf (decomposed decay, HEF) run always, hatr_conv2d runs in tests/training (export
+# CLI); hifuse_small/base (the same blocks, wider) and hatr_resnet50 run with FUSIONBLOCKS_SLOW_TESTS=1.
 _SLOW = pytest.mark.skipif(not os.environ.get("FUSIONBLOCKS_SLOW_TESTS"),
                            reason="slow (whole-network ONNX export); set FUSIONBLOCKS_SLOW_TESTS=1")
 # the smallest input each model takes (hatr_resnet50: its tokenizer needs a backbone map of at least 2x2)
