@@ -162,12 +162,12 @@ def predict_images(predictor: Predictor, files: Sequence[Path], *, batch_size: i
         raise ValueError(f"predict: expected batch_size >= 1, got {batch_size}")
     loader = torch.utils.data.DataLoader(_Images(files, predictor.in_chans, predictor.transform),
                                          batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        loader = tqdm(loader, desc="predict", unit="batch", dynamic_ncols=True, leave=False)
+    bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True, leave=False, disable=not progress)
     result = PredictResult()
     for batch in loader:
+        bar.update(len(batch))
         good = [(i, x) for i, x, err in batch if err is None]
         for i, _, err in batch:
             if err is not None:
@@ -179,6 +179,7 @@ def predict_images(predictor: Predictor, files: Sequence[Path], *, batch_size: i
         probs = predictor.run(torch.stack([x for _, x in good]))
         for (i, _), p in zip(good, probs.tolist()):
             result.rows.append((str(files[i]), p))
+    bar.close()
     return result
 
 
@@ -210,7 +211,9 @@ def _run_predict(args) -> int:
         raise CLIError(str(e)) from None
 
     def warn(file: str, err: str) -> None:
-        print(f"fusionblocks predict: skipped {err}", file=sys.stderr)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"fusionblocks predict: skipped {err}", file=sys.stderr)  # above the progress bar
 
     result = predict_images(predictor, files, batch_size=args.batch_size, num_workers=args.workers,
                             progress=not args.no_progress, on_failure=warn)
