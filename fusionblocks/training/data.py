@@ -49,10 +49,10 @@ def scan_folder(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
     """Decode with Pillow into a ``(channels, H, W)`` float tensor in ``[0, 1]``; gray images are replicated."""
-    from PIL import Image, UnidentifiedImageError
-
     if hasattr(path, "load"):  # an in-memory image, e.g. a MedMNIST .npz entry (training/medmnist.py)
         return path.load(channels)
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB")
@@ -169,6 +169,8 @@ def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: 
 
     if medmnist.is_npz(root):
         return medmnist.load_splits(root, class_names)
+    if class_names is not None:
+        raise DataError(f"--class-names applies to a .npz file; the classes of {root} are its folder names")
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")

@@ -254,3 +254,9 @@ def test_predict_errors_are_clear(tmp_path):
     r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv",
              "--no-progress")
     assert r.returncode == 1 and "bad.jpg" in r.stderr and "predicted 0 of 1 images" in r.stdout
+
+
+def test_class_names_are_refused_for_a_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError, match="--class-names applies to a .npz file"):
+        load_splits(tmp_path, class_names=["x"])
