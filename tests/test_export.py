@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,22 @@ def test_ops_onnx_match_eager_and_reference_with_dynamic_batch(tmp_path, monkeyp
             assert got.shape == s.shape
             assert _rel(got, s) <= 1e-4
             assert _rel(got, e) <= 1e-4
+
+
+def test_legacy_torchscript_onnx_exporter_also_gets_the_reference(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    m = _AllOps().eval()
+    path = tmp_path / "legacy.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
+        torch.onnx.export(m, _qkv(2), str(path), dynamo=False, input_names=["q", "k", "v"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    q, k, v = _qkv(2, seed=3)
+    outs = sess.run(None, {"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+    with torch.no_grad():
+        want = m(q, k, v)
+    for got, w in zip(outs, want):
+        assert _rel(torch.from_numpy(got), w) <= 1e-4
 
 
 def test_export_traces_the_reference_unless_a_backend_is_named(monkeypatch):

@@ -131,6 +131,6 @@ def dispatch(op: str, backend: Optional[str], *args, **kwargs):
     if backend is None and not os.environ.get(ENV_VAR):
         import torch
 
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
             backend = "reference"  # an exported program (pt2, ONNX) holds standard ops only, no compiled extension's
     return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
