@@ -17,7 +17,7 @@ import platform
 import sys
 from typing import Callable, List, Optional, Sequence
 
-COMMAND_MODULES = ("fusionblocks.training.cli",)
+COMMAND_MODULES = ("fusionblocks.training.cli", "fusionblocks.export", "fusionblocks.training.predict")
 
 
 class CLIError(Exception):

@@ -30,9 +30,15 @@ def _grid_coords(h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, to
     return n // w, n % w
 
 
+def _cached(fn):
+    """``fn`` itself, or its uncached body under ``torch.export``, where the tensors a call makes belong to
+    the trace (fake tensors) and must never be kept for later eager calls."""
+    return fn.__wrapped__ if torch.compiler.is_exporting() else fn
+
+
 def manhattan_distance(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``|dy| + |dx|`` between every pair of tokens of an ``h x w`` raster grid: ``(h*w, h*w)`` int64."""
-    ys, xs = _grid_coords(h, w, torch.device(device))
+    ys, xs = _cached(_grid_coords)(h, w, torch.device(device))
     return (ys[:, None] - ys[None, :]).abs() + (xs[:, None] - xs[None, :]).abs()
 
 
@@ -115,7 +121,7 @@ def _relative_position_index(window_size: int) -> torch.Tensor:
 
 def relative_position_index(window_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Swin's index into the ``((2ws-1)**2, heads)`` bias table: ``(ws*ws, ws*ws)`` int64."""
-    return _relative_position_index(window_size).to(device)
+    return _cached(_relative_position_index)(window_size).to(device)
 
 
 def shift_region_ids(h: int, w: int, window_size: int, shift: int, device: torch.device | str = "cpu") -> torch.Tensor:

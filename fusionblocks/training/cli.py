@@ -45,6 +45,7 @@ def _run_train(args) -> int:
         grad_checkpointing=args.grad_checkpointing, resume=args.resume, device=args.device,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, synthetic_samples=args.synthetic_samples,
         synthetic_classes=args.synthetic_classes, max_steps_per_epoch=args.max_steps, progress=not args.no_progress,
+        class_names=args.class_names,
     )
     try:
         result = train(cfg)
@@ -92,7 +93,7 @@ def add_cli_commands(sub) -> None:
                     "'synthetic'). Writes OUT/metrics.json (one entry per epoch), OUT/last.pt, OUT/best.pt and PNG plots.",
     )
     t.add_argument("--model", default=None, help="model name (default: the recipe's)")
-    t.add_argument("--data", required=True, help="image folder root, or 'synthetic'")
+    t.add_argument("--data", required=True, help="image folder root, a MedMNIST .npz file, or 'synthetic'")
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--recipe", default="hifuse", help="hifuse (HiFuse/HEMF) or hatr")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
@@ -115,6 +116,8 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--synthetic-classes", type=int, default=2)
     t.add_argument("--max-steps", type=int, default=None, help="cap the steps of each epoch (smoke runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--class-names", type=lambda s: [c.strip() for c in s.split(",")], default=None,
+                   help="a,b,c: class names of a MedMNIST .npz (default: medmnist's INFO if installed, else class_i)")
     t.set_defaults(func=_run_train)
 
     e = sub.add_parser(

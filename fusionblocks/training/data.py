@@ -5,7 +5,8 @@ Layouts accepted by :func:`load_splits`:
 * ``root/{train,val,test}/<class>/*.png|jpg|...`` — splits as given (``test`` optional; without ``val``,
   a seeded fraction of ``train`` becomes ``val``);
 * ``root/<class>/*`` — one folder, split into train/val/test with a seed (stratified per class);
-* ``root = "synthetic"`` — a built-in synthetic dataset, so every command runs with no data at all.
+* ``root = "synthetic"`` — a built-in synthetic dataset, so every command runs with no data at all;
+* ``root = "PATH.npz"`` — a MedMNIST file with its official splits (:mod:`fusionblocks.training.medmnist`).
 
 Bad data fails early with the file or folder named: an empty class folder, an unreadable image,
 class lists that differ between splits.
@@ -48,6 +49,8 @@ def scan_folder(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
     """Decode with Pillow into a ``(channels, H, W)`` float tensor in ``[0, 1]``; gray images are replicated."""
+    if hasattr(path, "load"):  # an in-memory image, e.g. a MedMNIST .npz entry (training/medmnist.py)
+        return path.load(channels)
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -158,8 +161,16 @@ def _stratified_split(samples, fractions: Sequence[float], seed: int):
     return parts
 
 
-def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> Splits:
-    """Find train/val/test samples under ``root`` (see the module docstring for the layouts)."""
+def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
+                class_names: Optional[Sequence[str]] = None) -> Splits:
+    """Find train/val/test samples under ``root`` (see the module docstring for the layouts; a MedMNIST
+    ``.npz`` file brings its official splits, see :mod:`fusionblocks.training.medmnist`)."""
+    from . import medmnist
+
+    if medmnist.is_npz(root):
+        return medmnist.load_splits(root, class_names)
+    if class_names is not None:
+        raise DataError(f"--class-names applies to a .npz file; the classes of {root} are its folder names")
     root = Path(root)
     if not root.exists():
         raise DataError(f"data folder not found: {root}")

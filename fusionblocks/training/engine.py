@@ -62,6 +62,7 @@ class TrainConfig:
     synthetic_samples: int = 64
     synthetic_classes: int = 2
     max_steps_per_epoch: Optional[int] = None
+    class_names: Optional[List[str]] = None  # for a .npz without medmnist installed
     progress: bool = True
     model_kwargs: Dict[str, object] = field(default_factory=dict)
 
@@ -118,7 +119,8 @@ def _datasets(cfg: TrainConfig, recipe: Recipe):
         test = mk(max(n // 4, k), cfg.seed + 2, eval_tf)
         counts = [len(range(c, n, k)) for c in range(k)]
         return train.classes, train, val, test, counts
-    splits = D.load_splits(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    splits = D.load_splits(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
+                           class_names=cfg.class_names)
     if not splits.val:
         raise D.DataError(f"{cfg.data}: the validation split is empty (add images or a val/ folder)")
     mk = lambda s, tf: D.ImageFolderDataset(s, splits.classes, tf, cfg.in_chans, cfg.seed)  # noqa: E731
@@ -361,6 +363,10 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
     if data == "synthetic":
         ds = D.SyntheticDataset(max(cfg.get("synthetic_samples", 64) // 4, len(classes)), len(classes),
                                 max(cfg["image_size"], 32), cfg.get("in_chans", 3), tf, cfg.get("seed", 0) + 2)
+    elif str(data).lower().endswith(".npz"):
+        from .medmnist import eval_samples
+
+        ds = D.ImageFolderDataset(eval_samples(data, split, classes), classes, tf, cfg.get("in_chans", 3))
     else:
         root = Path(data)
         has_splits = any((root / s).is_dir() for s in D.SPLITS)

@@ -1,0 +1,262 @@
+"""MedMNIST .npz files, and a trained checkpoint taken through `fusionblocks export` and `fusionblocks predict`."""
+import contextlib
+import csv
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from fusionblocks.training import medmnist
+from fusionblocks.training.data import DataError, load_image, load_splits
+
+
+def _npz(path, *, n=(12, 6, 6), size=16, rgb=False, classes=3, labels_shape=None, dtype=np.uint8, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        shape = (count, size, size, 3) if rgb else (count, size, size)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape).astype(dtype)
+        lab = (np.arange(count) % classes)[:, None]
+        arrays[f"{split}_labels"] = lab if labels_shape is None else rng.integers(0, 2, (count, labels_shape))
+    arrays.update(override)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_official_splits_labels_and_pixels(tmp_path):
+    path = _npz(tmp_path / "toymnist_28.npz", rgb=True)
+    s = load_splits(path, val_fraction=0.5, test_fraction=0.5)  # fractions do not apply: official splits
+    assert (len(s.train), len(s.val), len(s.test)) == (12, 6, 6)
+    assert s.classes == ["class_0", "class_1", "class_2"]
+    assert [y for _, y in s.train[:4]] == [0, 1, 2, 0]
+    raw = np.load(path)["val_images"][1]
+    img = load_image(s.val[1][0], 3)
+    assert img.shape == (3, 16, 16)
+    torch.testing.assert_close(img, torch.from_numpy(raw).permute(2, 0, 1).float() / 255)
+    gray = load_image(s.val[1][0], 1)
+    want = (torch.from_numpy(raw).float() / 255 @ torch.tensor([0.299, 0.587, 0.114]))[None]
+    torch.testing.assert_close(gray, want)
+
+
+def test_gray_images_replicate_and_class_names(tmp_path, monkeypatch):
+    path = _npz(tmp_path / "pneumoniamnist_224.npz", classes=2)
+    s = load_splits(path, class_names=["normal", "pneumonia"])
+    assert s.classes == ["normal", "pneumonia"]
+    img = load_image(s.train[0][0], 3)
+    assert img.shape == (3, 16, 16) and torch.equal(img[0], img[2])
+    # medmnist's INFO names the classes when the package is importable (flag from the file stem)
+    fake = types.ModuleType("medmnist")
+    fake.INFO = {"pneumoniamnist": {"label": {"0": "normal", "1": "pneumonia"}, "task": "binary-class"},
+                 "chestmnist": {"label": {str(i): f"f{i}" for i in range(14)}, "task": "multi-label, binary-class"}}
+    monkeypatch.setitem(sys.modules, "medmnist", fake)
+    assert load_splits(path).classes == ["normal", "pneumonia"]
+    with pytest.raises(DataError, match="multi-label"):
+        load_splits(_npz(tmp_path / "chestmnist.npz", classes=2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(labels_shape=14), r"14 labels per image .*ChestMNIST"),
+        (dict(dtype=np.float32), "expected uint8 pixels, got float32"),
+        (dict(train_images=None), "missing train_images"),
+        (dict(val_labels=np.zeros((5, 1), np.int64)), "val has 6 images but 5 labels"),
+        (dict(test_images=np.zeros((6, 16, 16, 4), np.uint8)), r"expected \(N, H, W\) or \(N, H, W, 3\)"),
+        (dict(train_labels=-np.ones((12, 1), np.int64)), "negative label"),
+        (dict(val_images=np.zeros((6, 8, 8), np.uint8)), "image shapes differ between splits"),
+    ],
+)
+def test_bad_files_are_rejected_clearly(tmp_path, kwargs, match):
+    path = _npz(tmp_path / "bad.npz", **kwargs)
+    with pytest.raises(DataError, match=match):
+        load_splits(path)
+
+
+def test_class_names_must_cover_the_labels(tmp_path):
+    path = _npz(tmp_path / "x.npz", classes=3)
+    with pytest.raises(DataError, match="labels go up to 2, but there are only 2 class names"):
+        load_splits(path, class_names=["a", "b"])
+
+
+def _cli(*args):
+    """``fusionblocks ARGS`` in this process (the installed entry point calls the same ``main``)."""
+    from fusionblocks.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One epoch of hatr_conv2d on a small generated .npz, through the CLI, as a user would."""
+    root = tmp_path_factory.mktemp("medmnist")
+    data = _npz(root / "toymnist_28.npz", n=(8, 4, 4), classes=2)
+    run = root / "run"
+    r = _cli("train", "--model", "hatr_conv2d", "--recipe", "hatr", "--data", data, "--out", run, "--epochs", 1,
+             "--image-size", 32, "--batch-size", 4, "--class-names", "normal,pneumonia", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, data, run
+
+
+def test_train_and_evaluate_on_npz(trained):
+    import json
+
+    root, data, run = trained
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["classes"] == ["normal", "pneumonia"]
+    assert metrics["config"]["data"] == str(data)
+    assert metrics["test"]["num_samples"] == 4  # the official test split
+    r = _cli("evaluate", "--checkpoint", run / "best.pt", "--data", data, "--out", root / "eval", "--json",
+             "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["num_samples"] == 4
+
+
+def test_export_then_predict_from_checkpoint_and_from_onnx_alone(trained):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    root, data, run = trained
+    onnx_path = root / "model.onnx"
+    r = _cli("export", "--checkpoint", run / "best.pt", "--format", "onnx", "--out", onnx_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "max rel error" in r.stdout and "exported ->" in r.stdout
+
+    images = root / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24), dtype=np.uint8)).save(images / ("sub" if i % 2 else "") / f"im{i}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+
+    rows = {}
+    for flag, src in (("--checkpoint", run / "best.pt"), ("--onnx", onnx_path)):
+        out = root / f"pred{flag}.csv"
+        r = _cli("predict", flag, src, "--input", images, "--out", out, "--batch-size", 2, "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "broken.png" in r.stderr and "1 unreadable" in r.stdout
+        rows[flag] = _read_csv(out)
+        assert len(rows[flag]) == 5
+        assert list(rows[flag][0]) == ["path", "predicted", "normal", "pneumonia"]
+        for row in rows[flag]:
+            p = [float(row["normal"]), float(row["pneumonia"])]
+            assert abs(sum(p) - 1) < 1e-5
+            assert row["predicted"] == ["normal", "pneumonia"][int(np.argmax(p))]
+    for a, b in zip(rows["--checkpoint"], rows["--onnx"]):
+        assert a["path"] == b["path"]
+        assert abs(float(a["normal"]) - float(b["normal"])) < 1e-4
+
+
+def test_export_rejects_a_checkpoint_of_another_model_or_size(trained):
+    root, data, run = trained
+    r = _cli("export", "hifuse_tiny", "--checkpoint", run / "best.pt", "--out", root / "x.pt2")
+    assert r.returncode == 2
+    assert "trained as hatr_conv2d" in r.stderr and "asked for model 'hifuse_tiny'" in r.stderr
+    r = _cli("export", "--checkpoint", run / "best.pt", "--num-classes", 5, "--out", root / "x.pt2")
+    assert r.returncode == 2 and "asked for num_classes 5" in r.stderr
+    sd = root / "sd.pt"
+    torch.save(torch.load(run / "best.pt", weights_only=True)["model"], sd)
+    r = _cli("export", "hatr_resnet50", "--checkpoint", sd, "--num-classes", 2, "--out", root / "x.pt2")
+    assert r.returncode == 2 and "does not fit hatr_resnet50" in r.stderr
+
+
+def test_export_pt2_of_a_checkpoint(trained):
+    from fusionblocks.export import read_metadata
+
+    root, data, run = trained
+    out = root / "model.pt2"
+    r = _cli("export", "--checkpoint", run / "best.pt", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "torch.export.load" in r.stdout
+    meta = read_metadata(out)
+    assert meta["classes"] == ["normal", "pneumonia"] and meta["image_size"] == 32 and meta["mean"] == [0.485]
+
+
+def _tiny_onnx(path, meta=None, size=8, classes=2, seed=0):
+    """logits = flatten(image) @ W, built directly with onnx.helper (no exporter: fast)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).normal(size=(3 * size * size, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["image"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if meta is not None:
+        import json
+
+        helper.set_model_props(model, {"fusionblocks": json.dumps(meta)})
+    onnx.save(model, str(path))
+    return w
+
+
+def test_predict_onnx_applies_the_stored_preprocessing(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from fusionblocks.training.transforms import build
+
+    meta = {"classes": ["benign", "malignant"], "image_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.25]}
+    w = _tiny_onnx(tmp_path / "m.onnx", meta)
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (13, 11, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--input", tmp_path / "a.png", "--out", tmp_path / "p.csv",
+             "--no-progress")
+    assert r.returncode == 0, r.stderr
+    (row,) = _read_csv(tmp_path / "p.csv")
+    x = build(False, {}, 8, [0.5], [0.25])(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    logits = x.reshape(1, -1).numpy() @ w
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose([float(row["benign"]), float(row["malignant"])], want[0], atol=2e-6)
+    assert row["predicted"] == meta["classes"][int(want.argmax())]
+
+
+def test_predict_errors_are_clear(tmp_path):
+    pytest.importorskip("onnxruntime")
+    _tiny_onnx(tmp_path / "bare.onnx")
+    (tmp_path / "img").mkdir()
+    r = _cli("predict", "--onnx", tmp_path / "bare.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "carries no fusionblocks preprocessing metadata" in r.stderr
+    meta = {"classes": ["a", "b", "c"], "image_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.5]}
+    _tiny_onnx(tmp_path / "three.onnx", meta)  # outputs 2 classes, names 3
+    r = _cli("predict", "--onnx", tmp_path / "three.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "outputs 2 classes" in r.stderr
+    meta["classes"] = ["a", "b"]
+    _tiny_onnx(tmp_path / "ok.onnx", meta)
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "no images" in r.stderr
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "nope.png", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "input not found" in r.stderr
+    r = _cli("predict", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "give --checkpoint" in r.stderr
+    (tmp_path / "img" / "bad.jpg").write_bytes(b"\x00" * 10)
+    r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv",
+             "--no-progress")
+    assert r.returncode == 1 and "bad.jpg" in r.stderr and "predicted 0 of 1 images" in r.stdout
+
+
+def test_class_names_are_refused_for_a_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(DataError, match="--class-names applies to a .npz file"):
+        load_splits(tmp_path, class_names=["x"])
