@@ -26,8 +26,14 @@ def test_train_writes_metrics_checkpoints_and_plots(tmp_path, tiny_model):
         assert key in saved["epochs"][-1]["val"]
     assert saved["test"]["num_samples"] == 6
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "classes", "rng"} <= set(ckpt)
-    assert ckpt["epoch"] == 1 and ckpt["config"]["model"] == tiny_model
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "classes", "rng", "history", "preprocessing"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["model"] == tiny_model and ckpt["kind"] == "resume"
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert {"model", "config", "classes", "preprocessing", "epoch"} <= set(best)
+    assert "optimizer" not in best and "rng" not in best  # inference needs none of it
+    assert best["preprocessing"]["image_size"] == 32 and best["preprocessing"]["mean"] == [0.5]
+    assert saved["checkpoints"]["best.pt"]["bytes"] == (out / "best.pt").stat().st_size
+    assert saved["checkpoints"]["last.pt"]["bytes"] == (out / "last.pt").stat().st_size > saved["checkpoints"]["best.pt"]["bytes"]
     assert not list(out.glob(".*.tmp*"))  # atomic writes leave no temporaries
 
 
@@ -60,7 +66,7 @@ def test_resume_refuses_another_model(tmp_path, tiny_model):
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     ckpt["config"]["model"] = "hifuse_tiny"
     torch.save(ckpt, tmp_path / "run" / "last.pt")
-    with pytest.raises(ValueError, match="was trained as hifuse_tiny"):
+    with pytest.raises(ValueError, match="--model: 'hifuse_tiny' in the saved run, 'tiny_test_net' now"):
         E.train(_cfg(tmp_path, tiny_model, epochs=2, resume=True))
 
 
@@ -75,6 +81,7 @@ def test_evaluate_with_gradcam_on_image_folder(tmp_path, tiny_model, image_tree)
     m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", gradcam=2, progress=False)
     assert m["num_samples"] == 6
     assert len(m["gradcam"]) == 2 and all((tmp_path / "eval" / "gradcam").glob("*.png"))
+    assert [p.rsplit("_", 1)[-1] for p in m["gradcam"]] == ["normal.png", "pneumonia.png"]  # spread over classes
     assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "roc.png").is_file()
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ckpt["config"]["class_weights_resolved"] == [3.0, 1.0]  # HATR's normal:pneumonia = 3:1
