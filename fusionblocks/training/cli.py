@@ -48,7 +48,7 @@ def _run_train(args) -> int:
         overwrite=args.overwrite, device=args.device, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, synthetic_samples=args.synthetic_samples,
         synthetic_classes=args.synthetic_classes, max_steps_per_epoch=args.max_steps, progress=not args.no_progress,
-        tensorboard=not args.no_tensorboard,
+        tensorboard=not args.no_tensorboard, plots=not args.no_plots,
     )
     try:
         result = train(cfg)
@@ -133,6 +133,7 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--max-steps", type=int, default=None, help="cap the steps of each epoch (smoke runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard scalars in OUT/tensorboard")
+    t.add_argument("--no-plots", action="store_true", help="no PNG plots (metrics.json and checkpoints only)")
     t.set_defaults(func=_run_train)
 
     e = sub.add_parser(

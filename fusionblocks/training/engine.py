@@ -85,6 +85,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None
     progress: bool = True
     tensorboard: bool = True  # scalars in OUT/tensorboard when tensorboard is importable
+    plots: bool = True  # curves, confusion matrices and ROC curves as PNG
     log: bool = True  # print the setup and one line per epoch
     model_kwargs: Dict[str, object] = field(default_factory=dict)
 
@@ -99,7 +100,7 @@ RESULT_FIELDS = {
     "world_size": "world size (torchrun --nproc-per-node)",
 }
 # invocation controls, not part of a run's identity
-_NOT_SAVED = ("resume", "overwrite", "progress", "log")
+_NOT_SAVED = ("resume", "overwrite", "progress", "log", "plots", "tensorboard")
 # files a run writes into its folder (what --overwrite removes)
 RUN_FILES = ("metrics.json", "best.pt", "last.pt", "curves.png", "confusion_matrix.png", "roc.png",
              "test_confusion_matrix.png", "test_roc.png")
@@ -307,10 +308,12 @@ def _saved_config(out: Path) -> Optional[Dict[str, object]]:
         return json.loads((out / "metrics.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
         pass
-    try:
-        return load_checkpoint(out / "last.pt")["config"]
-    except (OSError, ValueError, KeyError):
-        return None
+    for name in ("last.pt", "best.pt"):
+        try:
+            return load_checkpoint(out / name)["config"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return None
 
 
 def _clear_run(out: Path) -> None:
@@ -329,12 +332,19 @@ def _prepare_out(cfg: TrainConfig, out: Path, now: Dict[str, object]) -> bool:
     if cfg.resume:
         if has_last:
             return True
-        if cfg.resume != "auto" or _existing_run(out):
-            what = "does not exist" if not out.exists() else "holds no last.pt"
+        if _existing_run(out):  # killed before its first epoch was committed: that run restarts from epoch 1
+            saved = _saved_config(out)
+            diffs = config_differences(saved, now) if saved is not None else ["(its configuration cannot be read)"]
+            if diffs:
+                raise ValueError(f"train --resume: {out} holds no last.pt, and a run of another configuration:\n  "
+                                 + "\n  ".join(diffs) + "\npass --overwrite to replace it, or choose another --out")
+            _clear_run(out)
+            return False
+        if cfg.resume != "auto":
+            what = "does not exist" if not out.exists() else "holds no run (no last.pt)"
             raise ValueError(
-                f"train --resume: nothing to resume: {out} {what}. Run without --resume to start fresh"
-                + (" (with --overwrite to replace what is there)" if _existing_run(out) else "")
-                + ", or pass --resume auto to resume when there is a run and start fresh otherwise"
+                f"train --resume: nothing to resume: {out} {what}. Run without --resume to start fresh, "
+                "or pass --resume auto to resume when there is a run and start fresh otherwise"
             )
         return False
     if _existing_run(out):
@@ -530,7 +540,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     if rank == 0 and cfg.tensorboard:
         say(f"TensorBoard: {tb.note}")
     if rank == 0 and history:  # rebuild what a kill after last.pt may have left out of date
-        _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds)
+        _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds, cfg.plots)
     durations: List[float] = []
     try:
         for epoch in range(done, epochs):
@@ -587,7 +597,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                 "best_val_predictions": best_preds, "rng": _rng_state(),
             }, epoch + 1)
             crash_point("after_last", epoch + 1)
-            _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds, improved)
+            _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds, cfg.plots, improved)
             crash_point("after_outputs", epoch + 1)
             tb.log(entry)
             durations.append(entry["seconds"])
@@ -611,8 +621,9 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                                            device, amp, weight_t)
         result["test"] = classification_metrics(labels, probs, classes) | {
             "loss": test_loss, "checkpoint": "best.pt", "epoch": best_ckpt.epoch}
-        _write_eval_artifacts(out, "test_", labels, probs, classes, result["test"],
-                              f"test split, best.pt (epoch {best_ckpt.epoch})")
+        if cfg.plots:
+            _write_eval_artifacts(out, "test_", labels, probs, classes, result["test"],
+                                  f"test split, best.pt (epoch {best_ckpt.epoch})")
         crash_point("before_final_metrics")
         _write_json(out / "metrics.json", result)
     sizes = result["checkpoints"]
@@ -654,9 +665,12 @@ def _result(cfg_dict, classes, history, best, best_epoch, out: Path) -> Dict[str
                             for k, v in _sizes(out).items()}}
 
 
-def _write_run_outputs(out: Path, cfg_dict, classes, history, best, best_epoch, best_preds, plots_of_best=True) -> None:
+def _write_run_outputs(out: Path, cfg_dict, classes, history, best, best_epoch, best_preds, with_plots=True,
+                       plots_of_best=True) -> None:
     """Everything derived from last.pt: metrics.json, curves, the best epoch's validation confusion matrix/ROC."""
     _write_json(out / "metrics.json", _result(cfg_dict, classes, history, best, best_epoch, out))
+    if not with_plots:
+        return
     plots.plot_curves(history, out / "curves.png")
     if plots_of_best and best_preds is not None:
         entry = history[best_epoch - 1]
