@@ -52,8 +52,9 @@ def test_8bit_modes_rgb_rgba_palette_cmyk_1bit(tmp_path):
     assert torch.equal(D.load_image(tmp_path / "bits.png", 1)[0], torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
 
 
-def test_dicom_when_pydicom_is_importable(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+@pytest.mark.parametrize("photometric,signed", [("MONOCHROME2", 0), ("MONOCHROME1", 0), ("MONOCHROME2", 1)])
+def test_dicom_when_pydicom_is_importable(tmp_path, photometric, signed):
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -62,13 +63,15 @@ def test_dicom_when_pydicom_is_importable(tmp_path):
     meta.MediaStorageSOPClassUID = generate_uid()
     meta.MediaStorageSOPInstanceUID = generate_uid()
     ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
-    arr = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 2, 2, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = arr.tobytes()
+    stored = np.array([[0, 1000], [2000, 4095]], dtype=np.int64) - (2048 if signed else 0)  # 12 bits stored
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 2, 2, 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, signed
+    ds.PixelData = stored.astype(np.int16 if signed else np.uint16).tobytes()
     ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
-    torch.testing.assert_close(D.load_image(tmp_path / "x.dcm", 1)[0], torch.from_numpy(arr / 4095.0).float())
-    del pydicom
+    want = torch.tensor([[0, 1000], [2000, 4095]], dtype=torch.float32) / 4095
+    if photometric == "MONOCHROME1":  # 0 is white
+        want = 1 - want
+    torch.testing.assert_close(D.load_image(tmp_path / "x.dcm", 1)[0], want)
 
 
 def _tree(root, make):
