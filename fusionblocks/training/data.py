@@ -158,6 +158,8 @@ def image_to_tensor(arr, full_scale: Optional[float], channels: int) -> torch.Te
 
 def load_image(path: Path, channels: int) -> torch.Tensor:
     """Decode into a ``(channels, H, W)`` float32 tensor in ``[0, 1]`` at the file's real bit depth."""
+    if hasattr(path, "load"):  # an in-memory image, e.g. a MedMNIST .npz entry (training/medmnist.py)
+        return path.load(channels)
     try:
         arr, full = decode_image(path)
     except (OSError, ValueError, SyntaxError) as e:
@@ -166,6 +168,8 @@ def load_image(path: Path, channels: int) -> torch.Tensor:
 
 
 def _check_one(path: Path) -> Optional[str]:
+    if hasattr(path, "load"):  # in memory: decoded already
+        return None
     try:
         if path.stat().st_size == 0:
             return "empty file"

@@ -373,7 +373,8 @@ class _TensorBoard:
         except Exception as e:  # not installed, or a broken install: training goes on without it
             self.note = f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
             return
-        self.writer = SummaryWriter(str(folder), purge_step=start_epoch + 1)
+        # on resume, the last committed epoch is purged and logged again: a kill may have come before its scalars
+        self.writer = SummaryWriter(str(folder), purge_step=start_epoch or None)
         self.note = f"scalars in {folder}"
 
     def log(self, entry: Dict[str, object]) -> None:
@@ -541,6 +542,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         say(f"TensorBoard: {tb.note}")
     if rank == 0 and history:  # rebuild what a kill after last.pt may have left out of date
         _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds, cfg.plots)
+        tb.log(history[-1])
     durations: List[float] = []
     try:
         for epoch in range(done, epochs):

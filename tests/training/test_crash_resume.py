@@ -1,4 +1,5 @@
 """Crash consistency, resume checks, run-folder protection and damaged checkpoints."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,11 +68,12 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, tiny_mod
     point = point.format(best=ref["best_epoch"])
     monkeypatch.setenv(C.CRASH_ENV, point)
     with pytest.raises(C.SimulatedCrash):
-        E.train(_cfg(out, tiny_model, plots=plots))
+        E.train(_cfg(out, tiny_model, plots=plots, tensorboard=plots))
     monkeypatch.delenv(C.CRASH_ENV)
     assert not list(out.glob(".*.tmp*"))  # a failed write removes its temporary
     # a kill before the first epoch is committed leaves nothing to resume: --resume auto starts again
-    resumed = E.train(_cfg(out, tiny_model, plots=plots, resume="auto" if point.endswith("@1") else True))
+    resumed = E.train(_cfg(out, tiny_model, plots=plots, tensorboard=plots,
+                           resume="auto" if point.endswith("@1") else True))
     assert _comparable(resumed) == _comparable(ref)
     assert _comparable(json.loads((out / "metrics.json").read_text())) == _comparable(ref)
     for f in ("best.pt", "last.pt"):
@@ -79,6 +81,12 @@ def test_a_crash_anywhere_resumes_to_the_uninterrupted_result(tmp_path, tiny_mod
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == ref["best_epoch"]
     for f in ("curves.png", "confusion_matrix.png", "roc.png", "test_confusion_matrix.png", "test_roc.png"):
         assert (out / f).is_file() == plots, f
+    if plots and importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2, 3]  # each epoch once, none lost
 
 
 _KILLED_RUN = """
