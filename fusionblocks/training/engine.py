@@ -481,7 +481,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             say(f"removed {p.name}, a temporary file left by a process that no longer runs")
 
     say(f"model {cfg.model}, recipe {recipe.name}" + ("" if cfg.recipe else " (the model's default)")
-        + f", {epochs} epochs, batch {batch_size}, lr {cfg_dict['lr']:g}, image size {cfg.image_size}, "
+        + f", {epochs} epoch{'s' if epochs != 1 else ''}, batch {batch_size}, lr {cfg_dict['lr']:g}, image size {cfg.image_size}, "
         f"{cfg.in_chans} channel{'s' if cfg.in_chans > 1 else ''}, device {device}")
     say(f"augmentation ({cfg.augment}): {describe_augment(aug)}")
     say(f"class weights: {weights_source}" + (f": {[round(w, 4) for w in weights]}" if weights else ""))
