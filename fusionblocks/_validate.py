@@ -2,10 +2,16 @@
 
 Every message names the block, what it expected and what it received, e.g.
 ``HEF: expected l with 96 channels, got (2, 64, 28, 28)``. Checks run before any kernel.
+
+Numbers: wherever a size or a scale is taken, any integral number (``int``, NumPy integers) counts as an int
+and any real number (``float``, NumPy floats) as a float; ``bool`` is neither. The checks return plain Python
+values. Tensors: a block's input must be floating, on its parameters' device and of their dtype (any of
+float16/bfloat16/float32 under autocast) — pass ``like=self`` to :func:`expect_nchw` / :func:`expect_tokens`.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import numbers
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -27,20 +33,49 @@ def expect_rank(block: str, name: str, x: object, rank: int, layout: str) -> tor
     return x
 
 
-def expect_nchw(block: str, name: str, x: object, channels: Optional[int] = None) -> torch.Tensor:
-    """Check a (B, C, H, W) feature map, optionally with a given channel count."""
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def expect_input_like(block: str, name: str, x: torch.Tensor, like: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """A block input: floating, and (given the block ``like``) on its parameters' device and of their dtype.
+
+    Under autocast on ``x``'s device any of float16/bfloat16/float32 is accepted (autocast casts per op).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"{block}: expected {name} as a floating tensor, got {x.dtype} {shape_str(x)} "
+                        f"(convert it first, e.g. x.float())")
+    if like is None:
+        return x
+    param = next(like.parameters(), None)
+    if param is None:
+        return x
+    if x.device != param.device:
+        raise ValueError(f"{block}: expected {name} on {param.device} (where the block's parameters are), "
+                         f"got {name} on {x.device} {shape_str(x)}")
+    if x.dtype != param.dtype and not (torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_DTYPES):
+        raise TypeError(f"{block}: expected {name} as {param.dtype} (the block's parameters), got {x.dtype} "
+                        f"{shape_str(x)}; cast the input (x.to({param.dtype})) or the block (.to({x.dtype}))")
+    return x
+
+
+def expect_nchw(block: str, name: str, x: object, channels: Optional[int] = None, *,
+                like: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """Check a (B, C, H, W) feature map, optionally with a given channel count; dtype/device as
+    :func:`expect_input_like`."""
     x = expect_rank(block, name, x, 4, "(B, C, H, W)")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{block}: expected {name} with {channels} channels, got {shape_str(x)}")
-    return x
+    return expect_input_like(block, name, x, like)
 
 
-def expect_tokens(block: str, name: str, x: object, dim: Optional[int] = None) -> torch.Tensor:
-    """Check a (B, N, D) token tensor, optionally with a given embedding dim."""
+def expect_tokens(block: str, name: str, x: object, dim: Optional[int] = None, *,
+                  like: Optional[torch.nn.Module] = None) -> torch.Tensor:
+    """Check a (B, N, D) token tensor, optionally with a given embedding dim; dtype/device as
+    :func:`expect_input_like`."""
     x = expect_rank(block, name, x, 3, "(B, N, D)")
     if dim is not None and x.shape[-1] != dim:
         raise ValueError(f"{block}: expected {name} with embedding dim {dim}, got {shape_str(x)}")
-    return x
+    return expect_input_like(block, name, x, like)
 
 
 def expect_same_spatial(block: str, names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
@@ -57,10 +92,50 @@ def expect_divisible(block: str, what: str, value: int, divisor: int, divisor_na
         raise ValueError(f"{block}: expected {what} ({value}) to be divisible by {divisor_name} ({divisor})")
 
 
+def is_int(value: object) -> bool:
+    """An integral number (``int``, NumPy integer), not a ``bool``."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number (``int``, ``float``, NumPy scalar), not a ``bool``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def expect_int(block: str, name: str, value: object, lo: Optional[int] = None, hi: Optional[int] = None) -> int:
+    """An integral number in ``[lo, hi)`` (either bound optional), returned as a Python ``int``."""
+    ok = is_int(value) and (lo is None or value >= lo) and (hi is None or value < hi)
+    if not ok:
+        if lo is not None and hi is not None:
+            want = f"an int in [{lo}, {hi})"
+        elif lo == 1:
+            want = "a positive int"
+        elif lo == 0:
+            want = "a non-negative int"
+        else:
+            want = "an int" + (f" >= {lo}" if lo is not None else "") + (f" < {hi}" if hi is not None else "")
+        raise ValueError(f"{block}: expected {name} to be {want}, got {value!r}")
+    return int(value)
+
+
 def expect_positive_int(block: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{block}: expected {name} to be a positive int, got {value!r}")
-    return value
+    return expect_int(block, name, value, lo=1)
+
+
+def expect_hw(block: str, name: str, value: object) -> Tuple[int, int]:
+    """A pair of positive integral numbers ``(H, W)`` (tuple or list), returned as Python ints."""
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) and v > 0 for v in value)):
+        raise ValueError(f"{block}: expected {name} as a pair of positive ints (H, W), got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def expect_scale(block: str, name: str, value: object) -> Optional[float]:
+    """``None`` or a real number, returned as a Python ``float``."""
+    if value is None:
+        return None
+    if not is_real(value):
+        raise TypeError(f"{block}: expected {name} as a float or None, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def expect_choice(block: str, name: str, value: object, choices: Sequence[object]) -> None:

@@ -50,7 +50,7 @@ class LocalBlock(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "dim", dim)
+        dim = expect_positive_int(name, "dim", dim)
         expect_choice(name, "norm_position", norm_position, _NORM_POSITIONS)
         self.dim = dim
         self.norm_position = norm_position
@@ -64,7 +64,7 @@ class LocalBlock(nn.Module):
         return f"dim={self.dim}, norm_position={self.norm_position!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         y = x if self.conv is None else self.conv(x)
         if self.norm_position == "before_dwconv":
             y = self.dwconv(self.norm(y)).permute(0, 2, 3, 1)

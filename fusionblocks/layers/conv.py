@@ -46,7 +46,7 @@ class ConvBN(nn.Module):
         self.relu = nn.ReLU(inplace=True) if relu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.in_channels)
+        expect_nchw(type(self).__name__, "x", x, self.in_channels, like=self)
         x = self.conv(x)
         if self.bn is not None:
             x = self.bn(x)

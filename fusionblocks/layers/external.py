@@ -49,9 +49,9 @@ class MultiHeadExternalAttention(nn.Module):
     ):
         super().__init__()
         name = "MultiHeadExternalAttention"
-        expect_positive_int(name, "channels", channels)
-        expect_positive_int(name, "num_heads", num_heads)
-        expect_positive_int(name, "memory_size", memory_size)
+        channels = expect_positive_int(name, "channels", channels)
+        num_heads = expect_positive_int(name, "num_heads", num_heads)
+        memory_size = expect_positive_int(name, "memory_size", memory_size)
         expect_divisible(name, "channels", channels, num_heads, "num_heads")
         self.channels = channels
         self.num_heads = num_heads
@@ -70,7 +70,7 @@ class MultiHeadExternalAttention(nn.Module):
         return [], []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.channels)
+        expect_nchw(type(self).__name__, "x", x, self.channels, like=self)
         b, c, h, w = x.shape
         q = x.reshape(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
         attn = torch.softmax(self.mk(q), dim=-2)

@@ -82,7 +82,7 @@ class MixedAttention(nn.Module):
         shared_norm: bool = True,
     ):
         super().__init__()
-        expect_positive_int("MixedAttention", "dim", dim)
+        dim = expect_positive_int("MixedAttention", "dim", dim)
         expect_divisible("MixedAttention", "dim", dim, num_heads, "num_heads")
         self.dim = dim
         self.norm = LayerNorm2d(dim, eps=eps)
@@ -104,7 +104,7 @@ class MixedAttention(nn.Module):
         return rules, []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw("MixedAttention", "x", x, self.dim)
+        expect_nchw("MixedAttention", "x", x, self.dim, like=self)
         t = self.norm(x)
         t = (self.norm if self.norm2 is None else self.norm2)(self.mhea(t) * t)
         t = self.spatial(t)
@@ -146,11 +146,11 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "dim", dim)
+        dim = expect_positive_int(name, "dim", dim)
         l_dim = dim if l_dim is None else expect_positive_int(name, "l_dim", l_dim)
         g_dim = dim if g_dim is None else expect_positive_int(name, "g_dim", g_dim)
         expect_choice(name, "with_prev", with_prev, (None, True, False))
-        expect_positive_int(name, "fuse_kernel", fuse_kernel)
+        fuse_kernel = expect_positive_int(name, "fuse_kernel", fuse_kernel)
         if fuse_kernel % 2 == 0:
             raise ValueError(f"{name}: expected an odd fuse_kernel, got {fuse_kernel}")
         if with_prev is not False and dim % 2:
@@ -209,8 +209,8 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
 
     def _check(self, l: torch.Tensor, g: torch.Tensor, f: Optional[torch.Tensor]) -> None:
         name = type(self).__name__
-        expect_nchw(name, "l", l, self.l_dim)
-        expect_nchw(name, "g", g, self.g_dim)
+        expect_nchw(name, "l", l, self.l_dim, like=self)
+        expect_nchw(name, "g", g, self.g_dim, like=self)
         expect_same_spatial(name, ("l", "g"), (l, g))
         if f is None:
             if self.with_prev is True:
@@ -218,7 +218,7 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
             return
         if self.with_prev is False:
             raise ValueError(f"{name}: built with with_prev=False (first stage), expected f=None, got {shape_str(f)}")
-        expect_nchw(name, "f", f, self.dim // 2)
+        expect_nchw(name, "f", f, self.dim // 2, like=self)
         h, w = l.shape[-2:]
         fh, fw = f.shape[-2:]
         if not (2 * h - 1 <= fh <= 2 * h + 1 and 2 * w - 1 <= fw <= 2 * w + 1):

@@ -27,8 +27,8 @@ class ChannelAttn(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
-        expect_positive_int("ChannelAttn", "channels", channels)
-        expect_positive_int("ChannelAttn", "reduction", reduction)
+        channels = expect_positive_int("ChannelAttn", "channels", channels)
+        reduction = expect_positive_int("ChannelAttn", "reduction", reduction)
         self.channels = channels
         hidden = max(channels // reduction, 1)
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
@@ -39,7 +39,7 @@ class ChannelAttn(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.channels)
+        expect_nchw(type(self).__name__, "x", x, self.channels, like=self)
         mx = torch.amax(x, dim=(2, 3), keepdim=True)
         avg = torch.mean(x, dim=(2, 3), keepdim=True)
         return torch.sigmoid(self._mlp(mx) + self._mlp(avg))
@@ -62,7 +62,7 @@ class SpatialAttn(nn.Module):
 
     def __init__(self, kernel_size: int = 7, *, order: str = "avg_max", norm: bool = False, bias: bool = False):
         super().__init__()
-        expect_positive_int("SpatialAttn", "kernel_size", kernel_size)
+        kernel_size = expect_positive_int("SpatialAttn", "kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"SpatialAttn: expected an odd kernel_size, got {kernel_size}")
         expect_choice("SpatialAttn", "order", order, ("avg_max", "max_avg"))
@@ -71,7 +71,7 @@ class SpatialAttn(nn.Module):
         self.bn = nn.BatchNorm2d(1) if norm else None
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x)
+        expect_nchw(type(self).__name__, "x", x, like=self)
         mx = torch.amax(x, dim=1, keepdim=True)
         avg = torch.mean(x, dim=1, keepdim=True)
         s = self.conv(torch.cat([avg, mx] if self.order == "avg_max" else [mx, avg], dim=1))

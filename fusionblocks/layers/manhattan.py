@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_rank
+from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_input_like, expect_rank
 from ..models.convert import KeyRules, Rule, join_rules, prefix_rules
 from ..ops import decay_attention
 
@@ -135,14 +135,14 @@ class ManhattanSelfAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "dim", dim)
-        expect_positive_int(name, "num_heads", num_heads)
+        dim = expect_positive_int(name, "dim", dim)
+        num_heads = expect_positive_int(name, "num_heads", num_heads)
         expect_divisible(name, "dim", dim, num_heads, "num_heads")
         expect_choice(name, "mode", mode, MODES)
         head_dim = dim // num_heads
         if head_dim % 2:
             raise ValueError(f"{name}: expected an even head dim (dim / num_heads) for the rotary pairs, got {dim} / {num_heads} = {head_dim}")
-        expect_positive_int(name, "lepe_kernel_size", lepe_kernel_size)
+        lepe_kernel_size = expect_positive_int(name, "lepe_kernel_size", lepe_kernel_size)
         if lepe_kernel_size % 2 == 0:
             raise ValueError(f"{name}: expected an odd lepe_kernel_size, got {lepe_kernel_size}")
         self.dim = dim
@@ -190,7 +190,7 @@ class ManhattanSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
     def forward_channels_last(
@@ -203,7 +203,7 @@ class ManhattanSelfAttention(nn.Module):
             rotary: precomputed :func:`rotary_tables` ``(sin, cos)`` for this grid (shared by stacked layers).
         """
         name = type(self).__name__
-        expect_rank(name, "x", x, 4, "(B, H, W, C)")
+        expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected x with {self.dim} channels in the last axis (B, H, W, C), got {tuple(x.shape)}")
         b, h, w, c = x.shape
@@ -259,10 +259,10 @@ class EGFBlock(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "dim", dim)
-        expect_positive_int(name, "num_heads", num_heads)
+        dim = expect_positive_int(name, "dim", dim)
+        num_heads = expect_positive_int(name, "num_heads", num_heads)
         expect_divisible(name, "dim", dim, num_heads, "num_heads")
-        expect_positive_int(name, "depth", depth)
+        depth = expect_positive_int(name, "depth", depth)
         self.dim = dim
         self.num_heads = num_heads
         self.depth = depth
@@ -278,7 +278,7 @@ class EGFBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         x = x.permute(0, 2, 3, 1)
         h, w = x.shape[1:3]
         sin, cos = rotary_tables(h, w, self.attn[0].head_dim, x.device)

@@ -53,9 +53,9 @@ class IRMLP(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, depthwise: bool = False, *, expansion: int = 4):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "in_dim", in_dim)
-        expect_positive_int(name, "out_dim", out_dim)
-        expect_positive_int(name, "expansion", expansion)
+        in_dim = expect_positive_int(name, "in_dim", in_dim)
+        out_dim = expect_positive_int(name, "out_dim", out_dim)
+        expansion = expect_positive_int(name, "expansion", expansion)
         self.in_dim = in_dim
         self.out_dim = out_dim
         self.depthwise = bool(depthwise)
@@ -81,7 +81,7 @@ class IRMLP(nn.Module):
         return self.project(self.act(self.expand(y)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.in_dim)
+        expect_nchw(type(self).__name__, "x", x, self.in_dim, like=self)
         return self._body(x)
 
 
@@ -101,8 +101,8 @@ class SIRMLP(IRMLP):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, depthwise: bool = False, expansion: int = 4):
-        expect_positive_int("SIRMLP", "hidden_dim", hidden_dim)
-        expect_positive_int("SIRMLP", "in_dim", in_dim)
+        hidden_dim = expect_positive_int("SIRMLP", "hidden_dim", hidden_dim)
+        in_dim = expect_positive_int("SIRMLP", "in_dim", in_dim)
         super().__init__(hidden_dim, out_dim, depthwise, expansion=expansion)
         self.in_dim = in_dim
         self.hidden_dim = hidden_dim
@@ -115,5 +115,5 @@ class SIRMLP(IRMLP):
         return [(r"conv_s\.(.*)", r"squeeze.\1")] + rules, drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.in_dim)
+        expect_nchw(type(self).__name__, "x", x, self.in_dim, like=self)
         return self._body(self.squeeze(x))

@@ -20,20 +20,19 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .._validate import expect_nchw, expect_positive_int, expect_tokens
+from .._validate import expect_hw, expect_nchw, expect_positive_int, expect_tokens, is_int
 from .gates import ChannelAttn, SpatialAttn
 
 _Pair = Union[int, Tuple[int, int]]
 
 
 def _pair(block: str, name: str, v: _Pair, *, allow_zero: bool = False) -> Tuple[int, int]:
-    vals = (v, v) if isinstance(v, int) and not isinstance(v, bool) else tuple(v)  # type: ignore[arg-type]
-    ok = len(vals) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in vals)
-    ok = ok and all((a >= 0) if allow_zero else (a > 0) for a in vals)
+    vals = (v, v) if is_int(v) else tuple(v) if isinstance(v, (tuple, list)) else ()
+    ok = len(vals) == 2 and all(is_int(a) and ((a >= 0) if allow_zero else (a > 0)) for a in vals)
     if not ok:
         kind = "non-negative" if allow_zero else "positive"
         raise ValueError(f"{block}: expected {name} to be a {kind} int or a pair of them, got {v!r}")
-    return vals  # type: ignore[return-value]
+    return int(vals[0]), int(vals[1])
 
 
 class OverlapTokenizer(nn.Module):
@@ -75,8 +74,8 @@ class OverlapTokenizer(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "in_channels", in_channels)
-        expect_positive_int(name, "embed_dim", embed_dim)
+        in_channels = expect_positive_int(name, "in_channels", in_channels)
+        embed_dim = expect_positive_int(name, "embed_dim", embed_dim)
         self.in_channels = in_channels
         self.embed_dim = embed_dim
         self.kernel_size = _pair(name, "kernel_size", kernel_size)
@@ -103,7 +102,7 @@ class OverlapTokenizer(nn.Module):
             ``(B, h*w, D)`` tokens in raster order, and ``(h, w)`` when ``return_hw``.
         """
         name = type(self).__name__
-        expect_nchw(name, "x", x, self.in_channels)
+        expect_nchw(name, "x", x, self.in_channels, like=self)
         h, w = self.output_size(x.shape[-2], x.shape[-1])
         if h < 1 or w < 1:
             (kh, kw), (ph, pw) = self.kernel_size, self.padding
@@ -152,7 +151,7 @@ class TokenWeighting(nn.Module):
 
     def __init__(self, dim: int, *, reduction: int = 16, kernel_size: int = 7):
         super().__init__()
-        expect_positive_int(type(self).__name__, "dim", dim)
+        dim = expect_positive_int(type(self).__name__, "dim", dim)
         self.dim = dim
         self.channel = ChannelAttn(dim, reduction)
         self.spatial = SpatialAttn(kernel_size)
@@ -160,12 +159,9 @@ class TokenWeighting(nn.Module):
     def weights(self, tokens: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Per-token weights ``(B, h*w)`` in (0, 1) for ``(B, h*w, D)`` tokens on an ``hw`` grid."""
         name = type(self).__name__
-        expect_tokens(name, "tokens", tokens, self.dim)
-        try:
-            h, w = (int(v) for v in hw)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name}: expected hw as a pair of ints (h, w), got {hw!r}") from None
-        if h < 1 or w < 1 or h * w != tokens.shape[1]:
+        expect_tokens(name, "tokens", tokens, self.dim, like=self)
+        h, w = expect_hw(name, "hw", hw)
+        if h * w != tokens.shape[1]:
             raise ValueError(
                 f"{name}: expected hw with h * w == N tokens ({tokens.shape[1]}), got hw={(h, w)} "
                 f"for tokens {tuple(tokens.shape)}"

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import expect_divisible, expect_nchw, expect_positive_int, expect_rank, shape_str
+from .._validate import expect_divisible, expect_int, expect_nchw, expect_positive_int, expect_input_like, expect_rank, shape_str
 from ..ops import window_attention
 from .drop import drop_path
 
@@ -59,12 +59,11 @@ class WindowAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        expect_positive_int(name, "dim", dim)
-        expect_positive_int(name, "num_heads", num_heads)
-        expect_positive_int(name, "window_size", window_size)
+        dim = expect_positive_int(name, "dim", dim)
+        num_heads = expect_positive_int(name, "num_heads", num_heads)
+        window_size = expect_positive_int(name, "window_size", window_size)
         expect_divisible(name, "dim", dim, num_heads, "num_heads")
-        if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < window_size:
-            raise ValueError(f"{name}: expected shift as an int in [0, {window_size}), got {shift!r}")
+        shift = expect_int(name, "shift", shift, lo=0, hi=window_size)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
@@ -81,7 +80,7 @@ class WindowAttention(nn.Module):
     def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """Channels-last path: ``(B, H, W, C) -> (B, H, W, C)``."""
         name = type(self).__name__
-        expect_rank(name, "x", x, 4, "(B, H, W, C)")
+        expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected x (B, H, W, C) with {self.dim} channels, got {shape_str(x)}")
         b, h, w, c = x.shape
@@ -103,7 +102,7 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W) -> (B, C, H, W)``."""
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -123,14 +122,14 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, out_dim: Optional[int] = None, *, norm_eps: float = 1e-5):
         super().__init__()
-        expect_positive_int(type(self).__name__, "dim", dim)
+        dim = expect_positive_int(type(self).__name__, "dim", dim)
         self.dim = dim
         self.out_dim = 2 * dim if out_dim is None else out_dim
         self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         x = x.permute(0, 2, 3, 1)
         h, w = x.shape[1:3]
         if h % 2 or w % 2:
@@ -184,7 +183,7 @@ class HiFuseGlobalBlock(nn.Module):
         return x + drop_path(y, self.drop_path, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.dim)
+        expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
         return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
@@ -226,7 +225,7 @@ class HiFuseGlobalStage(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        expect_positive_int(type(self).__name__, "depth", depth)
+        depth = expect_positive_int(type(self).__name__, "depth", depth)
         shift = window_size // 2 if shift is None else shift
         rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.in_dim = dim if in_dim is None else in_dim
@@ -240,7 +239,7 @@ class HiFuseGlobalStage(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x, self.in_dim)
+        expect_nchw(type(self).__name__, "x", x, self.in_dim, like=self)
         x = self.downsample(x).permute(0, 2, 3, 1)
         for blk in self.blocks:
             x = blk.forward_channels_last(x)

@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import expect_rank, shape_str
+from .._validate import expect_hw, expect_rank, expect_scale, shape_str
 from . import reference
 from .dispatch import dispatch, register_backend, register_op
 
@@ -13,8 +13,9 @@ OP = "decay_attention"
 MODES = ("full", "decomposed")
 
 
-def check_decay_args(q, k, v, log_gamma, hw, mode, scale) -> None:
-    """Raise ValueError/TypeError naming ``decay_attention`` for any malformed argument."""
+def check_decay_args(q, k, v, log_gamma, hw, mode, scale) -> Tuple[Tuple[int, int], Optional[float]]:
+    """Raise ValueError/TypeError naming ``decay_attention`` for any malformed argument; return ``hw`` and
+    ``scale`` as Python numbers (NumPy scalars are accepted)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         expect_rank(OP, name, t, 4, "(B, heads, H*W, D)")
     if k.shape != q.shape or v.shape != q.shape:
@@ -25,8 +26,9 @@ def check_decay_args(q, k, v, log_gamma, hw, mode, scale) -> None:
         raise TypeError(f"{OP}: expected q, k, v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device == getattr(log_gamma, "device", q.device)):
         raise ValueError(f"{OP}: expected q, k, v, log_gamma on one device, got {q.device}, {k.device}, {v.device}, {log_gamma.device}")
-    if not (isinstance(hw, (tuple, list)) and len(hw) == 2 and all(isinstance(s, int) and s > 0 for s in hw)):
-        raise ValueError(f"{OP}: expected hw as a pair of positive ints (H, W), got {hw!r}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{OP}: expected a head dim D >= 1 in q, k, v (B, heads, H*W, D), got {shape_str(q)}")
+    hw = expect_hw(OP, "hw", hw)
     if hw[0] * hw[1] != q.shape[2]:
         raise ValueError(f"{OP}: expected H*W = {hw[0]}*{hw[1]} = {hw[0] * hw[1]} tokens to match q, got {shape_str(q)}")
     if not isinstance(log_gamma, torch.Tensor) or log_gamma.dim() != 1 or log_gamma.shape[0] != q.shape[1]:
@@ -36,8 +38,7 @@ def check_decay_args(q, k, v, log_gamma, hw, mode, scale) -> None:
         raise TypeError(f"{OP}: expected a floating log_gamma, got {log_gamma.dtype}")
     if mode not in MODES:
         raise ValueError(f"{OP}: expected mode one of {list(MODES)}, got {mode!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{OP}: expected scale as a float or None, got {type(scale).__name__}")
+    return hw, expect_scale(OP, "scale", scale)
 
 
 def decay_attention(
@@ -71,9 +72,8 @@ def decay_attention(
 
 def prepare_decay_args(q, k, v, log_gamma, *, hw, mode="full", scale=None):
     """The arguments every backend receives: validated (:func:`check_decay_args`), ``hw`` a tuple, ``scale`` a float."""
-    hw = tuple(hw) if isinstance(hw, list) else hw
-    check_decay_args(q, k, v, log_gamma, hw, mode, scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
+    hw, scale = check_decay_args(q, k, v, log_gamma, hw, mode, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale  # backends always get a float
     return (q, k, v, log_gamma), dict(hw=hw, mode=mode, scale=scale)
 
 

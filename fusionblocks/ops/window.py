@@ -5,15 +5,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._validate import expect_rank, shape_str
+from .._validate import expect_hw, expect_rank, expect_scale, is_int, shape_str
 from . import reference
 from .dispatch import dispatch, register_backend, register_op
 
 OP = "window_attention"
 
 
-def check_window_args(q, k, v, bias_table, hw, window_size, shift, scale) -> None:
-    """Raise ValueError/TypeError naming ``window_attention`` for any malformed argument."""
+def check_window_args(q, k, v, bias_table, hw, window_size, shift, scale):
+    """Raise ValueError/TypeError naming ``window_attention`` for any malformed argument; return ``hw``,
+    ``window_size``, ``shift`` and ``scale`` as Python numbers (NumPy scalars are accepted)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         expect_rank(OP, name, t, 4, "(B, heads, H*W, D)")
     if k.shape != q.shape or v.shape != q.shape:
@@ -24,13 +25,15 @@ def check_window_args(q, k, v, bias_table, hw, window_size, shift, scale) -> Non
         raise TypeError(f"{OP}: expected q, k, v of one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{OP}: expected q, k, v on one device, got {q.device}, {k.device}, {v.device}")
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+    if q.shape[-1] == 0:
+        raise ValueError(f"{OP}: expected a head dim D >= 1 in q, k, v (B, heads, H*W, D), got {shape_str(q)}")
+    if not (is_int(window_size) and window_size >= 1):
         raise ValueError(f"{OP}: expected window_size as a positive int, got {window_size!r}")
-    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < window_size:
+    window_size = int(window_size)
+    if not (is_int(shift) and 0 <= shift < window_size):
         raise ValueError(f"{OP}: expected shift as an int in [0, {window_size}), got {shift!r}")
-    if not (isinstance(hw, (tuple, list)) and len(hw) == 2 and all(isinstance(s, int) and s > 0 for s in hw)):
-        raise ValueError(f"{OP}: expected hw as a pair of positive ints (H, W), got {hw!r}")
-    h, w = hw
+    shift = int(shift)
+    h, w = hw = expect_hw(OP, "hw", hw)
     if h % window_size or w % window_size:
         raise ValueError(
             f"{OP}: expected H and W to be multiples of window_size {window_size} (pad first), got hw=({h}, {w})"
@@ -46,8 +49,7 @@ def check_window_args(q, k, v, bias_table, hw, window_size, shift, scale) -> Non
             raise ValueError(f"{OP}: expected bias_table on {q.device}, got {bias_table.device}")
         if not bias_table.is_floating_point():
             raise TypeError(f"{OP}: expected a floating bias_table, got {bias_table.dtype}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"{OP}: expected scale as a float or None, got {type(scale).__name__}")
+    return hw, window_size, shift, expect_scale(OP, "scale", scale)
 
 
 def window_attention(
@@ -83,9 +85,8 @@ def window_attention(
 
 def prepare_window_args(q, k, v, bias_table, *, hw, window_size, shift=0, scale=None):
     """The arguments every backend receives: validated (:func:`check_window_args`), ``hw`` a tuple, ``scale`` a float."""
-    hw = tuple(hw) if isinstance(hw, list) else hw
-    check_window_args(q, k, v, bias_table, hw, window_size, shift, scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)  # backends always get a float
+    hw, window_size, shift, scale = check_window_args(q, k, v, bias_table, hw, window_size, shift, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale  # backends always get a float
     return (q, k, v, bias_table), dict(hw=hw, window_size=window_size, shift=shift, scale=scale)
 
 

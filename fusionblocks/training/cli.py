@@ -23,62 +23,69 @@ def _class_weights(text: Optional[str]):
 
 def _run_train(args) -> int:
     from ..models.registry import list_models
+    from .checkpoint import CheckpointError, file_size_str
     from .data import DataError
     from .engine import TrainConfig, train
-    from .recipes import get_recipe
+    from .recipes import RECIPES, get_recipe
 
-    try:
-        recipe = get_recipe(args.recipe)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    model = args.model or recipe.default_model
+    if args.recipe is not None and args.recipe not in RECIPES:
+        raise CLIError(f"unknown recipe {args.recipe!r}; expected one of {sorted(RECIPES)}")
+    model = args.model or (get_recipe(args.recipe).default_model if args.recipe else "hifuse_tiny")
     if model not in list_models():
         import difflib
 
         close = difflib.get_close_matches(model, list_models(), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise CLIError(f"unknown model {model!r}{hint} Available: {', '.join(list_models())}")
+    resume = {None: False, "yes": True, "auto": "auto"}[args.resume]
+    if resume and args.overwrite:
+        raise CLIError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
     cfg = TrainConfig(
-        model=model, data=args.data, out=args.out, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
-        image_size=args.image_size, lr=args.lr, in_chans=args.in_chans, class_weights=args.class_weights,
-        seed=args.seed, num_workers=args.workers, amp=args.amp, compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing, resume=args.resume, device=args.device,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction, synthetic_samples=args.synthetic_samples,
+        model=model, data=args.data, out=args.out, recipe=args.recipe, epochs=args.epochs,
+        batch_size=args.batch_size, image_size=args.image_size, lr=args.lr, in_chans=args.in_chans,
+        class_weights=args.class_weights, augment=args.augment, seed=args.seed, num_workers=args.workers,
+        amp=args.amp, compile=args.compile, grad_checkpointing=args.grad_checkpointing, resume=resume,
+        overwrite=args.overwrite, device=args.device, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, synthetic_samples=args.synthetic_samples,
         synthetic_classes=args.synthetic_classes, max_steps_per_epoch=args.max_steps, progress=not args.no_progress,
-        class_names=args.class_names,
+        tensorboard=not args.no_tensorboard, plots=not args.no_plots, class_names=args.class_names,
     )
     try:
         result = train(cfg)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         raise CLIError(str(e)) from None
     if not result:  # a DDP rank other than 0
         return 0
     last = result["epochs"][-1]
     print(f"trained {model} for {len(result['epochs'])} epochs on {len(result['classes'])} classes -> {args.out}")
     print(f"  last epoch: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}, "
-          f"val accuracy {last['val']['accuracy']:.4f}; best val accuracy {result['best_val_accuracy']:.4f}")
+          f"val accuracy {last['val']['accuracy']:.4f}; best val accuracy {result['best_val_accuracy']:.4f} "
+          f"(epoch {result['best_epoch']})")
     if "test" in result:
         t = result["test"]
         auc = "n/a" if t["auc"] is None else f"{t['auc']:.4f}"
-        print(f"  test (best checkpoint): accuracy {t['accuracy']:.4f}, macro F1 {t['f1_macro']:.4f}, AUC {auc}")
-    print(f"  metrics: {args.out}/metrics.json; checkpoints: {args.out}/best.pt, {args.out}/last.pt")
+        print(f"  test (best checkpoint, epoch {t['epoch']}): accuracy {t['accuracy']:.4f}, "
+              f"macro F1 {t['f1_macro']:.4f}, AUC {auc}")
+    sizes = ", ".join(f"{args.out}/{k} ({file_size_str(v['bytes'])})" for k, v in result["checkpoints"].items())
+    print(f"  metrics: {args.out}/metrics.json; checkpoints: {sizes}")
     return 0
 
 
 def _run_evaluate(args) -> int:
+    from .checkpoint import CheckpointError
     from .data import DataError
     from .engine import evaluate
 
     try:
         m = evaluate(args.checkpoint, args.data, args.out, split=args.split, batch_size=args.batch_size,
                      gradcam=args.gradcam, device=args.device, num_workers=args.workers, progress=not args.no_progress)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as e:
+    except (DataError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         raise CLIError(str(e)) from None
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
-    print(f"evaluated {args.checkpoint} on {m['num_samples']} images -> {args.out}")
+    print(f"evaluated {args.checkpoint} (epoch {m['epoch']}) on {m['num_samples']} images ({m['split']}) -> {args.out}")
     print(f"  accuracy {m['accuracy']:.4f}  precision {m['precision_macro']:.4f}  recall {m['recall_macro']:.4f}  "
           f"F1 {m['f1_macro']:.4f}  AUC {auc}  MCC {m['mcc']:.4f}  kappa {m['kappa']:.4f}")
     if m.get("gradcam"):
@@ -89,13 +96,18 @@ def _run_evaluate(args) -> int:
 def add_cli_commands(sub) -> None:
     t = sub.add_parser(
         "train", help="train a model on an image folder (or synthetic data) with a paper's recipe",
-        description="Train on ROOT/{train,val[,test]}/<class>/*.png|jpg (or ROOT/<class>/*, split with --seed; or "
-                    "'synthetic'). Writes OUT/metrics.json (one entry per epoch), OUT/last.pt, OUT/best.pt and PNG plots.",
+        description="Train on ROOT/{train,val[,test]}/<class>/*.png|jpg|tif|dcm (or ROOT/<class>/*, split with --seed; or "
+                    "'synthetic'). Every image is checked before the first step. Writes OUT/metrics.json (one entry "
+                    "per epoch), OUT/best.pt (for inference), OUT/last.pt (for --resume), PNG plots and TensorBoard "
+                    "scalars.",
     )
-    t.add_argument("--model", default=None, help="model name (default: the recipe's)")
+    t.add_argument("--model", default=None, help="model name (default: hifuse_tiny, or the --recipe's model)")
     t.add_argument("--data", required=True, help="image folder root, a MedMNIST .npz file, or 'synthetic'")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--recipe", default="hifuse", help="hifuse (HiFuse/HEMF) or hatr")
+    t.add_argument("--recipe", default=None,
+                   help="hifuse or hatr (default: the model's: hatr for HATR models, hifuse for HiFuse/HEMF)")
+    t.add_argument("--augment", choices=("recipe", "light", "none"), default="recipe",
+                   help="training augmentation: the recipe's (default), light (flip, ±5 deg rotation) or none")
     t.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (32)")
     t.add_argument("--image-size", type=int, default=224)
@@ -108,7 +120,11 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--resume", nargs="?", const="yes", choices=("yes", "auto"), default=None,
+                   help="continue the run in OUT from last.pt (refused if a result-changing setting differs); "
+                        "'--resume auto' starts fresh when OUT holds no run")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in OUT (otherwise an existing run is never overwritten)")
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--test-fraction", type=float, default=0.15)
@@ -118,6 +134,8 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--class-names", type=lambda s: [c.strip() for c in s.split(",")], default=None,
                    help="a,b,c: class names of a MedMNIST .npz (default: medmnist's INFO if installed, else class_i)")
+    t.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard scalars in OUT/tensorboard")
+    t.add_argument("--no-plots", action="store_true", help="no PNG plots (metrics.json and checkpoints only)")
     t.set_defaults(func=_run_train)
 
     e = sub.add_parser(
@@ -130,7 +148,8 @@ def add_cli_commands(sub) -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--split", choices=("auto", "test", "val", "train", "all"), default="auto")
     e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--gradcam", type=int, default=0, metavar="N", help="save Grad-CAM heatmaps of N images")
+    e.add_argument("--gradcam", type=int, default=0, metavar="N",
+                   help="save Grad-CAM heatmaps of N images, taking the classes in turn")
     e.add_argument("--device", default=None)
     e.add_argument("--workers", type=int, default=0)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")

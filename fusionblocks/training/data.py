@@ -8,12 +8,17 @@ Layouts accepted by :func:`load_splits`:
 * ``root = "synthetic"`` — a built-in synthetic dataset, so every command runs with no data at all;
 * ``root = "PATH.npz"`` — a MedMNIST file with its official splits (:mod:`fusionblocks.training.medmnist`).
 
-Bad data fails early with the file or folder named: an empty class folder, an unreadable image,
-class lists that differ between splits.
+Images are decoded at their stored bit depth (8- and 16-bit gray, RGB, RGBA, palette, CMYK; DICOM when
+pydicom is importable) and scaled to ``[0, 1]`` by their dtype's range (see :func:`decode_image`).
+
+Bad data fails early with the file or folder named: an empty class folder, class lists that differ between
+splits, and (:func:`check_images`, run before the first training step) every unreadable image of every split,
+all listed in one error.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
 SPLITS = ("train", "val", "test")
 
 
@@ -47,20 +52,168 @@ def scan_folder(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
     return classes, samples
 
 
+# ------------------------------------------------------------------------------------- decoding images
+
+# Pillow modes read at their stored bit depth -> (numpy dtype the pixels are read as, the value that means "white")
+_INT_MODES = {"L": 255, "LA": 255, "RGB": 255, "RGBA": 255, "I;16": 65535, "I;16L": 65535, "I;16B": 65535,
+              "I;16N": 65535}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what Pillow's convert("L") uses
+
+
+def _decode_pillow(path: Path):
+    """-> ``(H, W, C)`` numpy array and the full-scale value of its dtype (``None`` for float images)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()  # decodes the whole file: truncated data fails here, not mid-epoch
+        mode = im.mode
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode == "PA":
+            im = im.convert("RGBA")
+        elif mode == "1":
+            im = im.convert("L")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+            im = im.convert("RGB")
+        elif mode == "I":
+            # 32-bit integer storage: Pillow's way of holding 16-bit PNG/TIFF data on some versions
+            bits = int(im.info.get("bits", 0)) or (16 if getattr(im, "format", "") in ("PNG", "TIFF") else 32)
+            arr = np.asarray(im, dtype=np.int64)
+            return arr[..., None].clip(0, None), float(2**bits - 1)
+        mode = im.mode
+        if mode == "F":
+            return np.asarray(im, dtype=np.float32)[..., None], None
+        if mode not in _INT_MODES:
+            raise ValueError(f"unsupported Pillow image mode {mode!r}")
+        arr = np.asarray(im)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if mode.startswith("I;16") and arr.dtype != np.uint16:
+        arr = arr.astype(np.uint16)
+    return arr, float(_INT_MODES[mode])
+
+
+def _decode_dicom(path: Path):
+    try:
+        import pydicom
+    except ImportError:
+        raise ValueError("DICOM files need pydicom (pip install pydicom)") from None
+    import numpy as np
+
+    ds = pydicom.dcmread(str(path))
+    arr = np.asarray(ds.pixel_array)
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        raise ValueError(f"multi-frame DICOM ({arr.shape[0]} frames) is not a 2-D image")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32), None
+    bits = int(getattr(ds, "BitsStored", arr.dtype.itemsize * 8))
+    signed = int(getattr(ds, "PixelRepresentation", 0)) == 1
+    if signed:  # shift signed storage into [0, 2**bits - 1]
+        arr = arr.astype(np.int64) + 2 ** (bits - 1)
+    full = float(2**bits - 1)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":  # white is 0
+        arr = full - arr.astype(np.float64)
+    return arr, full
+
+
+def decode_image(path: str | Path):
+    """Decode an image file at its stored bit depth.
+
+    Returns ``(array, full_scale)``: an ``(H, W, C)`` numpy array (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA)
+    and the value of its dtype's white (255 for 8-bit, 65535 for 16-bit, ``2**BitsStored - 1`` for DICOM;
+    ``None`` for float images, which are taken as they are). Palette images become RGB(A), CMYK and other
+    colour spaces RGB, 1-bit images 8-bit gray. Raises ``ValueError``/``OSError`` on a bad file.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        return _decode_dicom(path)
+    return _decode_pillow(path)
+
+
+def image_to_tensor(arr, full_scale: Optional[float], channels: int) -> torch.Tensor:
+    """``(H, W, C)`` array -> ``(channels, H, W)`` float32 in ``[0, 1]`` (scaled by ``full_scale``).
+
+    Alpha is dropped; colour becomes gray by ITU-R 601 luma for ``channels=1``; gray is replicated for 3.
+    """
+    import numpy as np
+
+    a = np.asarray(arr)
+    c = a.shape[-1]
+    if c in (2, 4):  # drop alpha
+        a, c = a[..., : c - 1], c - 1
+    t = torch.from_numpy(np.ascontiguousarray(a).astype(np.float32, copy=False)).permute(2, 0, 1)
+    if full_scale is not None:
+        t = t / full_scale
+    t = t.clamp(0.0, 1.0) if full_scale is not None else t
+    if channels == 1 and c == 3:
+        t = (t * torch.tensor(_LUMA, dtype=t.dtype)[:, None, None]).sum(0, keepdim=True)
+    elif channels == 3 and c == 1:
+        t = t.expand(3, -1, -1)
+    elif channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return t.contiguous()
+
+
 def load_image(path: Path, channels: int) -> torch.Tensor:
-    """Decode with Pillow into a ``(channels, H, W)`` float tensor in ``[0, 1]``; gray images are replicated."""
+    """Decode into a ``(channels, H, W)`` float32 tensor in ``[0, 1]`` at the file's real bit depth."""
     if hasattr(path, "load"):  # an in-memory image, e.g. a MedMNIST .npz entry (training/medmnist.py)
         return path.load(channels)
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-            t = data.view(im.size[1], im.size[0], channels).permute(2, 0, 1)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        arr, full = decode_image(path)
+    except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"unreadable image: {path} ({e})") from e
-    return t.float().div_(255.0)
+    return image_to_tensor(arr, full, channels)
+
+
+def _check_one(path: Path) -> Optional[str]:
+    if hasattr(path, "load"):  # in memory: decoded already
+        return None
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        arr, _ = decode_image(path)
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            return f"zero-size image {arr.shape[:2]}"
+    except Exception as e:  # any decoder failure is a bad file, listed with its reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def check_images(splits: Dict[str, Sequence[Tuple[Path, int]]], *, progress: bool = False, workers: int = 0) -> int:
+    """Decode every image of every split before training starts; list every bad file in one :class:`DataError`.
+
+    Args:
+        splits: split name -> ``[(path, label)]``.
+        progress: show a progress bar (only drawn for sets of 500 images or more).
+        workers: decoding threads (0: up to 8, by CPU count; Pillow decodes without holding the GIL).
+
+    Returns:
+        the number of images checked.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = [(s, p) for s, samples in splits.items() for p, _ in samples]
+    workers = workers or min(8, os.cpu_count() or 1)
+    bar = None
+    if progress and len(items) >= 500:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc="checking images", leave=False, dynamic_ncols=True)
+    bad: List[str] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (split, path), problem in zip(items, pool.map(_check_one, (p for _, p in items))):
+            if problem is not None:
+                bad.append(f"  {split}: {path}: {problem}")
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    if bad:
+        raise DataError(f"{len(bad)} of {len(items)} images cannot be read (fix or remove them):\n" + "\n".join(bad))
+    return len(items)
 
 
 class ImageFolderDataset(Dataset):

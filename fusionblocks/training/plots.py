@@ -16,6 +16,12 @@ def _plt():
     return plt
 
 
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
     plt = _plt()
     epochs = [h["epoch"] for h in history]
@@ -40,11 +46,12 @@ def plot_curves(history: List[Dict[str, float]], path: Path) -> None:
 def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "Confusion matrix") -> None:
     plt = _plt()
     cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
+    fig, ax = plt.subplots(figsize=(max(3.2, 1.2 + 0.7 * len(classes)), max(3.0, 1.4 + 0.7 * len(classes))))
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(_wrap(title, max(24, 8 * len(classes))), fontsize=9)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
@@ -53,7 +60,8 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pa
     plt.close(fig)
 
 
-def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: Path) -> None:
+def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], path: Path,
+             title: str = "ROC (one-vs-rest)") -> None:
     from sklearn.metrics import auc, roc_curve
 
     plt = _plt()
@@ -66,7 +74,8 @@ def plot_roc(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[str], p
         fpr, tpr, _ = roc_curve(pos.astype(int), probs[:, c])
         ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (one-vs-rest)")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title(_wrap(title, 48), fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -5,14 +5,21 @@ of linear warm-up then cosine decay to 1e-6 (stepped per iteration), batch 32, R
 horizontal flip, mean/std 0.5.
 
 ``hatr`` (HATR, seed paper 000 §3): Adam lr 1e-4, batch 32, 20 epochs, weighted cross-entropy with
-normal:pneumonia = 3:1 (inverse-frequency weights when the classes are not named so), horizontal
-flips, ±10° rotation, ±10 % brightness, mean 0.485 / std 0.229 on every channel.
+normal:pneumonia = 3:1, horizontal flips, ±10° rotation, ±10 % brightness, mean 0.485 / std 0.229 on every
+channel. On classes not named normal/pneumonia the 3:1 weights cannot apply; the recipe then uses
+inverse-frequency ("balanced") weights — the paper's intent, weighting the rarer class up — and says so:
+:func:`resolve_class_weights` returns the weights with a sentence stating where they come from, which the
+engine prints and records in the config.
+
+Each model has a default recipe (:func:`default_recipe`): HATR models ``hatr``, HiFuse and HEMF ``hifuse``.
+``--augment`` chooses the training augmentation: ``recipe`` (the recipe's), ``light`` (resize, horizontal flip,
+±5° rotation) or ``none`` (resize only).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -53,6 +60,42 @@ RECIPES: Dict[str, Recipe] = {
         notes="HATR paper: weighted CE normal:pneumonia 3:1",
     ),
 }
+
+
+AUGMENT_MODES = ("recipe", "light", "none")
+LIGHT_AUGMENT: Dict[str, object] = {"hflip": True, "rotation": 5.0}
+
+
+def default_recipe(model: str) -> str:
+    """The recipe a model trains with unless told otherwise: ``hatr`` for HATR models, else ``hifuse``."""
+    return "hatr" if model.startswith("hatr") else "hifuse"
+
+
+def augment_spec(recipe: Recipe, mode: str) -> Dict[str, object]:
+    """The training augmentation for ``mode`` (one of :data:`AUGMENT_MODES`)."""
+    if mode == "recipe":
+        return dict(recipe.augment)
+    if mode == "light":
+        return dict(LIGHT_AUGMENT)
+    if mode == "none":
+        return {}
+    raise ValueError(f"unknown augment mode {mode!r}; expected one of {list(AUGMENT_MODES)}")
+
+
+def describe_augment(spec: Dict[str, object]) -> str:
+    parts = []
+    if spec.get("random_resized_crop"):
+        lo, hi = spec.get("crop_scale", (0.08, 1.0))
+        parts.append(f"random resized crop ({lo:g}-{hi:g} of the area)")
+    if spec.get("hflip"):
+        parts.append("horizontal flip")
+    if spec.get("vflip"):
+        parts.append("vertical flip")
+    if spec.get("rotation"):
+        parts.append(f"rotation ±{spec['rotation']:g}°")
+    if spec.get("brightness"):
+        parts.append(f"brightness ±{100 * spec['brightness']:g} %")
+    return ", ".join(parts) if parts else "none (resize only)"
 
 
 def get_recipe(name: str) -> Recipe:
@@ -103,26 +146,33 @@ def build_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int, epochs: int
     )
 
 
-def resolve_class_weights(spec, classes: Sequence[str], counts: Sequence[int]) -> Optional[List[float]]:
-    """Class weights for the loss.
+def resolve_class_weights(spec, classes: Sequence[str], counts: Sequence[int],
+                          recipe: Optional[str] = None) -> Tuple[Optional[List[float]], str]:
+    """Class weights for the loss, and a sentence saying where they come from.
 
-    ``spec``: None/"none" (unweighted), "balanced" (``N / (K * count_c)``), a dict by class name
-    (falls back to balanced when the names are not all present), or a list of K numbers.
+    ``spec``: None/"none" (unweighted), "balanced" (``N / (K * count_c)``), a dict by (case-insensitive) class
+    name — a recipe's; when its names are not exactly the classes, inverse-frequency weights are used and the
+    sentence says so — or a list of K numbers.
     """
     if spec is None or spec == "none":
-        return None
+        return None, "none (unweighted cross-entropy)"
     k = len(classes)
     if spec == "balanced":
         n = sum(counts)
         if any(c == 0 for c in counts):
             raise ValueError(f"balanced class weights: class {classes[list(counts).index(0)]!r} has no training samples")
-        return [n / (k * c) for c in counts]
+        return [n / (k * c) for c in counts], "balanced (inverse class frequency of the training split)"
     if isinstance(spec, dict):
         lower = {c.lower(): c for c in classes}
+        named = ":".join(spec)
+        ratio = ":".join(f"{v:g}" for v in spec.values())
+        who = f"the {recipe} recipe's" if recipe else "the recipe's"
         if set(lower) == set(spec):
-            return [float(spec[c.lower()]) for c in classes]
-        return resolve_class_weights("balanced", classes, counts)
+            return [float(spec[c.lower()]) for c in classes], f"{who} {named} = {ratio}"
+        weights, _ = resolve_class_weights("balanced", classes, counts)
+        return weights, (f"balanced (inverse class frequency), because {who} {named} = {ratio} needs classes "
+                         f"named {named.replace(':', ' and ')}; pass --class-weights none for unweighted")
     weights = [float(w) for w in spec]
     if len(weights) != k:
         raise ValueError(f"class weights: expected {k} values (one per class {list(classes)}), got {len(weights)}")
-    return weights
+    return weights, "given on the command line"

@@ -174,8 +174,10 @@ def test_weighting_errors():
         tw(torch.randn(2, 12, 8), (3, 4))
     with pytest.raises(ValueError, match=r"TokenWeighting: expected hw with h \* w == N tokens \(12\), got hw=\(3, 5\)"):
         tw(torch.randn(2, 12, 16), (3, 5))
-    with pytest.raises(TypeError, match="TokenWeighting: expected hw as a pair of ints"):
+    with pytest.raises(ValueError, match=r"TokenWeighting: expected hw as a pair of positive ints \(H, W\), got 12"):
         tw(torch.randn(2, 12, 16), 12)
+    with pytest.raises(ValueError, match=r"TokenWeighting: expected hw as a pair of positive ints \(H, W\), got \(3.9, 4.2\)"):
+        tw(torch.randn(2, 12, 16), (3.9, 4.2))
     with pytest.raises(ValueError, match="TokenWeighting: expected tokens as a 3-D"):
         tw(torch.randn(2, 16, 3, 4), (3, 4))
 

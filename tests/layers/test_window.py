@@ -149,7 +149,7 @@ def test_state_dict_keys_follow_official_names():
 def test_errors_name_block_expected_and_received():
     with pytest.raises(ValueError, match=r"WindowAttention: expected dim \(10\) to be divisible by num_heads \(3\)"):
         WindowAttention(10, 3)
-    with pytest.raises(ValueError, match=r"WindowAttention: expected shift as an int in \[0, 7\), got 7"):
+    with pytest.raises(ValueError, match=r"WindowAttention: expected shift to be an int in \[0, 7\), got 7"):
         WindowAttention(12, 3, shift=7)
     attn = WindowAttention(12, 3)
     with pytest.raises(ValueError, match=r"WindowAttention: expected x with 12 channels, got \(2, 8, 7, 7\)"):

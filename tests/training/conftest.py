@@ -47,3 +47,9 @@ def image_tree(tmp_path):
                 arr = (torch.rand(20 + i, 24, generator=g) * 100 + 120 * c).clamp(0, 255).to(torch.uint8).numpy()
                 Image.fromarray(arr, mode="L").save(d / f"{i}.png")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _training_one_thread(one_thread):
+    """Training tests run tiny models, where threads only fight for the shared cores."""
+    yield

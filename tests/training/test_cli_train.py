@@ -12,7 +12,7 @@ def test_train_then_evaluate_on_an_image_folder(tmp_path, tiny_model, image_tree
                "--image-size", "32", "--out", str(out), "--recipe", "hatr", "--in-chans", "1", "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert f"trained {tiny_model} for 2 epochs on 2 classes" in text and "test (best checkpoint)" in text
+    assert f"trained {tiny_model} for 2 epochs on 2 classes" in text and "test (best checkpoint, epoch" in text
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["epochs"]) == 2 and metrics["classes"] == ["normal", "pneumonia"]
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file() and (out / "curves.png").is_file()
@@ -25,12 +25,28 @@ def test_train_then_evaluate_on_an_image_folder(tmp_path, tiny_model, image_tree
     assert {"accuracy", "precision_macro", "recall_macro", "f1_macro", "auc", "mcc", "kappa", "per_class"} <= set(m)
 
 
-def test_train_resume_flag(tmp_path, tiny_model):
+def test_train_resume_flag(tmp_path, tiny_model, capsys):
     args = ["train", "--model", tiny_model, "--data", "synthetic", "--batch-size", "8", "--image-size", "32",
-            "--out", str(tmp_path / "r"), "--synthetic-samples", "16", "--no-progress"]
-    assert main(args + ["--epochs", "1"]) == 0
-    assert main(args + ["--epochs", "2", "--resume"]) == 0
+            "--out", str(tmp_path / "r"), "--synthetic-samples", "16", "--no-progress", "--epochs", "2"]
+    with pytest.raises(SystemExit) as e:
+        main(args + ["--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "--resume auto" in err
+    assert main(args + ["--resume", "auto"]) == 0  # nothing there: starts fresh
     assert [e["epoch"] for e in json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"]] == [1, 2]
+    assert main(args + ["--resume"]) == 0  # a finished run resumes to its final state
+    assert [e["epoch"] for e in json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"]] == [1, 2]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the same run again without --resume: refused, nothing overwritten
+        main(args)
+    assert "already holds a run of this configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(args + ["--resume", "--lr", "0.01", "--batch-size", "4"])
+    err = capsys.readouterr().err
+    assert "--lr: 0.0001 in the saved run, 0.01 now" in err and "--batch-size: 8 in the saved run, 4 now" in err
+    assert main(args + ["--overwrite", "--epochs", "1"]) == 0
+    assert len(json.loads((tmp_path / "r" / "metrics.json").read_text())["epochs"]) == 1
 
 
 @pytest.mark.parametrize(

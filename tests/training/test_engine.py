@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -26,9 +27,22 @@ def test_train_writes_metrics_checkpoints_and_plots(tmp_path, tiny_model):
         assert key in saved["epochs"][-1]["val"]
     assert saved["test"]["num_samples"] == 6
     ckpt = torch.load(out / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "classes", "rng"} <= set(ckpt)
-    assert ckpt["epoch"] == 1 and ckpt["config"]["model"] == tiny_model
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "classes", "rng", "history", "preprocessing"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["model"] == tiny_model and ckpt["kind"] == "resume"
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert {"model", "config", "classes", "preprocessing", "epoch"} <= set(best)
+    assert "optimizer" not in best and "rng" not in best  # inference needs none of it
+    assert best["preprocessing"]["image_size"] == 32 and best["preprocessing"]["mean"] == [0.5]
+    assert saved["checkpoints"]["best.pt"]["bytes"] == (out / "best.pt").stat().st_size
+    assert saved["checkpoints"]["last.pt"]["bytes"] == (out / "last.pt").stat().st_size > saved["checkpoints"]["best.pt"]["bytes"]
     assert not list(out.glob(".*.tmp*"))  # atomic writes leave no temporaries
+    if importlib.util.find_spec("tensorboard") is not None:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("val/accuracy")] == [1, 2]
+        assert {"train/loss", "val/loss", "val/f1_macro", "lr"} <= set(acc.Tags()["scalars"])
 
 
 def test_resume_continues_exactly(tmp_path, tiny_model, monkeypatch):
@@ -60,7 +74,7 @@ def test_resume_refuses_another_model(tmp_path, tiny_model):
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     ckpt["config"]["model"] = "hifuse_tiny"
     torch.save(ckpt, tmp_path / "run" / "last.pt")
-    with pytest.raises(ValueError, match="was trained as hifuse_tiny"):
+    with pytest.raises(ValueError, match="--model: 'hifuse_tiny' in the saved run, 'tiny_test_net' now"):
         E.train(_cfg(tmp_path, tiny_model, epochs=2, resume=True))
 
 
@@ -75,6 +89,7 @@ def test_evaluate_with_gradcam_on_image_folder(tmp_path, tiny_model, image_tree)
     m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", gradcam=2, progress=False)
     assert m["num_samples"] == 6
     assert len(m["gradcam"]) == 2 and all((tmp_path / "eval" / "gradcam").glob("*.png"))
+    assert [p.rsplit("_", 1)[-1] for p in m["gradcam"]] == ["normal.png", "pneumonia.png"]  # spread over classes
     assert (tmp_path / "eval" / "metrics.json").is_file() and (tmp_path / "eval" / "roc.png").is_file()
     ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert ckpt["config"]["class_weights_resolved"] == [3.0, 1.0]  # HATR's normal:pneumonia = 3:1
@@ -97,3 +112,62 @@ def test_evaluate_rejects_other_classes(tmp_path, tiny_model, image_tree):
 def test_missing_checkpoint():
     with pytest.raises(FileNotFoundError, match="checkpoint not found: /nope.pt"):
         E.load_checkpoint("/nope.pt")
+
+
+def test_a_last_training_batch_of_one_is_dropped_and_evaluation_sees_every_sample(tmp_path, capsys):
+    """A BatchNorm on a 1x1 map (HEMF's last stage at small sizes) cannot train on a batch of one."""
+    import torch.nn as nn
+
+    from fusionblocks.models import registry
+
+    class PooledBN(nn.Module):
+        def __init__(self, num_classes=2, in_chans=3):
+            super().__init__()
+            self.stage = nn.Sequential(nn.Conv2d(in_chans, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(8))
+            self.head = nn.Linear(8, num_classes)
+            self.feature_info = [dict(num_chs=8, reduction=2, module="stage")]
+
+        def forward(self, x):
+            return self.head(self.stage(x).flatten(1))
+
+    registry._load()
+
+    def pooled_bn_net(num_classes=2, **kw):
+        return PooledBN(num_classes, **kw)
+
+    registry.register_model(pooled_bn_net)
+    try:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            PooledBN().train()(torch.randn(1, 3, 16, 16))
+        result = E.train(_cfg(tmp_path, "pooled_bn_net", synthetic_samples=9, batch_size=4, image_size=16,
+                              tensorboard=False, plots=False))
+    finally:
+        registry._MODELS.pop("pooled_bn_net", None)
+    assert "the last training batch would hold 1 sample: it is left out each epoch" in capsys.readouterr().out
+    assert result["test"]["num_samples"] == 2 and result["epochs"][-1]["val"]["num_samples"] == 2
+    batches = E._Batches(list(range(9)), 4)
+    assert [len(b) for b in batches] == [4, 4] and len(batches) == 2
+    assert [len(b) for b in E._Batches(list(range(10)), 4)] == [4, 4, 2]
+    assert [len(b) for b in E._Batches(list(range(5)), 1)] == [1] * 5
+    loader = E._loader(torch.utils.data.TensorDataset(torch.zeros(9, 1)), 4, 0)  # evaluation: every sample
+    assert sum(len(b[0]) for b in loader) == 9
+
+
+def test_setup_is_stated_in_the_log(tmp_path, capsys):
+    from fusionblocks.models import registry
+
+    registry._load()
+    cfg = _cfg(tmp_path, "hatr_conv2d", epochs=1, synthetic_samples=4, batch_size=2, image_size=32, augment="light",
+               max_steps_per_epoch=1, tensorboard=False, plots=False,
+               model_kwargs=dict(embed_dim=32, vit_depth=1, vit_heads=2, img_size=32))
+    result = E.train(cfg)
+    out = capsys.readouterr().out
+    assert "recipe hatr (the model's default)" in out
+    assert "augmentation (light): horizontal flip, rotation ±5°" in out
+    assert "class weights: balanced (inverse class frequency), because the hatr recipe's normal:pneumonia = 3:1" in out
+    assert result["config"]["class_weights_source"].startswith("balanced (inverse class frequency), because")
+    assert result["config"]["recipe"] == "hatr" and result["config"]["augment_resolved"] == {"hflip": True, "rotation": 5.0}
+    line = [l for l in out.splitlines() if l.startswith("epoch 1/1")][0]
+    for part in ("train loss", "val loss", "acc", "F1", "AUC", "lr 1.00e-04", "s"):
+        assert part in line
+    assert "checkpoints: best.pt" in out

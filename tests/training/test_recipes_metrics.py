@@ -40,11 +40,27 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_class_weights():
-    assert R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["NORMAL", "PNEUMONIA"], [10, 30]) == [3.0, 1.0]
-    assert R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["a", "b"], [10, 30]) == [2.0, 2 / 3]
-    assert R.resolve_class_weights("none", ["a"], [1]) is None
+    w, why = R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["NORMAL", "PNEUMONIA"], [10, 30], "hatr")
+    assert w == [3.0, 1.0] and why == "the hatr recipe's normal:pneumonia = 3:1"
+    w, why = R.resolve_class_weights({"normal": 3.0, "pneumonia": 1.0}, ["a", "b"], [10, 30], "hatr")
+    assert w == [2.0, 2 / 3]  # the switch to inverse frequency is stated, never silent
+    assert why.startswith("balanced (inverse class frequency), because the hatr recipe's normal:pneumonia = 3:1")
+    assert R.resolve_class_weights("none", ["a"], [1])[0] is None
+    assert R.resolve_class_weights([2.0, 1.0], ["a", "b"], [1, 1]) == ([2.0, 1.0], "given on the command line")
     with pytest.raises(ValueError, match="expected 2 values"):
         R.resolve_class_weights([1.0], ["a", "b"], [1, 1])
+
+
+def test_default_recipes_and_augment_modes():
+    assert R.default_recipe("hatr_conv2d") == R.default_recipe("hatr_resnet50") == "hatr"
+    assert R.default_recipe("hifuse_tiny") == R.default_recipe("hemf") == "hifuse"
+    hatr = R.get_recipe("hatr")
+    assert R.augment_spec(hatr, "recipe") == hatr.augment
+    assert R.augment_spec(hatr, "none") == {}
+    assert R.augment_spec(hatr, "light") == {"hflip": True, "rotation": 5.0}
+    assert R.describe_augment({}) == "none (resize only)"
+    with pytest.raises(ValueError, match="unknown augment mode 'heavy'"):
+        R.augment_spec(hatr, "heavy")
 
 
 def test_metrics_binary_hand_checked():

@@ -1,0 +1,90 @@
+"""Bad inputs to the Python API: dtype/device mismatches, zero head dims, non-integer sizes, NumPy scalars."""
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fusionblocks import ops
+from fusionblocks.layers.fusion import HEF
+from fusionblocks.layers.mlp import IRMLP
+from fusionblocks.layers.tokens import OverlapTokenizer, TokenWeighting
+from fusionblocks.layers.window import WindowAttention
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.uint8])
+def test_wrong_dtype_names_the_block(dtype):
+    block = IRMLP(8, 8)
+    x = torch.ones(1, 8, 5, 5, dtype=dtype)
+    kind = "as torch.float32 (the block's parameters), got torch.float64" if dtype == torch.float64 else \
+        f"as a floating tensor, got {dtype}"
+    with pytest.raises(TypeError, match="^" + re.escape(f"IRMLP: expected x {kind} (1, 8, 5, 5)")):
+        block(x)
+
+
+def test_every_input_of_a_two_input_block_is_checked():
+    hef = HEF(16)
+    l, g = torch.randn(1, 16, 8, 8), torch.randn(1, 16, 8, 8)
+    with pytest.raises(TypeError, match=r"^HEF: expected g as torch.float32 .*got torch.float64"):
+        hef(l, g.double())
+
+
+def test_device_mismatch_names_the_block():
+    block = WindowAttention(8, 2, window_size=4)
+    with pytest.raises(ValueError, match=r"^WindowAttention: expected x on cpu \(where the block's parameters are\), "
+                                         r"got x on meta"):
+        block(torch.empty(1, 8, 8, 8, device="meta"))
+
+
+def test_matching_dtypes_and_autocast_pass():
+    block = IRMLP(8, 8)
+    assert block.double()(torch.randn(1, 8, 5, 5, dtype=torch.float64)).dtype == torch.float64
+    block = IRMLP(8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(torch.randn(1, 8, 5, 5, dtype=torch.bfloat16)).shape == (1, 8, 5, 5)
+        with pytest.raises(TypeError, match="IRMLP: expected x as torch.float32"):
+            block(torch.randn(1, 8, 5, 5, dtype=torch.float64))  # autocast never runs float64 in a float32 block
+
+
+def test_token_weighting_rejects_non_integer_grids_and_takes_numpy_ints():
+    tw = TokenWeighting(16, reduction=4)
+    t = torch.randn(2, 12, 16)
+    with pytest.raises(ValueError, match=r"TokenWeighting: expected hw as a pair of positive ints \(H, W\), got \(3.9, 4.2\)"):
+        tw(t, (3.9, 4.2))
+    torch.testing.assert_close(tw(t, (np.int64(3), np.int32(4))), tw(t, (3, 4)), rtol=0, atol=0)
+
+
+def test_numpy_scalars_are_numbers_everywhere():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    lg = torch.full((2,), -0.2)
+    want = ops.decay_attention(q, k, v, lg, hw=(3, 4), scale=0.3, backend="reference")
+    got = ops.decay_attention(q, k, v, lg, hw=(np.int64(3), np.int16(4)), scale=np.float32(0.3), backend="reference")
+    torch.testing.assert_close(got, want)
+    q = torch.randn(1, 2, 16, 4)
+    table = torch.zeros(9, 2)
+    want = ops.window_attention(q, q, q, table, hw=(4, 4), window_size=2, shift=1, scale=0.5, backend="reference")
+    got = ops.window_attention(q, q, q, table, hw=[np.int64(4), np.int64(4)], window_size=np.int64(2),
+                               shift=np.int32(1), scale=np.float64(0.5), backend="reference")
+    torch.testing.assert_close(got, want)
+    block = WindowAttention(np.int64(8), np.int64(2), window_size=np.int64(4), shift=np.int64(2))
+    assert type(block.window_size) is int and type(block.shift) is int and block.qkv.in_features == 8
+    tok = OverlapTokenizer(np.int64(3), np.int64(8), kernel_size=np.int64(3), stride=(np.int8(2), 2))
+    assert tok.stride == (2, 2) and type(tok.stride[0]) is int
+
+
+@pytest.mark.parametrize("op", ["decay", "window"])
+def test_zero_head_dim_is_a_clear_error(op):
+    q = torch.randn(1, 2, 16, 0)
+    with pytest.raises(ValueError, match=rf"{op}_attention: expected a head dim D >= 1 in q, k, v .* got \(1, 2, 16, 0\)"):
+        if op == "decay":
+            ops.decay_attention(q, q, q, torch.zeros(2), hw=(4, 4))
+        else:
+            ops.window_attention(q, q, q, None, hw=(4, 4), window_size=2)
+
+
+@pytest.mark.parametrize("bad", [True, "0.5", torch.tensor(0.5)])
+def test_scale_must_be_a_real_number(bad):
+    q = torch.randn(1, 2, 12, 4)
+    with pytest.raises(TypeError, match="decay_attention: expected scale as a float or None"):
+        ops.decay_attention(q, q, q, torch.zeros(2), hw=(3, 4), scale=bad)
