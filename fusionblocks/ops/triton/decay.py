@@ -292,24 +292,41 @@ def _lines(h: int, w: int, kind: str) -> Tuple[int, int, int, int, int]:
     return w, h, h, 1, w  # columns
 
 
-def shared_estimate(cfg: dict, dtype: torch.dtype) -> int:
-    """Upper bound on the shared memory (bytes per block) a decay kernel compiled with ``cfg`` uses.
+def shared_estimate(cfg: dict, dtype: torch.dtype, kernel: str = "fwd") -> int:
+    """Upper bound on the shared memory (bytes per block) of decay kernel ``kernel`` (``fwd``, ``dq``, ``dkdv``) with ``cfg``.
 
-    The loop's K/V tiles buffered ``num_stages - 1`` times, the resident Q/dO tiles, the probability
-    tile as a dot operand and one float32 tile of scratch for layout conversions. Calibrated as an
-    upper bound on cross-compiles for sm_80 and sm_90; ``tests/ops/test_triton_aot.py`` checks it
-    against every compiled configuration.
+    The tiles each kernel keeps for its whole loop (fwd: Q; dq: Q, dO; dkdv: K, V), the tiles its
+    loop loads, buffered ``num_stages - 1`` times (fwd, dq: K, V; dkdv: Q, dO, plus Q's transpose),
+    the probability tile as a dot operand and one float32 tile of layout-conversion scratch.
+    Calibrated as an upper bound on cross-compiles for sm_80 and sm_90;
+    ``tests/ops/test_triton_aot.py`` checks it against every configuration it compiles.
     """
     e = torch.empty((), dtype=dtype).element_size()
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
     buffers = max(cfg.get("num_stages", 3) - 1, 1)
-    return e * (buffers * 2 * bn * bd + 2 * bm * bd + bm * bn) + 4 * bm * bn
+    if kernel == "fwd":
+        tiles = bm * bd + buffers * 2 * bn * bd
+    elif kernel == "dq":
+        tiles = 2 * bm * bd + buffers * 2 * bn * bd
+    elif kernel == "dkdv":
+        tiles = 2 * bn * bd + buffers * 2 * bm * bd + bm * bd
+    else:
+        raise ValueError(f"unknown decay kernel {kernel!r}; expected 'fwd', 'dq' or 'dkdv'")
+    return e * (tiles + bm * bn) + 4 * bm * bn
 
 
-def _fit_shared(cfg: dict, dtype: torch.dtype, limit: int) -> dict:
+def _kernels_of(backward: bool) -> Tuple[str, ...]:
+    return ("dq", "dkdv") if backward else ("fwd",)
+
+
+def _fit_shared(cfg: dict, dtype: torch.dtype, backward: bool, limit: int) -> dict:
     """``cfg`` with fewer stages, then smaller query/key blocks, until :func:`shared_estimate` fits ``limit``."""
     cfg = dict(cfg)
-    while shared_estimate(cfg, dtype) > limit:
+
+    def need():
+        return max(shared_estimate(cfg, dtype, k) for k in _kernels_of(backward))
+
+    while need() > limit:
         if cfg.get("num_stages", 3) > 1:
             cfg["num_stages"] = cfg.get("num_stages", 3) - 1
         elif cfg["BLOCK_M"] > 16 and cfg["BLOCK_M"] >= cfg["BLOCK_N"]:
@@ -319,8 +336,9 @@ def _fit_shared(cfg: dict, dtype: torch.dtype, limit: int) -> dict:
         elif cfg["BLOCK_M"] > 16:
             cfg["BLOCK_M"] //= 2
         else:
-            raise ValueError(f"no decay-attention tile fits {limit} bytes of shared memory (BLOCK_D {cfg['BLOCK_D']}, "
-                             f"{dtype}): needs {shared_estimate(cfg, dtype)}")
+            raise ValueError(f"no decay-attention tile fits {limit // 1024} KB of shared memory per block "
+                             f"(head dim padded to {cfg['BLOCK_D']}, {str(dtype).replace('torch.', '')}): "
+                             f"the smallest needs about {need() // 1024} KB")
     return cfg
 
 
@@ -347,7 +365,7 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
         bn = min(32, cap)
         warps = 8 if block_d >= 32 else 4  # at 4 warps: 24-224 spills for d 17-64
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
-        return _fit_shared(cfg, dtype, SM90_MAX_SHARED if shared_limit is None else shared_limit)
+        return _fit_shared(cfg, dtype, backward, SM90_MAX_SHARED if shared_limit is None else shared_limit)
     if backward:
         bm = min(32 if block_d > 64 else 64, cap)
         bn = min(64, cap)
@@ -357,7 +375,7 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
         bn = min(64, cap)
         warps = 8 if bm * block_d >= 128 * 32 else 4
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2 if block_d > 64 else 3)
-    return _fit_shared(cfg, dtype, SM90_MAX_SHARED if shared_limit is None else shared_limit)
+    return _fit_shared(cfg, dtype, backward, SM90_MAX_SHARED if shared_limit is None else shared_limit)
 
 
 def _precision(dtype: torch.dtype) -> str:
