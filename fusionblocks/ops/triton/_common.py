@@ -23,6 +23,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from .._gpu import SHARED_BYTES_BY_CAPABILITY, max_shared_bytes, shared_bytes_of_capability  # noqa: F401 (re-exported)
+
 __all__ = ["LazyKernel", "lazy_jit", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of"]
 
 
@@ -136,46 +138,8 @@ def device_reasons(t: torch.Tensor, *, auto: bool, what: str = "this backend") -
 
 _TL_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
-SHARED_BYTES_BY_CAPABILITY = {
-    (7, 5): 64 * 1024,    # T4, RTX 20xx
-    (8, 0): 163 * 1024,   # A100, A30
-    (8, 6): 99 * 1024,    # A10, A40, RTX 30xx
-    (8, 7): 163 * 1024,   # Jetson Orin
-    (8, 9): 99 * 1024,    # L4, L40, RTX 40xx
-    (9, 0): 227 * 1024,   # H100, H200
-    (10, 0): 227 * 1024,  # B200
-    (12, 0): 99 * 1024,   # RTX 50xx
-}
-"""Shared memory one block may use with the opt-in attribute (``cudaDevAttrMaxSharedMemoryPerBlockOptin``),
-in bytes, by compute capability, from NVIDIA's CUDA C++ Programming Guide (compute capabilities table).
-Used where no device can be asked (cross-compiles); a present device is asked directly."""
-
 SM90_MAX_SHARED = SHARED_BYTES_BY_CAPABILITY[(9, 0)]
 """Shared memory one block may use on sm_90 (H100/H200), in bytes."""
-
-DEFAULT_SHARED_BYTES = 48 * 1024
-"""What any CUDA GPU grants a block without opting in: the limit assumed for an unknown capability."""
-
-
-def shared_bytes_of_capability(capability) -> int:
-    """Opt-in shared memory per block of a compute capability (``(9, 0)`` or ``90``); 48 KB when unknown."""
-    if isinstance(capability, int):
-        capability = divmod(capability, 10)
-    return SHARED_BYTES_BY_CAPABILITY.get(tuple(capability), DEFAULT_SHARED_BYTES)
-
-
-def max_shared_bytes(device) -> int:
-    """Shared memory a Triton kernel may use per block on CUDA ``device``, in bytes.
-
-    The device's own opt-in limit (``torch.cuda.get_device_properties(device).shared_memory_per_block_optin``,
-    the number Triton checks before a launch) where torch reports it, else
-    :data:`SHARED_BYTES_BY_CAPABILITY` by the device's compute capability.
-    """
-    props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", None)
-    if optin:
-        return int(optin)
-    return shared_bytes_of_capability((props.major, props.minor))
 
 
 def compile_spec(
