@@ -22,7 +22,7 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "out"
     env = dict(os.environ, PYTHON=sys.executable)
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--quick"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     return r, out
 
 
