@@ -17,10 +17,10 @@ import sys
 import time
 
 
-def _row(r: dict) -> str:
+def _row(r: dict, limit: int) -> str:
     if not r["ok"]:
         return f"| {r['group']} | {r['dtype']} | {r['label']} | {_launch(r)} | FAILED: {r['error'].splitlines()[0][:120]} | | |"
-    flag = " **(> 227 KB)**" if r["shared"] > 227 * 1024 else ""
+    flag = f" **(> {limit // 1024} KB)**" if r["shared"] > limit else ""
     return (f"| {r['group']} | {r['dtype']} | {r['label']} | {_launch(r)} | {r['regs']} | {r['spills']} | "
             f"{r['shared']}{flag} |")
 
@@ -45,7 +45,8 @@ def main(argv=None) -> int:
 
     from fusionblocks.ops.triton import _common
 
-    specs = _common.all_compile_specs(quick=args.quick, all_flags=args.all_flags)
+    specs = _common.all_compile_specs(quick=args.quick, all_flags=args.all_flags, arch=args.arch)
+    limit = _common.shared_bytes_of_capability(args.arch)
     start = time.perf_counter()
     results = _common.cross_compile_all(specs, arch=args.arch, workers=args.workers)
     took = time.perf_counter() - start
@@ -54,18 +55,18 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, torch {torch.__version__}. **Cross-compile only: no GPU ran.** "
           f"Each row is one configuration the launchers can choose, compiled to a cubin with Triton's bundled "
           f"ptxas; `regs` (per thread) and `spills` (Triton's `n_spills`: per-thread local memory bytes / 4) "
-          f"come from `cuobjdump -res-usage`, `shared` (bytes per block) from the compile metadata; the sm_90 "
-          f"limit is 227 KB (232448 bytes). Pointers are assumed 16-byte aligned, integer arguments unspecialized. "
+          f"come from `cuobjdump -res-usage`, `shared` (bytes per block) from the compile metadata; the sm_{args.arch} "
+          f"limit is {limit // 1024} KB ({limit} bytes; the launchers fit their choices to it). Pointers are assumed 16-byte aligned, integer arguments unspecialized. "
           f"`launch`: tile sizes (BLOCK_L or BLOCK_M x BLOCK_N, then BLOCK_D), warps, stages. "
           f"Command: `env -u TRITON_INTERPRET python benchmarks/triton_resources.py`.\n")
     print(f"Set: {'quick (flags all on; bfloat16 stands for float16)' if args.quick else 'every tile configuration, flags all on and all off'}. "
           f"{len(results)} configurations, {len(ok)} compiled, "
-          f"{sum(1 for r in ok if r['spills'])} spill, {sum(1 for r in ok if r['shared'] > 227 * 1024)} over 227 KB "
+          f"{sum(1 for r in ok if r['spills'])} spill, {sum(1 for r in ok if r['shared'] > limit)} over {limit // 1024} KB "
           f"shared; compile wall time {took:.0f} s.\n")
     print("| kernel | dtype | config | launch | regs | spills | shared bytes |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(_row(r))
+        print(_row(r, limit))
     return 0 if len(ok) == len(results) else 1
 
 

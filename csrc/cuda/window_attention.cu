@@ -149,7 +149,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     window_bwd_kernel(const T* __restrict__ grad, const T* __restrict__ q, const T* __restrict__ k,
                       const T* __restrict__ v, const typename Acc<T>::type* __restrict__ table, T* __restrict__ dq,
-                      T* __restrict__ dk, T* __restrict__ dv, typename Acc<T>::type* __restrict__ dtable,
+                      T* __restrict__ dk, T* __restrict__ dv, typename Acc<T>::type* __restrict__ dpair,
                       WindowProblem p) {
   using A = typename Acc<T>::type;
   extern __shared__ unsigned char smem_raw[];
@@ -179,7 +179,10 @@ __global__ void __launch_bounds__(kThreads)
     ds[idx] = acc;
   }
   __syncthreads();
-  // dS = P * (dP - rowsum(P * dP)); the bias table takes dS
+  // dS = P * (dP - rowsum(P * dP)); this window's dS goes to its own slice of dpair (no atomics: the host
+  // reduces the slices in a fixed order, so the bias gradient is deterministic)
+  A* dpair_win = dpair == nullptr ? nullptr
+                                  : dpair + ((static_cast<long>(b) * gridDim.x + win) * p.heads + head) * len * len;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   for (int i = warp; i < len; i += nwarps) {
     A delta = 0;
@@ -188,7 +191,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = lane; j < len; j += 32) {
       const A val = s[i * len + j] * (ds[i * len + j] - delta);
       ds[i * len + j] = val;
-      if (dtable != nullptr) atomicAdd(dtable + g.rel_index(i, j) * p.heads + head, val);
+      if (dpair_win != nullptr) dpair_win[i * len + j] = val;
     }
   }
   __syncthreads();
@@ -227,7 +230,7 @@ cudaError_t fwd_typed(const WindowProblem& p, const void* q, const void* k, cons
 
 template <typename T>
 cudaError_t bwd_typed(const WindowProblem& p, const void* grad, const void* q, const void* k, const void* v,
-                      const void* table, void* dq, void* dk, void* dv, void* dtable, long smem, cudaStream_t stream) {
+                      const void* table, void* dq, void* dk, void* dv, void* dpair, long smem, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   auto kernel = window_bwd_kernel<T>;
   if (smem > 48 * 1024) {
@@ -238,7 +241,7 @@ cudaError_t bwd_typed(const WindowProblem& p, const void* grad, const void* q, c
   kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(grad), static_cast<const T*>(q),
                                            static_cast<const T*>(k), static_cast<const T*>(v),
                                            static_cast<const A*>(table), static_cast<T*>(dq), static_cast<T*>(dk),
-                                           static_cast<T*>(dv), static_cast<A*>(dtable), p);
+                                           static_cast<T*>(dv), static_cast<A*>(dpair), p);
   return cudaGetLastError();
 }
 
@@ -269,19 +272,19 @@ cudaError_t window_fwd_launch(DType dtype, const WindowProblem& p, const void* q
 }
 
 cudaError_t window_bwd_launch(DType dtype, const WindowProblem& p, const void* grad, const void* q, const void* k,
-                              const void* v, const void* table, void* dq, void* dk, void* dv, void* dtable,
+                              const void* v, const void* table, void* dq, void* dk, void* dv, void* dpair,
                               cudaStream_t stream) {
   const long smem = window_smem_bytes(dtype, p, true);
   if (smem < 0) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32:
-      return bwd_typed<float>(p, grad, q, k, v, table, dq, dk, dv, dtable, smem, stream);
+      return bwd_typed<float>(p, grad, q, k, v, table, dq, dk, dv, dpair, smem, stream);
     case DType::kFloat64:
-      return bwd_typed<double>(p, grad, q, k, v, table, dq, dk, dv, dtable, smem, stream);
+      return bwd_typed<double>(p, grad, q, k, v, table, dq, dk, dv, dpair, smem, stream);
     case DType::kFloat16:
-      return bwd_typed<__half>(p, grad, q, k, v, table, dq, dk, dv, dtable, smem, stream);
+      return bwd_typed<__half>(p, grad, q, k, v, table, dq, dk, dv, dpair, smem, stream);
     case DType::kBFloat16:
-      return bwd_typed<__nv_bfloat16>(p, grad, q, k, v, table, dq, dk, dv, dtable, smem, stream);
+      return bwd_typed<__nv_bfloat16>(p, grad, q, k, v, table, dq, dk, dv, dpair, smem, stream);
   }
   return cudaErrorInvalidValue;
 }

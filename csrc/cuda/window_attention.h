@@ -22,9 +22,11 @@ long window_smem_bytes(DType dtype, const WindowProblem& p, bool backward);
 cudaError_t window_fwd_launch(DType dtype, const WindowProblem& p, const void* q, const void* k, const void* v,
                               const void* table, void* out, cudaStream_t stream);
 
-// grad, dq, dk, dv like q. dtable: zeroed, like table (float32 / float64), or nullptr; accumulated atomically.
+// grad, dq, dk, dv like q. dpair: (B * windows, heads, L, L) in float32 (float64 when dtype is float64), or
+// nullptr: every window's bias gradient dS, written (no atomics); the caller reduces it into the table in a
+// fixed order, so the bias gradient is deterministic.
 cudaError_t window_bwd_launch(DType dtype, const WindowProblem& p, const void* grad, const void* q, const void* k,
-                              const void* v, const void* table, void* dq, void* dk, void* dv, void* dtable,
+                              const void* v, const void* table, void* dq, void* dk, void* dv, void* dpair,
                               cudaStream_t stream);
 
 }  // namespace cuda

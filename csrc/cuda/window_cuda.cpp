@@ -1,6 +1,9 @@
 // CUDA implementations of fusionblocks_C::window_fwd / window_bwd (built only with FUSIONBLOCKS_CUDA=1).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +11,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "window_attention.h"
 
@@ -42,6 +46,24 @@ WindowProblem problem(const Tensor& q, int64_t h, int64_t w, int64_t ws, int64_t
                        static_cast<int>(q.size(3)), static_cast<float>(scale)};
 }
 
+// (windows, heads, L, L) per-window dS -> ((2ws-1)^2, heads) table gradient, deterministically: the windows
+// summed by a reduction, then each table row gathers the (i, j) pairs that read it (padded to L with a zero
+// row) and sums them in a fixed order. No index_add_ / atomics (non-deterministic on CUDA).
+Tensor table_grad(const Tensor& dpair, int64_t ws) {
+  const int64_t len = ws * ws, rows = (2 * ws - 1) * (2 * ws - 1), heads = dpair.size(1);
+  std::vector<int64_t> seg(rows * len, len * len), fill(rows, 0);
+  for (int64_t i = 0; i < len; ++i) {
+    for (int64_t j = 0; j < len; ++j) {
+      const int64_t row = (i / ws - j / ws + ws - 1) * (2 * ws - 1) + (i % ws - j % ws + ws - 1);
+      seg[row * len + fill[row]++] = i * len + j;
+    }
+  }
+  const Tensor index = at::from_blob(seg.data(), {rows * len}, at::kLong).to(dpair.device());
+  const Tensor pairs = dpair.sum(0).reshape({heads, len * len}).t();  // (L*L, heads)
+  const Tensor padded = at::cat({pairs, at::zeros({1, heads}, dpair.options())}, 0);
+  return padded.index_select(0, index).reshape({rows, len, heads}).sum(1);
+}
+
 at::ScalarType acc_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const std::optional<Tensor>& table_,
@@ -71,13 +93,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
   TORCH_CHECK(window_smem_bytes(dtype_of(q), p, true) >= 0,
               "window_attention(cuda): window_size <= 8 and head dim <= 128 supported");
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
-  Tensor dtable = table.defined() ? at::zeros(table.sizes(), table.options()) : Tensor();
+  const int64_t len = ws * ws, windows = q.size(0) * (h / ws) * (w / ws);
+  Tensor dpair = table.defined() ? at::empty({windows, q.size(1), len, len}, table.options()) : Tensor();
   const cudaError_t err = window_bwd_launch(
       dtype_of(q), p, grad.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
       table.defined() ? table.data_ptr() : nullptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-      dtable.defined() ? dtable.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
+      dpair.defined() ? dpair.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "window_attention(cuda) backward launch failed: ", cudaGetErrorString(err));
-  Tensor dt = dtable.defined() ? dtable.to(q.scalar_type()) : at::zeros({0}, q.options());
+  Tensor dt = dpair.defined() ? table_grad(dpair, ws).to(q.scalar_type()) : at::zeros({0}, q.options());
   return {dq, dk, dv, dt};
 }
 

@@ -16,10 +16,12 @@ from typing import List, Optional, Tuple
 import torch
 
 from . import cpp
+from ._gpu import max_shared_bytes
 from .dispatch import register_backend
 
 MAX_WINDOW = 8
 MAX_HEAD_DIM = 128
+MAX_GRID_YZ = 65535
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CUDA_BUILD_HINT = (
     "rebuild it with CUDA: `FUSIONBLOCKS_CUDA=1 pip install --no-build-isolation -e .` (needs a CUDA build of torch and nvcc)"
@@ -46,7 +48,23 @@ def check_window_cuda(q, k, v, bias_table, *, hw, window_size, shift, scale, aut
         reasons.append(f"window_size {window_size} above the supported {MAX_WINDOW}")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} above the supported {MAX_HEAD_DIM}")
+    if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
+        reasons.append(f"cuda window_attention launches batch x heads as grid z x y (at most {MAX_GRID_YZ} each), "
+                       f"got batch {q.shape[0]}, heads {q.shape[1]}")
+    if q.device.type == "cuda" and not reasons:
+        need, limit = shared_bytes(q.dtype, window_size, q.shape[-1], backward=True), max_shared_bytes(q.device)
+        if need > limit:
+            reasons.append(f"cuda window_attention needs {need // 1024} KB of shared memory per block for window_size "
+                           f"{window_size}, head dim {q.shape[-1]} ({q.dtype}), over this GPU's {limit // 1024} KB")
     return reasons
+
+
+def shared_bytes(dtype: torch.dtype, window_size: int, head_dim: int, backward: bool) -> int:
+    """Dynamic shared memory of one block (``window_smem_bytes`` in ``csrc/cuda/window_attention.cu``):
+    q, k, v (and dO) plus the score matrix (and dS), in float32 (float64 for float64 inputs)."""
+    big_l = window_size * window_size
+    words = 4 * big_l * head_dim + 2 * big_l * big_l if backward else 3 * big_l * head_dim + big_l * big_l
+    return words * (8 if dtype == torch.float64 else 4)
 
 
 @register_backend("window_attention", "cuda", priority=30, check=check_window_cuda)

@@ -78,7 +78,7 @@ def test_float64_odd_grids_batch_and_scale(interpret, mode):
 
 @pytest.mark.parametrize("hw,d,mode", [((3, 5), 8, "decomposed"), ((3, 5), 80, "full"), ((4, 3), 1, "full")])
 def test_unlisted_head_dims(interpret, hw, d, mode):
-    """Head dims outside the listed ones (lines longer than one block: test_unequal_query_and_key_blocks)."""
+    """Head dims outside the listed ones (lines longer than one block and unequal query/key blocks: test_float32_through_the_gpu_bfloat16_tiles)."""
     _compare_f64(hw, d, mode)
 
 
@@ -168,14 +168,6 @@ def test_golden_rmt_masa_with_triton(interpret, name, mode):
     with torch.no_grad():
         y = m.forward_channels_last(make_input(record["inputs"][0]))
     assert rel_err(y, record["output"]) <= 1e-5
-
-
-@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
-def test_unequal_query_and_key_blocks(interpret, monkeypatch, bm, bn):
-    """GPU configurations use BLOCK_M != BLOCK_N; the interpreter's default uses equal blocks."""
-    monkeypatch.setattr(triton_decay, "_config", lambda n, d, backward, dtype=None: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(d))))
-    _compare_f64((9, 7), 24, "full")
-    _compare_f64((5, 19), 16, "decomposed")
 
 
 @pytest.mark.parametrize("op", ["decay_attention_full", "decay_attention_decomposed"])
@@ -274,3 +266,118 @@ def test_gpu_torch_compile_fullgraph(monkeypatch):
     torch.testing.assert_close(got[0], 2 * want[0])
     for a, e in zip(got[1:], want[1:]):
         torch.testing.assert_close(a, 2 * e, rtol=2e-2, atol=2e-2)
+
+
+# ------------------------------------------------------------------------- issue 12's kernel defects
+
+
+def _row_pass_reference(q, k, v, lg, hw):
+    """The decomposed op's row pass (attention along W within each row) via the reference on 1 x W images."""
+    b, nh, n, d = q.shape
+    h, w = hw
+    rows = lambda t: t.reshape(b, nh, h, w, -1).permute(0, 2, 1, 3, 4).reshape(b * h, nh, w, t.shape[-1])  # noqa: E731
+    o1 = decay_attention(rows(q), rows(k), rows(v), lg, hw=(1, w), mode="full", backend="reference")
+    return o1.reshape(b, h, nh, w, d).permute(0, 2, 1, 3, 4).reshape(b, nh, n, d)
+
+
+def test_decomposed_op_counts_the_row_output_gradient(interpret):
+    """``decay_attention_decomposed`` returns ``(out, row_out, ...)``: a loss on ``row_out`` must reach q, k, v, log_gamma."""
+    hw = (3, 5)
+    q, k, v, lg = _inputs(1, 1, hw, 12, torch.float64)
+    g, g1 = torch.randn(q.shape, dtype=torch.float64), torch.randn(q.shape, dtype=torch.float64)
+    out, o1, _, _ = torch.ops.fusionblocks.decay_attention_decomposed(q, k, v, lg, hw[0], hw[1], 12 ** -0.5)
+    got = torch.autograd.grad((out * g).sum() + (o1 * g1).sum(), (q, k, v, lg))
+    want_out = decay_attention(q, k, v, lg, hw=hw, mode="decomposed", backend="reference")
+    want_o1 = _row_pass_reference(q, k, v, lg, hw)
+    torch.testing.assert_close(o1, want_o1, rtol=1e-9, atol=1e-10)
+    want = torch.autograd.grad((want_out * g).sum() + (want_o1 * g1).sum(), (q, k, v, lg))
+    for name, a, e in zip(("dq", "dk", "dv", "dlog_gamma"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # and only the row output: the column pass contributes nothing
+    want1 = torch.autograd.grad((_row_pass_reference(q, k, v, lg, hw) * g1).sum(), (q, k, v))
+    got1 = torch.autograd.grad((torch.ops.fusionblocks.decay_attention_decomposed(q, k, v, lg, 3, 5, 12 ** -0.5)[1] * g1).sum(), (q, k, v))
+    for a, e in zip(got1, want1):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode,hw,d", [("full", (13, 11), 24), ("full", (7, 5), 96)])
+def test_float32_through_the_gpu_bfloat16_tiles(interpret, monkeypatch, mode, hw, d):
+    """The GPU's 16-bit tile configurations (128x64 forward, 64x64 backward, ...) never run on CPU otherwise:
+    run float32 through them under the interpreter, tight against the float64 reference. They include
+    query blocks larger (128x64 forward) and smaller (32x64 backward at head dim 96) than key blocks, and
+    lines longer than one block (the interpreter's own tiles are square)."""
+    real = triton_decay._config
+    seen = []
+
+    def gpu_tiles(n, dd, backward, dtype=None, **kw):
+        cfg = real(n, dd, backward, torch.bfloat16, interpreted=False)
+        seen.append((backward, cfg["BLOCK_M"], cfg["BLOCK_N"]))
+        return cfg
+
+    monkeypatch.setattr(triton_decay, "_config", gpu_tiles)
+    q, k, v, lg = _inputs(1, 2, hw, d, torch.float32)
+    go = torch.randn(q.shape)
+    got = _run("triton", q, k, v, lg, hw, mode, go)
+    up = [t.detach().double().requires_grad_() for t in (q, k, v, lg)]
+    want = _run("reference", *up, hw, mode, go.double())
+    if mode == "full" and d <= 64:
+        assert (False, 128, 64) in seen  # the 128x64 forward tile ran, over more than one query block
+    if d > 64:
+        assert (True, 32, 64) in seen  # backward query blocks smaller than key blocks
+    for name, a, e in zip(("out", "dq", "dk", "dv", "dlog_gamma"), got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} {mode} {hw} d={d}: {m}")
+
+
+def test_token_offsets_past_2_to_the_31(interpret):
+    """q, k, v strided so that token offsets pass 2**31 elements: the kernels address them in int64.
+
+    The storage is 4 GiB of virtual memory of which only the few touched pages become resident."""
+    stride = 2**30 + 64
+    try:
+        store = torch.empty(2 * stride + 64, dtype=torch.float16)
+    except RuntimeError as e:  # pragma: no cover - no room for the virtual allocation
+        pytest.skip(f"cannot reserve 4 GiB of virtual memory: {e}")
+    hw, d = (1, 3), 16
+    views = [store.as_strided((1, 1, 3, d), (0, 0, stride, 1), storage_offset=16 * i) for i in range(3)]
+    g = torch.Generator().manual_seed(0)
+    for t in views:
+        t.copy_(torch.randn(1, 1, 3, d, generator=g).half())
+    lg = torch.tensor([-0.3], dtype=torch.float32, requires_grad=True)
+    assert views[0].storage_offset() + 2 * stride > 2**31
+    go = torch.randn(1, 1, 3, d, generator=g).half()
+    for mode in MODES:
+        leaves = [t.detach().requires_grad_() for t in views]  # same storage, still strided
+        got = _run("triton", *leaves, lg, hw, mode, go)
+        small = [t.detach().float().contiguous().requires_grad_() for t in views]
+        want = _run("reference", *small, lg, hw, mode, go.float())
+        for name, a, e in zip(("out", "dq", "dk", "dv", "dlog_gamma"), got, want):
+            torch.testing.assert_close(a.float(), e, rtol=2e-3, atol=2e-3, msg=lambda m: f"{name} {mode}: {m}")
+    del store
+
+
+def test_any_batch_runs_on_the_one_dimensional_grid():
+    """No batch limit (the old 2-D grid stopped at B*heads*lines = 65535 and fell back to the reference)."""
+    q = torch.empty(200, 8, 56 * 56, 12, device="meta")
+    reasons = triton_decay._check(q, q, q, torch.zeros(8), hw=(56, 56), mode="decomposed", scale=None)
+    assert not any("grid" in r for r in reasons), reasons
+    huge = torch.empty(2**16, 8, 64 * 64, 12, device="meta")
+    reasons = triton_decay._check(huge, huge, huge, torch.zeros(8), hw=(64, 64), mode="full", scale=None)
+    assert any("grid limit" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("limit_kb", [64, 99, 163, 227])
+def test_configs_fit_the_shared_memory_of_smaller_gpus(limit_kb):
+    """T4 (64 KB), sm_86/89 (99 KB), A100 (163 KB), H100 (227 KB): every chosen config's estimate fits."""
+    limit = limit_kb * 1024
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in (12, 32, 64, 96, 128):
+            for n in (7, 56, 3136):
+                for backward in (False, True):
+                    cfg = triton_decay._config(n, d, backward, dtype, interpreted=False, shared_limit=limit)
+                    for kernel in ("dq", "dkdv") if backward else ("fwd",):
+                        assert triton_decay.shared_estimate(cfg, dtype, kernel) <= limit, (dtype, d, n, kernel, cfg)
+    big = triton_decay._config(3136, 128, True, torch.float32, interpreted=False)
+    small = triton_decay._config(3136, 128, True, torch.float32, interpreted=False, shared_limit=64 * 1024)
+    assert small != big
+    assert triton_decay.shared_estimate(big, torch.float32, "dkdv") > 64 * 1024 >= triton_decay.shared_estimate(small, torch.float32, "dkdv")

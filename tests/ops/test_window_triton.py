@@ -213,3 +213,63 @@ def test_hifuse_golden_global_layers_through_the_module(name):
     out = out.flatten(2).transpose(1, 2).cpu()
     assert out.shape == rec["output"].shape
     assert rel_err(out, rec["output"]) <= 1e-5
+
+
+# ------------------------------------------------------------------------- issue 12's kernel defects
+
+
+@pytest.mark.parametrize("ws", [2, 5, 7, 12])
+def test_bias_table_gradient_segment_sum_matches_index_add(ws):
+    """The deterministic reduction (padded segment sum, no ``index_add_``) of the per-pair bias gradients."""
+    nh, big_l = 3, ws * ws
+    pair = torch.randn(nh, big_l * big_l, dtype=torch.float64)
+    want = torch.zeros((2 * ws - 1) ** 2, nh, dtype=torch.float64)
+    want.index_add_(0, reference.relative_position_index(ws).reshape(-1), pair.t())
+    got = tw._table_grad(pair, ws)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    seg = tw._table_segments(ws, torch.device("cpu"))
+    counts = (seg < big_l * big_l).sum(1)  # row (dy, dx) is read by (ws - |dy|) * (ws - |dx|) pairs
+    assert int(counts.max()) == big_l and int(counts.sum()) == big_l * big_l
+
+
+def test_bias_gradient_is_bitwise_reproducible():
+    b, nh, h, w, ws, d = 1, 1, 8, 8, 4, 12
+    q, k, v, table = _inputs(b, nh, h, w, ws, d, torch.float32)
+    grad = torch.randn_like(q)
+    kw = dict(hw=(h, w), window_size=ws, shift=2, scale=None)
+    first, second = (_run(_triton, q, k, v, table, grad, **kw) for _ in range(2))
+    for name, a, c in zip(NAMES, first, second):
+        assert torch.equal(a, c), name
+
+
+def test_dense_bias_is_the_table_gathered_once():
+    ws, nh = 3, 2
+    table = torch.randn((2 * ws - 1) ** 2, nh, dtype=torch.float64)
+    dense = tw._dense_bias(table, ws, torch.float64)
+    idx = reference.relative_position_index(ws)
+    assert dense.shape == (nh, ws * ws, ws * ws) and dense.is_contiguous()
+    torch.testing.assert_close(dense, table[idx.reshape(-1)].t().reshape(nh, ws * ws, ws * ws), rtol=0, atol=0)
+
+
+def test_any_batch_runs_on_the_one_dimensional_grid():
+    """B*heads above 65535 (CUDA's grid y limit, the old forward grid) is served; only 2**31 programs are not."""
+    q = torch.empty(70000, 1, 49, 32, device="meta")
+    reasons = tw.check_window_triton(q, q, q, None, hw=(7, 7), window_size=7, shift=0, scale=None)
+    assert not any("grid" in r for r in reasons), reasons
+    huge = torch.empty(2**25, 1, 56 * 56, 32, device="meta")
+    reasons = tw.check_window_triton(huge, huge, huge, None, hw=(56, 56), window_size=7, shift=0, scale=None)
+    assert any("grid limit" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("limit_kb,dtype,ws,d,fits", [
+    (64, torch.bfloat16, 7, 32, True),     # T4: HiFuse's windows fit
+    (64, torch.float32, 7, 64, False),     # T4: float32 at head dim 64 does not, with a reason
+    (99, torch.bfloat16, 11, 128, False),  # sm_86/89: 128-token tiles at head dim 128 do not
+    (227, torch.bfloat16, 11, 128, True),  # sm_90: they do
+    (227, torch.bfloat16, 12, 32, False),  # window 12 (256-token tiles) fits nowhere
+])
+def test_gpu_reasons_follow_the_devices_shared_memory(limit_kb, dtype, ws, d, fits):
+    reasons = tw.gpu_reasons(dtype, d, ws, limit_kb * 1024)
+    assert (not reasons) == fits, reasons
+    if not fits:
+        assert "KB" in reasons[0] or "float32" in reasons[0]

@@ -23,6 +23,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from .._gpu import SHARED_BYTES_BY_CAPABILITY, max_shared_bytes, shared_bytes_of_capability  # noqa: F401 (re-exported)
+
 __all__ = ["LazyKernel", "lazy_jit", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of"]
 
 
@@ -136,7 +138,7 @@ def device_reasons(t: torch.Tensor, *, auto: bool, what: str = "this backend") -
 
 _TL_NAMES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}
 
-SM90_MAX_SHARED = 227 * 1024
+SM90_MAX_SHARED = SHARED_BYTES_BY_CAPABILITY[(9, 0)]
 """Shared memory one block may use on sm_90 (H100/H200), in bytes."""
 
 
@@ -232,17 +234,19 @@ def cross_compile(spec: Dict[str, object], arch: int = 90) -> Dict[str, object]:
     return out
 
 
-def all_compile_specs(quick: bool = False, all_flags: bool = False) -> List[Dict[str, object]]:
-    """Every distinct kernel configuration the Triton backends' launchers can choose on a GPU.
+def all_compile_specs(quick: bool = False, all_flags: bool = False, arch: int = 90) -> List[Dict[str, object]]:
+    """Every distinct kernel configuration the Triton backends' launchers can choose on an ``sm_{arch}`` GPU.
 
     ``quick``: only the all-flags-on variants, and bfloat16 standing for float16 too (same tiles and
     code, the other 16-bit type), about a third of the compiles. ``all_flags``: every combination of
-    the constexpr flags instead of all on and all off.
+    the constexpr flags instead of all on and all off. ``arch`` sets the shared-memory limit the
+    launchers fit (:func:`shared_bytes_of_capability`).
     """
     from . import decay, window
 
+    limit = shared_bytes_of_capability(arch)
     seen, specs = set(), []
-    for spec in window.compile_specs(all_flags) + decay.compile_specs(all_flags):
+    for spec in window.compile_specs(all_flags, limit) + decay.compile_specs(all_flags, limit):
         flags = [v for k, v in spec["constexprs"].items() if k in ("HAS_BIAS", "ACCUM_DK", "ACCUM_DQ", "WITH_DLG")]
         if quick and (spec["dtype"] == "float16" or not all(flags) or spec["constexprs"].get("SHIFT", 1) == 0):
             continue

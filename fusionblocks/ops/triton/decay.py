@@ -24,12 +24,14 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_backend
-from ._common import acc_dtype_of, compile_spec, device_reasons, lazy_jit, next_pow2, triton_built_interpreted, triton_ptr_type
+from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
+                      triton_built_interpreted, triton_ptr_type)
 
 __all__ = ["decay_attention_triton", "SUPPORTED_MAX_HEAD_DIM"]
 
 SUPPORTED_MAX_HEAD_DIM = 128
-_MAX_GRID_Y = 65535
+MAX_PROGRAMS = 2**31 - 1
+"""Programs of a 1-D launch grid (CUDA's grid x limit); every kernel here launches at most one per token."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,12 +45,13 @@ def _decay_fwd_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
-    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NH, NLINES, N_CTX, N_TOT, LINE_OFF, TOK_STEP, NUM_M,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    pid = tl.program_id(1)
+    # 1-D grid: (batch, head, line) major, query block minor (any batch: grid y/z stop at 65535)
+    pid = tl.program_id(0) // NUM_M
+    start_m = tl.program_id(0) % NUM_M
     bh = pid // NLINES
     line = pid % NLINES
     b = (bh // NH).to(tl.int64)
@@ -62,7 +65,8 @@ def _decay_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_CTX
     mask_d = offs_d < D
-    tok_m = line * LINE_OFF + offs_m * TOK_STEP
+    line64 = line.to(tl.int64) * LINE_OFF  # token offsets in int64: tokens x strides can pass 2**31
+    tok_m = line64 + offs_m.to(tl.int64) * TOK_STEP
     ym = offs_m // W
     xm = offs_m % W
 
@@ -76,7 +80,7 @@ def _decay_fwd_kernel(
     for start_n in range(0, N_CTX, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
-        tok_n = line * LINE_OFF + offs_n * TOK_STEP
+        tok_n = line64 + offs_n.to(tl.int64) * TOK_STEP
         kt = tl.load(K + tok_n[None, :] * skn + offs_d[:, None] * skd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC, out_dtype=ACC) * scale
         yn = offs_n // W
@@ -102,14 +106,14 @@ def _decay_delta_kernel(
     O, DO, DELTA,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
-    NH, N_TOT,
+    NH, N_TOT, NUM_M,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0) // NUM_M
+    start_m = tl.program_id(0) % NUM_M
     b = (bh // NH).to(tl.int64)
     h = (bh % NH).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (start_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < N_TOT)[:, None] & (offs_d < D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0).to(ACC)
@@ -126,12 +130,12 @@ def _decay_bwd_dkdv_kernel(
     sdob, sdoh, sdon, sdod,
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
-    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NH, NLINES, N_CTX, N_TOT, LINE_OFF, TOK_STEP, NUM_N,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, ACCUM_DK: tl.constexpr,
 ):
-    start_n = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0) // NUM_N
+    start_n = tl.program_id(0) % NUM_N
     bh = pid // NLINES
     line = pid % NLINES
     b = (bh // NH).to(tl.int64)
@@ -150,7 +154,8 @@ def _decay_bwd_dkdv_kernel(
     mask_n = offs_n < N_CTX
     mask_d = offs_d < D
     mask_nd = mask_n[:, None] & mask_d[None, :]
-    tok_n = line * LINE_OFF + offs_n * TOK_STEP
+    line64 = line.to(tl.int64) * LINE_OFF  # token offsets in int64: tokens x strides can pass 2**31
+    tok_n = line64 + offs_n.to(tl.int64) * TOK_STEP
     yn = offs_n // W
     xn = offs_n % W
 
@@ -164,7 +169,7 @@ def _decay_bwd_dkdv_kernel(
     for start_m in range(0, N_CTX, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < N_CTX
-        tok_m = line * LINE_OFF + offs_m * TOK_STEP
+        tok_m = line64 + offs_m.to(tl.int64) * TOK_STEP
         qt = tl.load(Q + tok_m[None, :] * sqn + offs_d[:, None] * sqd, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         do = tl.load(DO + tok_m[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse = tl.load(LSE + tok_m, mask=mask_m, other=0.0)
@@ -197,12 +202,12 @@ def _decay_bwd_dq_kernel(
     svb, svh, svn, svd,
     sdob, sdoh, sdon, sdod,
     sdqb, sdqh, sdqn, sdqd,
-    NH, NLINES, N_CTX, N_TOT, W, LINE_OFF, TOK_STEP, NUM_M,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    NH, NLINES, N_CTX, N_TOT, LINE_OFF, TOK_STEP, NUM_M,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ACC: tl.constexpr, PREC: tl.constexpr, ACCUM_DQ: tl.constexpr, WITH_DLG: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    pid = tl.program_id(1)
+    pid = tl.program_id(0) // NUM_M
+    start_m = tl.program_id(0) % NUM_M
     bh = pid // NLINES
     line = pid % NLINES
     b = (bh // NH).to(tl.int64)
@@ -220,7 +225,8 @@ def _decay_bwd_dq_kernel(
     mask_m = offs_m < N_CTX
     mask_d = offs_d < D
     mask_md = mask_m[:, None] & mask_d[None, :]
-    tok_m = line * LINE_OFF + offs_m * TOK_STEP
+    line64 = line.to(tl.int64) * LINE_OFF  # token offsets in int64: tokens x strides can pass 2**31
+    tok_m = line64 + offs_m.to(tl.int64) * TOK_STEP
     ym = offs_m // W
     xm = offs_m % W
 
@@ -238,7 +244,7 @@ def _decay_bwd_dq_kernel(
     for start_n in range(0, N_CTX, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N_CTX
-        tok_n = line * LINE_OFF + offs_n * TOK_STEP
+        tok_n = line64 + offs_n.to(tl.int64) * TOK_STEP
         kt = tl.load(K + tok_n[None, :] * skn + offs_d[:, None] * skd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         vt = tl.load(V + tok_n[None, :] * svn + offs_d[:, None] * svd, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=PREC, out_dtype=ACC) * scale
@@ -286,12 +292,68 @@ def _lines(h: int, w: int, kind: str) -> Tuple[int, int, int, int, int]:
     return w, h, h, 1, w  # columns
 
 
+def shared_estimate(cfg: dict, dtype: torch.dtype, kernel: str = "fwd") -> int:
+    """Upper bound on the shared memory (bytes per block) of decay kernel ``kernel`` (``fwd``, ``dq``, ``dkdv``) with ``cfg``.
+
+    The tiles each kernel keeps for its whole loop (fwd: Q; dq: Q, dO; dkdv: K, V), the tiles its
+    loop loads, buffered ``num_stages - 1`` times (fwd, dq: K, V; dkdv: Q, dO, plus Q's transpose),
+    the probability tile as a dot operand and one float32 tile of layout-conversion scratch.
+    Calibrated as an upper bound on cross-compiles for sm_80 and sm_90;
+    ``tests/ops/test_triton_aot.py`` checks it against every configuration it compiles.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    buffers = max(cfg.get("num_stages", 3) - 1, 1)
+    if kernel == "fwd":
+        tiles = bm * bd + buffers * 2 * bn * bd
+    elif kernel == "dq":
+        tiles = 2 * bm * bd + buffers * 2 * bn * bd
+    elif kernel == "dkdv":
+        tiles = 2 * bn * bd + buffers * 2 * bm * bd + bm * bd
+    else:
+        raise ValueError(f"unknown decay kernel {kernel!r}; expected 'fwd', 'dq' or 'dkdv'")
+    return e * (tiles + bm * bn) + 4 * bm * bn
+
+
+def _kernels_of(backward: bool) -> Tuple[str, ...]:
+    return ("dq", "dkdv") if backward else ("fwd",)
+
+
+def _fit_shared(cfg: dict, dtype: torch.dtype, backward: bool, limit: int) -> dict:
+    """``cfg`` with fewer stages, then smaller query/key blocks, until :func:`shared_estimate` fits ``limit``."""
+    cfg = dict(cfg)
+
+    def need():
+        return max(shared_estimate(cfg, dtype, k) for k in _kernels_of(backward))
+
+    while need() > limit:
+        if cfg.get("num_stages", 3) > 1:
+            cfg["num_stages"] = cfg.get("num_stages", 3) - 1
+        elif cfg["BLOCK_M"] > 16 and cfg["BLOCK_M"] >= cfg["BLOCK_N"]:
+            cfg["BLOCK_M"] //= 2
+        elif cfg["BLOCK_N"] > 16:
+            cfg["BLOCK_N"] //= 2
+        elif cfg["BLOCK_M"] > 16:
+            cfg["BLOCK_M"] //= 2
+        else:
+            raise ValueError(f"no decay-attention tile fits {limit // 1024} KB of shared memory per block "
+                             f"(head dim padded to {cfg['BLOCK_D']}, {str(dtype).replace('torch.', '')}): "
+                             f"the smallest needs about {need() // 1024} KB")
+    return cfg
+
+
+def _shared_limit(device: torch.device) -> Optional[int]:
+    return max_shared_bytes(device) if device.type == "cuda" else None
+
+
 def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloat16,
-            interpreted: Optional[bool] = None) -> dict:
+            interpreted: Optional[bool] = None, shared_limit: Optional[int] = None) -> dict:
     """Block sizes and launch options for lines of ``n_ctx`` tokens, head dim ``d`` and ``dtype`` inputs.
 
     A pure function of its arguments (``interpreted`` defaults to how this process's triton was
-    built); the launchers and :func:`compile_specs` both use it.
+    built); the launchers and :func:`compile_specs` both use it. ``shared_limit`` (bytes per block,
+    the device's opt-in limit; ``None``: sm_90's) shrinks the stages and tiles until
+    :func:`shared_estimate` fits it (sm_86/89, T4).
     """
     block_d = next_pow2(d)
     cap = next_pow2(n_ctx)
@@ -302,7 +364,8 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
         bm = min(32 if backward or block_d > 64 else 64, cap)
         bn = min(32, cap)
         warps = 8 if block_d >= 32 else 4  # at 4 warps: 24-224 spills for d 17-64
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+        return _fit_shared(cfg, dtype, backward, SM90_MAX_SHARED if shared_limit is None else shared_limit)
     if backward:
         bm = min(32 if block_d > 64 else 64, cap)
         bn = min(64, cap)
@@ -311,7 +374,8 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
         bm = min(128 if block_d <= 64 else 64, cap)
         bn = min(64, cap)
         warps = 8 if bm * block_d >= 128 * 32 else 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2 if block_d > 64 else 3)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2 if block_d > 64 else 3)
+    return _fit_shared(cfg, dtype, backward, SM90_MAX_SHARED if shared_limit is None else shared_limit)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -331,13 +395,13 @@ def _scalars(q: torch.Tensor, log_gamma: torch.Tensor, scale: float) -> Tuple[to
 def _fwd_pass(q, k, v, lg, sc, o, lse, h, w, kind) -> None:
     b, nh, _, d = q.shape
     nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
-    cfg = _config(n_ctx, d, backward=False, dtype=q.dtype)
-    grid = (triton.cdiv(n_ctx, cfg["BLOCK_M"]), b * nh * nlines)
-    _decay_fwd_kernel[grid](
+    cfg = _config(n_ctx, d, backward=False, dtype=q.dtype, shared_limit=_shared_limit(q.device))
+    num_m = triton.cdiv(n_ctx, cfg["BLOCK_M"])
+    _decay_fwd_kernel[(b * nh * nlines * num_m,)](
         q, k, v, lg, sc, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        nh, nlines, n_ctx, h * w, wd, line_off, step,
-        D=d, ACC=acc_dtype_of(q.dtype), PREC=_precision(q.dtype), **cfg,
+        nh, nlines, n_ctx, h * w, line_off, step, num_m,
+        W=wd, D=d, ACC=acc_dtype_of(q.dtype), PREC=_precision(q.dtype), **cfg,
     )
 
 
@@ -350,8 +414,9 @@ def _delta(o, do, h, w) -> torch.Tensor:
     b, nh, n, d = o.shape
     delta = torch.empty((b, nh, n), dtype=_acc_torch(o.dtype), device=o.device)
     cfg = _delta_config(n, d)
-    _decay_delta_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * nh)](
-        o, do, delta, *_strides(o), *_strides(do), nh, n,
+    num_m = triton.cdiv(n, cfg["BLOCK_M"])
+    _decay_delta_kernel[(b * nh * num_m,)](
+        o, do, delta, *_strides(o), *_strides(do), nh, n, num_m,
         D=d, ACC=acc_dtype_of(o.dtype), **cfg,
     )
     return delta
@@ -361,20 +426,21 @@ def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumu
     """One pass's gradients: writes ``dv``, writes or adds ``dq``/``dk``; returns the ``log_gamma`` partials."""
     b, nh, _, d = q.shape
     nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
-    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype)
+    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype, shared_limit=_shared_limit(q.device))
     acc, prec = acc_dtype_of(q.dtype), _precision(q.dtype)
-    common = (nh, nlines, n_ctx, h * w, wd, line_off, step)
-    _decay_bwd_dkdv_kernel[(triton.cdiv(n_ctx, cfg["BLOCK_N"]), b * nh * nlines)](
+    common = (nh, nlines, n_ctx, h * w, line_off, step)
+    num_n = triton.cdiv(n_ctx, cfg["BLOCK_N"])
+    _decay_bwd_dkdv_kernel[(b * nh * nlines * num_n,)](
         q, k, v, lg, sc, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-        *common, D=d, ACC=acc, PREC=prec, ACCUM_DK=accumulate, **cfg,
+        *common, num_n, W=wd, D=d, ACC=acc, PREC=prec, ACCUM_DK=accumulate, **cfg,
     )
     num_m = triton.cdiv(n_ctx, cfg["BLOCK_M"])
     dlg = torch.empty((b, nh, nlines * num_m) if with_dlg else (1,), dtype=_acc_torch(q.dtype), device=q.device)
-    _decay_bwd_dq_kernel[(num_m, b * nh * nlines)](
+    _decay_bwd_dq_kernel[(b * nh * nlines * num_m,)](
         q, k, v, lg, sc, do, lse, delta, dq, dlg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        *common, num_m, D=d, ACC=acc, PREC=prec, ACCUM_DQ=accumulate, WITH_DLG=with_dlg, **cfg,
+        *common, num_m, W=wd, D=d, ACC=acc, PREC=prec, ACCUM_DQ=accumulate, WITH_DLG=with_dlg, **cfg,
     )
     return dlg.sum(dim=(0, 2)) if with_dlg else None
 
@@ -392,7 +458,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
     return {a: io if a in _IO_ARGS else "*fp32" if a in _F32_PTRS else "i32" for a in code.co_varnames[: code.co_argcount]}
 
 
-def compile_specs(all_flags: bool = False) -> List[dict]:
+def compile_specs(all_flags: bool = False, shared_limit: Optional[int] = None) -> List[dict]:
     """The distinct kernel configurations the launchers choose on a GPU, for ``_common.cross_compile``.
 
     Runs every dtype (float32, float16, bfloat16), head dim 1..128 and line length (full mode: ``H*W``;
@@ -400,7 +466,8 @@ def compile_specs(all_flags: bool = False) -> List[dict]:
     :func:`_delta_config` and keeps one spec per distinct configuration and kernel; ``D`` changes only
     masks within a ``BLOCK_D`` tile, so each spec compiles the largest ``d`` of its group. Backward
     flags: ``ACCUM_DK``/``ACCUM_DQ`` (off in full mode and the column pass, on in the row pass) and
-    ``WITH_DLG`` both on and both off (``all_flags``: every combination).
+    ``WITH_DLG`` both on and both off (``all_flags``: every combination). ``shared_limit``: the
+    configurations chosen for a GPU with that much shared memory per block (default sm_90's).
     """
     flag_sets = [(True, True), (False, False)] + ([(True, False), (False, True)] if all_flags else [])
     groups: dict = {}
@@ -414,8 +481,9 @@ def compile_specs(all_flags: bool = False) -> List[dict]:
     for dtype in _GPU_DTYPES:
         for d in range(1, SUPPORTED_MAX_HEAD_DIM + 1):
             for n_ctx in _N_CTX_REPS:
-                add("_decay_fwd_kernel", dtype, d, n_ctx, _config(n_ctx, d, False, dtype, interpreted=False), {})
-                bwd = _config(n_ctx, d, True, dtype, interpreted=False)
+                add("_decay_fwd_kernel", dtype, d, n_ctx,
+                    _config(n_ctx, d, False, dtype, interpreted=False, shared_limit=shared_limit), {})
+                bwd = _config(n_ctx, d, True, dtype, interpreted=False, shared_limit=shared_limit)
                 for accum, dlg in flag_sets:
                     add("_decay_bwd_dkdv_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DK=accum))
                     add("_decay_bwd_dq_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DQ=accum, WITH_DLG=dlg))
@@ -428,6 +496,7 @@ def compile_specs(all_flags: bool = False) -> List[dict]:
         consts = dict(D=d, ACC=acc_dtype_of(dtype), **cfg, **g["flags"])
         if kernel != "_decay_delta_kernel":
             consts["PREC"] = _precision(dtype)
+            consts["W"] = 56  # a constexpr (one compile per grid width); HEMF's stage-1 width stands for all
         lo, hi = min(g["n"]), max(g["n"])
         lines = f"n<={hi}" if lo == min(_N_CTX_REPS) else f"n>{lo // 2}" if hi == max(_N_CTX_REPS) else f"n {lo // 2 + 1}-{hi}"
         flags = " ".join(f"{k}={int(v)}" for k, v in g["flags"].items())
@@ -491,6 +560,7 @@ def _full_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, log_gamma, o, lse)
     ctx.args = (h, w, scale)
+    ctx.mark_non_differentiable(lse)  # the softmax statistic saved for the backward, not a result
 
 
 def _full_grad(ctx, do, dlse):
@@ -530,15 +600,21 @@ def _(q, k, v, log_gamma, h, w, scale):
 def decay_attention_decomposed_backward(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor,
     o: torch.Tensor, o1: torch.Tensor, lse1: torch.Tensor, lse2: torch.Tensor,
-    h: int, w: int, scale: float, with_dlg: bool,
+    h: int, w: int, scale: float, with_dlg: bool, grad_o1: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv, dlog_gamma)`` of :func:`decay_attention_decomposed`."""
+    """Gradients ``(dq, dk, dv, dlog_gamma)`` of :func:`decay_attention_decomposed`.
+
+    ``do`` is the gradient of the output; ``grad_o1``, when given, that of the row pass's output
+    ``o1`` (the op's second output), added to what flows into ``o1`` from the column pass.
+    """
     dq, dk, dv, do1 = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(4))
     dlg = torch.zeros(log_gamma.shape, dtype=log_gamma.dtype, device=log_gamma.device)
     if q.numel():
         lg, sc = _scalars(q, log_gamma, scale)
         g2 = _bwd_pass(q, k, o1, lg, sc, do, lse2, _delta(o, do, h, w), dq, dk, do1, h, w, "cols",
                        accumulate=False, with_dlg=with_dlg)
+        if grad_o1 is not None:
+            do1 = do1 + grad_o1.to(do1.dtype)
         g1 = _bwd_pass(q, k, v, lg, sc, do1, lse1, _delta(o1, do1, h, w), dq, dk, dv, h, w, "rows",
                        accumulate=True, with_dlg=with_dlg)
         if with_dlg:
@@ -547,7 +623,7 @@ def decay_attention_decomposed_backward(
 
 
 @decay_attention_decomposed_backward.register_fake
-def _(do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg):
+def _(do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg, grad_o1=None):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), log_gamma.new_empty(log_gamma.shape)
 
 
@@ -556,14 +632,18 @@ def _decomposed_setup(ctx, inputs, output):
     o, o1, lse1, lse2 = output
     ctx.save_for_backward(q, k, v, log_gamma, o, o1, lse1, lse2)
     ctx.args = (h, w, scale)
+    ctx.mark_non_differentiable(lse1, lse2)  # softmax statistics saved for the backward, not results
 
 
 def _decomposed_grad(ctx, do, do1, dlse1, dlse2):
+    """Backward of ``(out, row_out, row_lse, col_lse)``: gradients of ``out`` and of ``row_out`` (``do1``) both count."""
     q, k, v, log_gamma, o, o1, lse1, lse2 = ctx.saved_tensors
     h, w, scale = ctx.args
     with_dlg = bool(ctx.needs_input_grad[3])
+    if do is None:
+        do = torch.zeros_like(o)
     dq, dk, dv, dlg = torch.ops.fusionblocks.decay_attention_decomposed_backward(
-        do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg
+        do, q, k, v, log_gamma, o, o1, lse1, lse2, h, w, scale, with_dlg, do1
     )
     return dq, dk, dv, (dlg if with_dlg else None), None, None, None
 
@@ -581,9 +661,16 @@ def _check(q, k, v, log_gamma, *, hw, mode, scale, auto: bool = False) -> List[s
     if d > SUPPORTED_MAX_HEAD_DIM:
         reasons.append(f"head dim {d} > {SUPPORTED_MAX_HEAD_DIM} is not supported")
     h, w = hw
-    lines = 1 if mode == "full" else max(h, w)
-    if q.shape[0] * q.shape[1] * lines > _MAX_GRID_Y:
-        reasons.append(f"B*heads*lines = {q.shape[0] * q.shape[1] * lines} exceeds the launch grid limit {_MAX_GRID_Y}")
+    if q.shape[0] * q.shape[1] * h * w > MAX_PROGRAMS:
+        reasons.append(f"B*heads*H*W = {q.shape[0] * q.shape[1] * h * w} exceeds the launch grid limit {MAX_PROGRAMS}")
+    if q.device.type == "cuda" and not reasons:
+        for n_ctx in ((h * w,) if mode == "full" else (w, h)):
+            for backward in (False, True):
+                try:
+                    _config(n_ctx, d, backward, q.dtype, shared_limit=max_shared_bytes(q.device))
+                except ValueError as e:
+                    reasons.append(str(e))
+                    return reasons
     return reasons
 
 

@@ -1,15 +1,19 @@
 """Triton shifted-window attention (Swin W-MSA / SW-MSA with relative-position bias), forward and backward.
 
-One program handles one ``ws x ws`` window of one (batch, head): the cyclic shift, the window
-partition and its reverse are address arithmetic on the loads and the store, the relative-position
-bias is gathered from the ``((2ws-1)**2, heads)`` table inside the kernel, and the -100 shift mask is
-computed from token coordinates. Nothing of size ``(nW, L, L)`` (``L = ws*ws``) is ever stored; the
+One program handles one ``ws x ws`` window of one (batch, head), on a 1-D grid (any batch: CUDA's
+grid y/z stop at 65535): the cyclic shift, the window partition and its reverse are address
+arithmetic on the loads and the store, the relative-position bias is gathered from the
+``((2ws-1)**2, heads)`` table once per call into a dense ``(heads, L, L)`` float32 tensor that every
+program reads without index math, and the -100 shift mask is computed from token coordinates. The
+map size ``H, W`` is a compile-time constant (one compile per stage), so the shift's modulo and the
+window decomposition are divisions by constants. Nothing of size ``(nW, L, L)`` (``L = ws*ws``) is ever stored; the
 forward saves only the per-row log-sum-exp ``(B, heads, H*W)`` in float32 for the backward.
 
 The backward recomputes the scores. Each backward program walks a run of windows of one head and
 sums ``dS`` over them in registers; the per-program ``(L, L)`` sums (a few hundred programs, not one
-per window) are reduced on the host and scattered into ``d(bias_table)`` through the relative
-position index, so the bias gradient is deterministic and free of atomics.
+per window) are summed on the host and reduced into ``d(bias_table)`` by a padded segment sum over
+the relative position index (a gather and a sum in a fixed order, no ``index_add_``), so the bias
+gradient is deterministic and free of atomics.
 
 The ops are registered with ``torch.library`` as ``fusionblocks::window_attention_fwd`` /
 ``fusionblocks::window_attention_bwd`` (custom ops with fake kernels and autograd; calls that need no
@@ -31,7 +35,8 @@ import triton.language as tl
 
 from ..dispatch import register_backend
 from ..reference import relative_position_index
-from ._common import acc_dtype_of, compile_spec, device_reasons, lazy_jit, next_pow2, triton_built_interpreted, triton_ptr_type
+from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
+                      triton_built_interpreted, triton_ptr_type)
 
 __all__ = ["window_attention_triton", "check_window_triton", "MIN_WINDOW", "MAX_WINDOW", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
@@ -51,24 +56,27 @@ def _interpreting() -> bool:
 
 @lazy_jit
 def _window_fwd_kernel(
-    Q, K, V, TABLE, O, LSE,
+    Q, K, V, BIAS, O, LSE,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
-    stt, sth,
     sob, soh, son, sod,
-    NH, H, W, NWX, scale,
-    D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
+    NH, scale,
+    H: tl.constexpr, W: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    pid_w = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # one program per (batch, head, window) on a 1-D grid (2**31 - 1 programs; grid y/z stop at 65535)
+    NWX: tl.constexpr = W // WS
+    NWIN: tl.constexpr = (H // WS) * NWX
+    L: tl.constexpr = WS * WS
+    pid = tl.program_id(0)
+    pid_bh = pid // NWIN
+    pid_w = pid % NWIN
     b = pid_bh // NH
     hd = pid_bh % NH
     wy = pid_w // NWX
     wx = pid_w % NWX
-    L: tl.constexpr = WS * WS
 
     i = tl.arange(0, BLOCK_L)
     r = i // WS
@@ -88,10 +96,9 @@ def _window_fwd_kernel(
     v = tl.load(V + b64 * svb + h64 * svh + tok[:, None] * svn + d[None, :] * svd, mask=m2, other=0.0)
 
     s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
-    if HAS_BIAS:
-        idx = (r[:, None] - r[None, :] + WS - 1) * (2 * WS - 1) + (c[:, None] - c[None, :] + WS - 1)
+    if HAS_BIAS:  # (heads, L, L), gathered from the table once per call
         pair = valid[:, None] & valid[None, :]
-        bias = tl.load(TABLE + idx * stt + hd * sth, mask=pair, other=0.0)
+        bias = tl.load(BIAS + (h64 * L + i[:, None]) * L + i[None, :], mask=pair, other=0.0)
         s = s + bias.to(ACC)
     if SHIFT > 0:
         ys = wy * WS + r
@@ -109,26 +116,27 @@ def _window_fwd_kernel(
     tl.store(O + b64 * sob + h64 * soh + tok[:, None] * son + d[None, :] * sod, o.to(O.dtype.element_ty), mask=m2)
     if STORE_LSE:
         lse = m + tl.log(den)
-        tl.store(LSE + pid_bh.to(tl.int64) * H * W + tok, lse.to(LSE.dtype.element_ty), mask=valid)
+        tl.store(LSE + pid_bh.to(tl.int64) * (H * W) + tok, lse.to(LSE.dtype.element_ty), mask=valid)
 
 
 @lazy_jit
 def _window_bwd_kernel(
-    Q, K, V, O, DO, LSE, TABLE, DQ, DK, DV, DB,
+    Q, K, V, O, DO, LSE, BIAS, DQ, DK, DV, DB,
     sqb, sqh, sqn, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, son, sod,
     sdb, sdh, sdn, sdd,
-    stt, sth,
-    NH, H, W, NWX, NWIN, WPP, scale,
-    D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
+    NH, NWIN, WPP, scale,
+    H: tl.constexpr, W: tl.constexpr, D: tl.constexpr, WS: tl.constexpr, SHIFT: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     hd = tl.program_id(0)
     pid_c = tl.program_id(1)
     L: tl.constexpr = WS * WS
+    NWX: tl.constexpr = W // WS
+    NWIN_B: tl.constexpr = (H // WS) * NWX
 
     i = tl.arange(0, BLOCK_L)
     r = i // WS
@@ -140,15 +148,14 @@ def _window_bwd_kernel(
     h64 = hd.to(tl.int64)
     pair = valid[:, None] & valid[None, :]
     if HAS_BIAS:
-        idx = (r[:, None] - r[None, :] + WS - 1) * (2 * WS - 1) + (c[:, None] - c[None, :] + WS - 1)
-        bias = tl.load(TABLE + idx * stt + hd * sth, mask=pair, other=0.0).to(ACC)
+        bias = tl.load(BIAS + (h64 * L + i[:, None]) * L + i[None, :], mask=pair, other=0.0).to(ACC)
     dbias = tl.zeros([BLOCK_L, BLOCK_L], dtype=ACC)
 
     start = pid_c * WPP
     end = tl.minimum(start + WPP, NWIN)
     for t in range(start, end):
-        b = t // (H // WS * NWX)
-        wid = t % (H // WS * NWX)
+        b = t // NWIN_B
+        wid = t % NWIN_B
         wy = wid // NWX
         wx = wid % NWX
         y = (wy * WS + r + SHIFT) % H
@@ -161,7 +168,7 @@ def _window_bwd_kernel(
         v = tl.load(V + b64 * svb + h64 * svh + tok[:, None] * svn + d[None, :] * svd, mask=m2, other=0.0)
         o = tl.load(O + b64 * sob + h64 * soh + tok[:, None] * son + d[None, :] * sod, mask=m2, other=0.0)
         do = tl.load(DO + b64 * sdb + h64 * sdh + tok[:, None] * sdn + d[None, :] * sdd, mask=m2, other=0.0)
-        lse = tl.load(LSE + (b64 * NH + h64) * H * W + tok, mask=valid, other=0.0)
+        lse = tl.load(LSE + (b64 * NH + h64) * (H * W) + tok, mask=valid, other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
         if HAS_BIAS:
@@ -184,7 +191,7 @@ def _window_bwd_kernel(
         dsq = ds.to(q.dtype)
         dq = tl.dot(dsq, k, input_precision=PREC, out_dtype=ACC) * scale
         dk = tl.dot(tl.trans(dsq), q, input_precision=PREC, out_dtype=ACC) * scale
-        base = (b64 * NH + h64) * H * W * D
+        base = (b64 * NH + h64) * (H * W * D)
         optr = base + tok[:, None] * D + d[None, :]
         tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=m2)
         tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=m2)
@@ -198,6 +205,37 @@ def _window_bwd_kernel(
 @functools.lru_cache(maxsize=32)
 def _rel_index(ws: int, device: torch.device) -> torch.Tensor:
     return relative_position_index(ws, device).reshape(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _table_segments(ws: int, device: torch.device) -> torch.Tensor:
+    """``((2ws-1)**2, ws*ws)`` int64: for every bias-table row, the flat ``(i, j)`` pairs of a window that read it.
+
+    A row ``(dy, dx)`` is read by ``(ws - |dy|) * (ws - |dx|)`` pairs; shorter lists are padded with
+    ``L*L`` (a zero row appended to the pair sums). Summing the gathered rows along dim 1 reduces the
+    pair gradients into the table in a fixed order: deterministic, unlike ``index_add_`` (atomics on CUDA).
+    """
+    idx = relative_position_index(ws, "cpu").reshape(-1)
+    n_rows, n_pairs = (2 * ws - 1) ** 2, ws * ws * ws * ws
+    order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    seg = torch.full((n_rows, ws * ws), n_pairs, dtype=torch.int64)
+    rank = torch.arange(n_pairs) - starts[idx[order]]
+    seg[idx[order], rank] = order
+    return seg.to(device)
+
+
+def _dense_bias(table: torch.Tensor, ws: int, acc: torch.dtype) -> torch.Tensor:
+    """The table gathered once per call into ``(heads, L, L)`` contiguous ``acc``: the kernels load it without index math."""
+    big_l = ws * ws
+    return table.detach().to(acc)[_rel_index(ws, table.device)].t().reshape(table.shape[1], big_l, big_l).contiguous()
+
+
+def _table_grad(pair: torch.Tensor, ws: int) -> torch.Tensor:
+    """``(heads, L*L)`` per-pair bias gradients -> ``((2ws-1)**2, heads)`` table gradient, deterministically."""
+    rows = torch.cat([pair.t(), pair.new_zeros((1, pair.shape[0]))])  # (L*L + 1, heads); the last row pads
+    return rows[_table_segments(ws, pair.device)].sum(1)
 
 
 def _config(dtype: torch.dtype, d: int, ws: int, backward: bool) -> dict:
@@ -219,20 +257,39 @@ def _num_warps(block_l: int, block_d: int, dtype: torch.dtype, backward: bool) -
     return 4 if block_l <= 32 else 8
 
 
-def gpu_reasons(dtype: torch.dtype, d: int, ws: int) -> List[str]:
-    """Reasons the kernels cannot run ``dtype`` windows of ``ws`` with head dim ``d`` on an sm_90 GPU.
+def shared_estimate(dtype: torch.dtype, d: int, ws: int, backward: bool) -> int:
+    """Upper bound on the shared memory (bytes per block) of the kernel for ``dtype``, head dim ``d``, window ``ws``.
+
+    One float32 ``L x L`` score tile for layout conversions plus three (forward) or five (backward)
+    ``L x D`` operand tiles (``L``, ``D`` padded to powers of two). Calibrated as an upper bound on
+    cross-compiles for sm_80 and sm_90; ``tests/ops/test_triton_aot.py`` checks it against every
+    compiled configuration.
+    """
+    cfg = _config(dtype, d, ws, backward)
+    big_l, block_d = cfg["BLOCK_L"], cfg["BLOCK_D"]
+    e = torch.empty((), dtype=dtype).element_size()
+    return 4 * big_l * big_l + (5 if backward else 3) * e * big_l * block_d
+
+
+def gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int] = None) -> List[str]:
+    """Reasons the kernels cannot run ``dtype`` windows of ``ws`` with head dim ``d`` on a GPU.
 
     One program holds a whole ``ws*ws`` window (padded to a power of two) in registers and shared
-    memory. sm_90 cross-compiles: window 12 (256-token tiles) needs 272-320 KB of shared memory in
-    16-bit, over the 227 KB per block; float32 (IEEE dots on FMA units) backward at ws 6-8 with head
-    dim 65-128 needed 337 KB and spilled 2848 registers (at 3 stages), and at ws 9-11 spills even
-    the forward, so float32 is limited to window 8 and head dim 64.
+    memory, so a window whose :func:`shared_estimate` (forward or backward) exceeds ``shared_limit``
+    (bytes per block, the device's opt-in limit; ``None``: sm_90's 227 KB) cannot run: on sm_90,
+    window 12 (256-token tiles); on sm_86/89 (99 KB) and the T4 (64 KB) also smaller windows and
+    head dims. float32 (IEEE dots on FMA units) is limited to window 8 and head dim 64: sm_90
+    cross-compiles of the backward at ws 6-8 with head dim 65-128 needed 337 KB and spilled 2848
+    registers (at 3 stages), and at ws 9-11 even the forward spills.
     """
     if dtype == torch.float32 and (ws * ws > 64 or d > 64):
-        return [f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (shared memory), "
+        return [f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (registers), "
                 f"got window_size {ws}, head dim {d}; use float16/bfloat16"]
-    if ws * ws > 128:
-        return [f"window_size {ws} needs more than the 227 KB of shared memory per block on GPU (max 11)"]
+    limit = SM90_MAX_SHARED if shared_limit is None else shared_limit
+    need = max(shared_estimate(dtype, d, ws, False), shared_estimate(dtype, d, ws, True))
+    if need > limit:
+        return [f"window_size {ws} with head dim {d} in {str(dtype).replace('torch.', '')} needs about {need // 1024} KB "
+                f"of shared memory per block (forward and backward), over this GPU's {limit // 1024} KB"]
     return []
 
 
@@ -241,21 +298,28 @@ def gpu_reasons(dtype: torch.dtype, d: int, ws: int) -> List[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_PROGRAMS = 2**31 - 1
+"""Programs of a 1-D launch grid (CUDA's grid x limit)."""
+
+
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fwd_launch(q, k, v, table, h, w, ws, shift, scale, store_lse: bool = True):
     b, nh, n, d = q.shape
     out = torch.empty((b, nh, n, d), device=q.device, dtype=q.dtype)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((b, nh, n) if store_lse else (0,), device=q.device, dtype=lse_dtype)
+    acc = _acc_torch(q.dtype)
+    lse = torch.empty((b, nh, n) if store_lse else (0,), device=q.device, dtype=acc)
     cfg = _config(q.dtype, d, ws, backward=False)
     has_bias = table is not None
-    tab = table if has_bias else q
-    st = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
-    grid = ((h // ws) * (w // ws), b * nh)
+    bias = _dense_bias(table, ws, acc) if has_bias else lse
+    grid = (b * nh * (h // ws) * (w // ws),)
     _window_fwd_kernel[grid](
-        q, k, v, tab, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *st, *out.stride(),
-        nh, h, w, w // ws, float(scale),
-        D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, STORE_LSE=store_lse, **cfg,
+        q, k, v, bias, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        nh, float(scale),
+        H=h, W=w, D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, STORE_LSE=store_lse, **cfg,
     )
     return out, lse
 
@@ -279,27 +343,24 @@ def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optio
     wpp = wpp or _windows_per_program(n_windows, nh, q.device)
     chunks = triton.cdiv(n_windows, wpp)
     has_bias = table is not None
-    part_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = _acc_torch(q.dtype)
     big_l = ws * ws
-    part = torch.empty((chunks, nh, big_l, big_l) if has_bias else (1,), device=q.device, dtype=part_dtype)
-    tab = table if has_bias else q
-    st = (table.stride(0), table.stride(1)) if has_bias else (0, 0)
+    part = torch.empty((chunks, nh, big_l, big_l) if has_bias else (1,), device=q.device, dtype=acc)
+    bias = _dense_bias(table, ws, acc) if has_bias else part
     _window_bwd_kernel[(nh, chunks)](
-        q, k, v, out, do, lse, tab, dq, dk, dv, part,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *st,
-        nh, h, w, w // ws, n_windows, wpp, float(scale),
-        D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, **cfg,
+        q, k, v, out, do, lse, bias, dq, dk, dv, part,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(),
+        nh, n_windows, wpp, float(scale),
+        H=h, W=w, D=d, WS=ws, SHIFT=shift, HAS_BIAS=has_bias, **cfg,
     )
     if not has_bias:
         return dq, dk, dv, q.new_empty((0,))
-    pair = part.sum(0).reshape(nh, big_l * big_l).t()
-    dtable = torch.zeros(((2 * ws - 1) ** 2, nh), device=q.device, dtype=part_dtype)
-    dtable.index_add_(0, _rel_index(ws, q.device), pair)
+    dtable = _table_grad(part.sum(0).reshape(nh, big_l * big_l), ws)
     return dq, dk, dv, dtable.to(table.dtype)
 
 
-_IO_ARGS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "TABLE"})
-_F32_PTRS = frozenset({"LSE", "DB"})
+_IO_ARGS = frozenset({"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"})
+_F32_PTRS = frozenset({"LSE", "DB", "BIAS"})
 _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -311,7 +372,7 @@ def _signature(kernel: str, dtype: torch.dtype) -> dict:
             for a in args}
 
 
-def compile_specs(all_flags: bool = False) -> List[dict]:
+def compile_specs(all_flags: bool = False, shared_limit: Optional[int] = None) -> List[dict]:
     """The distinct kernel configurations :func:`_config` chooses on a GPU, for ``_common.cross_compile``.
 
     Runs every dtype (float32, float16, bfloat16), window size, shift and head dim the backend accepts
@@ -327,7 +388,7 @@ def compile_specs(all_flags: bool = False) -> List[dict]:
     for dtype in _GPU_DTYPES:
         for ws in range(MIN_WINDOW, MAX_WINDOW + 1):
             for d in range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1):
-                if gpu_reasons(dtype, d, ws):
+                if gpu_reasons(dtype, d, ws, shared_limit):
                     continue
                 for kernel, backward, lse in (("_window_fwd_kernel", False, True), ("_window_fwd_kernel", False, False),
                                               ("_window_bwd_kernel", True, None)):
@@ -341,7 +402,8 @@ def compile_specs(all_flags: bool = False) -> List[dict]:
     for (kernel, lse, dtype, bias, shifted, _), g in groups.items():
         ws, d, cfg = max(g["ws"]), max(g["d"]), dict(g["cfg"])
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages", 3))
-        consts = dict(D=d, WS=ws, SHIFT=ws // 2 if shifted else 0, HAS_BIAS=bias, **cfg)
+        # H and W are constexprs (compiled once per map size); 8 windows a side stands for them here
+        consts = dict(H=8 * ws, W=8 * ws, D=d, WS=ws, SHIFT=ws // 2 if shifted else 0, HAS_BIAS=bias, **cfg)
         name = "fwd" if lse is None or lse else "infer"
         if kernel == "_window_bwd_kernel":
             name = "bwd"
@@ -410,6 +472,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, bias_table)
     ctx.cfg = (h, w, window_size, shift, scale)
     ctx.has_bias = bias_table is not None
+    ctx.mark_non_differentiable(lse)  # the softmax statistic saved for the backward, not a result
 
 
 def _backward(ctx, grad_out, grad_lse):
@@ -432,7 +495,10 @@ def check_window_triton(q, k, v, bias_table, *, hw, window_size, shift, scale, a
     """Reasons the Triton backend cannot run this (validated) call; empty when it can."""
     reasons = device_reasons(q, auto=auto, what="triton window_attention")
     if q.device.type == "cuda" and not reasons:
-        reasons += gpu_reasons(q.dtype, q.shape[-1], window_size)
+        reasons += gpu_reasons(q.dtype, q.shape[-1], window_size, max_shared_bytes(q.device))
+    programs = q.shape[0] * q.shape[1] * (hw[0] // window_size) * (hw[1] // window_size)
+    if programs > MAX_PROGRAMS:
+        reasons.append(f"B*heads*windows = {programs} exceeds the launch grid limit {MAX_PROGRAMS}")
     if not MIN_WINDOW <= window_size <= MAX_WINDOW:
         reasons.append(f"window_size {window_size} outside the supported {MIN_WINDOW}..{MAX_WINDOW}")
     d = q.shape[-1]

@@ -1,0 +1,94 @@
+"""``benchmarks/gpu_check.sh`` (issue 12's one command for a GPU machine) cannot rot between GPU runs.
+
+Runs its ``--quick`` dry run on this CPU: every stage (build, tests, kernels, models) and every code
+path (records with throughput fields, the determinism check, the summary), tiny shapes, the Triton
+interpreter where Triton is installed. One run, shared by the checks below.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fusionblocks import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = ("build", "tests", "kernels", "models")
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check") / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out), "--quick"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    return r, out
+
+
+def test_every_stage_runs_and_passes(dry_run):
+    r, out = dry_run
+    assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    summary = (out / "summary.md").read_text()
+    for stage in STAGES:
+        assert f"| {stage} | ok" in summary, summary[:2000]
+        assert (out / "logs" / f"{stage}.log").stat().st_size > 0
+
+
+def test_outdir_stays_within_what_comes_back(dry_run):
+    _, out = dry_run
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert 0 < len(files) <= 8, files
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files), files  # at most two folders deep
+    assert not [p for p in files if p.name.endswith(".tmp.json")]
+
+
+def test_records_are_valid_with_throughput_and_versions(dry_run):
+    _, out = dry_run
+    kernels = json.loads((out / "kernels.json").read_text())
+    models = json.loads((out / "models.json").read_text())
+    bench.validate_records(kernels)
+    bench.validate_records(models)
+    measured = [r for r in kernels if r["ms"] is not None]
+    assert {r["op"] for r in measured} == {"window_attention", "decay_attention_full"}
+    assert {r["impl"] for r in measured} >= {"reference", "sdpa"}
+    assert {r["pass"] for r in measured} == {"fwd", "fwd+bwd"}
+    for r in measured:
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["io_mb"] > 0 and "hbm_share" not in r  # no peak known for a CPU
+        assert r["torch"] and "triton" in r and r["device"].startswith("CPU")
+    assert [r["op"] for r in models] == ["train_step"] and models[0]["shape"]["model"] == "hifuse_tiny"
+    assert models[0]["img_per_s"] > 0
+
+
+def test_determinism_is_checked_and_reported(dry_run):
+    _, out = dry_run
+    rows = json.loads((out / "determinism.json").read_text())
+    assert {r["op"] for r in rows} == {"window_attention", "decay_attention_full"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["bitwise_identical"] is True and r["max_abs_diff_between_runs"] == 0.0
+        assert all(v < 1e-4 * max(1.0, r["grad_scale"][k]) for k, v in r["max_abs_err_vs_float64"].items()), r
+    summary = (out / "summary.md").read_text()
+    assert "## Determinism" in summary and "| yes |" in summary
+    assert "To try next" in summary
+
+
+def test_hbm_peak_table_and_flop_convention():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    assert gpu_check.hbm_peak("NVIDIA H200") == 4800.0
+    assert gpu_check.hbm_peak("NVIDIA H100 80GB HBM3") == 3350.0
+    assert gpu_check.hbm_peak("CPU AMD EPYC") is None
+    rec = bench.make_record("window_attention", "triton", dict(B=1, heads=1, H=7, W=7, D=32, ws=7, shift=0),
+                            "bfloat16", "fwd", 1.0, None, "NVIDIA H200")
+    gpu_check.add_throughput([rec], 4800.0)
+    flops = 4 * 49 * 49 * 32  # two matmuls of 49 queries x 49 keys x 32
+    assert rec["tflops"] == pytest.approx(flops / 1e-3 / 1e12)
+    assert rec["gbps"] == pytest.approx(4 * 49 * 32 * 2 / 1e-3 / 1e9)
+    assert rec["hbm_share"] == pytest.approx(rec["gbps"] / 4800.0)
+
+
+def test_usage_error_without_outdir():
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
