@@ -64,7 +64,7 @@ def test_hemf_official_loading_is_strict():
     sd = official_state_dict(record)
     missing = dict(sd)
     del missing["stages2.2.VRC.1.k_proj.bias"]
-    with pytest.raises(KeyError, match=r"global_branch\.stages\.2\.blocks\.attn\.1\.k_proj\.bias"):
+    with pytest.raises(KeyError, match=r"missing official keys \(1\): \['stages2\.2\.VRC\.1\.k_proj\.bias'\]"):
         model.load_official_state_dict(missing)
     extra = dict(sd)
     extra["stages2.0.VRC.3.q_proj.weight"] = torch.zeros(96, 96)

@@ -99,7 +99,7 @@ def test_official_state_dict_missing_key_is_named(tiny_and_official_keys):
     m, sd = tiny_and_official_keys
     sd = dict(sd)
     del sd["layers3.blocks.1.attn.qkv.weight"]
-    with pytest.raises(KeyError, match=r"HiFuse.*missing.*global_branch\.stages\.2\.blocks\.1\.attn\.qkv\.weight"):
+    with pytest.raises(KeyError, match=r"HiFuse.*missing official keys \(1\): \['layers3\.blocks\.1\.attn\.qkv\.weight'\]"):
         m.load_official_state_dict(sd)
 
 
