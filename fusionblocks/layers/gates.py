@@ -61,7 +61,7 @@ class SpatialAttn(nn.Module):
 
     The default (``order="avg_max"``, ``norm=False``: conv straight into the sigmoid) is HEMF's official gate.
     It is not the usual CBAM spatial gate: timm's ``timm.layers.SpatialAttn`` pools ``[avg, max]`` and puts a
-    BatchNorm after the conv, and the widely used CBAM code (Park/Woo et al.'s ``attention-module``) pools
+    BatchNorm after the conv, and the widely used CBAM code of the paper's authors (``Jongchan/attention-module``) pools
     ``[max, avg]`` with a BatchNorm after the conv (that is HiFuse's gate, ``order="max_avg", norm=True``).
     For timm's gate use ``SpatialAttn(7, order="avg_max", norm=True)``.
     """
