@@ -63,6 +63,7 @@ class HEMF(FusionNet):
     """
 
     official_source = "Esgjgd/HEMF main_model"
+    cfg_extra = {"origin_url": "https://github.com/Esgjgd/HEMF"}
 
     def __init__(
         self,
@@ -136,3 +137,7 @@ class HEMF(FusionNet):
 def hemf(num_classes: int = 1000, **kwargs) -> HEMF:
     """The official HEMF: ELF depths (4,4,4,4), EGF depths (3,3,3,3), dims 96-192-384-768, 8 heads."""
     return HEMF((4, 4, 4, 4), (3, 3, 3, 3), num_classes=num_classes, **kwargs)
+
+
+#: timm-style ``pretrained_cfg`` of the registered model (the data config of the ``hifuse`` recipe)
+default_cfgs = {"hemf": dict(HEMF.data_cfg(), architecture="hemf")}
