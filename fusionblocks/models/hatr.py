@@ -353,7 +353,7 @@ class HATR(ModelContract, nn.Module):
             "stem": r"^backbone\.(?:conv1|bn1)\.",
             "backbone": r"^backbone\.layer(\d+)\.",
             "bridge": r"^(?:reduce|tokenizer|weighting|cls_token|pos_embed)",
-            "blocks": r"^blocks\.(\d+)\." if coarse else [(r"^blocks\.(\d+)\.", None), (r"^norm\.", (99999,))],
+            "blocks": [(r"^blocks\.(\d+)\.", None), (r"^norm\.", (99999,))],  # one block per group either way
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
