@@ -30,7 +30,6 @@ __all__ = ["HiFuse", "PatchEmbed", "hifuse_tiny", "hifuse_small", "hifuse_base"]
 
 
 
-
 class PatchEmbed(nn.Module):
     """Swin patch embedding: ``Conv2d(in_chans, dim, p, stride p)`` then ``LayerNorm(dim)`` over channels.
 
