@@ -54,7 +54,7 @@ class HEMF(FusionNet):
         fusion_kwargs: extra options of every :class:`HEF` (paper variants, e.g. ``depthwise=True``).
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``; ``forward_intermediates`` gives the four HEF outputs
-    ``(B, dims[i], H/4/2**i, W/4/2**i)`` (of the input padded to multiples of 32).
+    ``(B, dims[i], ceil(H / s), ceil(W / s))`` at strides ``s = 4 * 2**i`` (the cells that cover the input).
 
     Official checkpoints: :meth:`load_official_state_dict` loads an ``Esgjgd/HEMF`` ``main_model`` state_dict
     strictly. Dropped official keys: ``stages2.*.RetNetRelPos2d.{angle,decay}`` (constants of the config,
