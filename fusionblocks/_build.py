@@ -2,7 +2,8 @@
 
 ``pip -q`` hides the build's output when the build succeeds, so a CUDA build that could not be configured or
 failed (and fell back to the CPU-only extension) would go unnoticed; the note carries the reason to run time,
-where the ``cuda`` backend's reasons (``fusionblocks.ops.explain``, ``fusionblocks info``) include it.
+where the ``cuda`` backend's reasons (``fusionblocks.ops.explain``, ``fusionblocks info``) include it
+(``fusionblocks.ops.cuda`` reads it once, at import).
 """
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ def test_cuda_reason_names_why_the_build_left_cuda_out(tmp_path, monkeypatch):
     monkeypatch.setattr(build, "NOTE", str(note))
     assert build.build_note()["cuda"] is False
     assert build.why_no_cuda() == " (a CUDA torch and nvcc were found but the CUDA build cannot be configured: no GPU is visible)"
+    monkeypatch.setattr(cuda, "_BUILD_REASON", build.why_no_cuda())  # what cuda.py reads at import
     q = torch.randn(1, 2, 49, 8)
     reasons = ops.explain("window_attention", q, q, q, torch.zeros(169, 2), hw=(7, 7), window_size=7, shift=0, scale=None)["cuda"]
     if cpp.available() and not cuda.available():  # CI builds _C (and checks it) without CUDA
