@@ -54,3 +54,19 @@ def make_input(spec: Any) -> Any:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max|a - b| / max|b|``: the parity measure (must be <= 1e-5)."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def max_ulp(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between ``a`` and ``b`` in float32 units in the last place (0: bit-identical).
+
+    For values computed here against fixtures computed on another machine: two implementations of
+    ``log``/``pow`` that are each within 1 ULP of the exact result can be 2 ULP apart (glibc, SLEEF and
+    torch's vectorized kernels differ between CPUs, e.g. AVX-512 Intel vs AVX2 AMD, and between versions).
+    """
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+
+    def ordered(t: torch.Tensor) -> torch.Tensor:
+        i = t.contiguous().view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)  # monotone in the float's value; +0 == -0
+
+    return int((ordered(a) - ordered(b)).abs().max().item()) if a.numel() else 0

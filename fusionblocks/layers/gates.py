@@ -58,6 +58,12 @@ class SpatialAttn(nn.Module):
         bias: conv bias (False in every official model).
 
     Shapes: ``forward: (B, C, H, W) -> (B, C, H, W)``; ``gate: (B, C, H, W) -> (B, 1, H, W)``.
+
+    The default (``order="avg_max"``, ``norm=False``: conv straight into the sigmoid) is HEMF's official gate.
+    It is not the usual CBAM spatial gate: timm's ``timm.layers.SpatialAttn`` pools ``[avg, max]`` and puts a
+    BatchNorm after the conv, and the widely used CBAM code of the paper's authors (``Jongchan/attention-module``) pools
+    ``[max, avg]`` with a BatchNorm after the conv (that is HiFuse's gate, ``order="max_avg", norm=True``).
+    For timm's gate use ``SpatialAttn(7, order="avg_max", norm=True)``.
     """
 
     def __init__(self, kernel_size: int = 7, *, order: str = "avg_max", norm: bool = False, bias: bool = False):

@@ -18,6 +18,22 @@ def _conv_out(n: int, kernel: int, stride: int, padding: int) -> int:
     return (n + 2 * padding - kernel) // stride + 1
 
 
+def _run_layers(net: nn.Module, x: torch.Tensor, stop: Optional[int]) -> List[torch.Tensor]:
+    n = len(net.feature_info)
+    feats = []
+    for i in range(n if stop is None else min(stop + 1, n)):
+        x = getattr(net, f"layer{i + 1}")(x)
+        feats.append(x)
+    return feats
+
+
+def _prune_layers(net: nn.Module, max_index: int) -> None:
+    for i in range(max_index + 1, len(net.feature_info)):
+        delattr(net, f"layer{i + 1}")
+    net.feature_info = net.feature_info[: max_index + 1]
+    net.num_features = net.feature_info[-1]["num_chs"]
+
+
 def _init_convs(module: nn.Module) -> None:
     """torchvision's ResNet init: Kaiming-normal (fan out, ReLU) for every conv weight."""
     for m in module.modules():
@@ -113,18 +129,18 @@ class ResNet50(nn.Module):
 
         return one(height), one(width)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """``layer1..layer4`` outputs, NCHW, strides 4/8/16/32."""
+    def forward_intermediates(self, x: torch.Tensor, stop: Optional[int] = None) -> List[torch.Tensor]:
+        """``layer1..layer4`` outputs (up to ``layer{stop + 1}``), NCHW, strides 4/8/16/32."""
         expect_nchw(type(self).__name__, "x", x, self.in_chans)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
-            feats.append(x)
-        return feats
+        return _run_layers(self, x, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x)[-1]
+
+    def prune(self, max_index: int) -> None:
+        """Remove the layers after ``layer{max_index + 1}`` (and their ``feature_info``)."""
+        _prune_layers(self, max_index)
 
     def load_torchvision_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load a torchvision ``resnet50`` state_dict strictly, dropping ``fc.*``.
@@ -201,14 +217,14 @@ class Conv2DBackbone(nn.Module):
 
         return one(height), one(width)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """``layer1..layer3`` outputs, NCHW, strides 4/8/16."""
+    def forward_intermediates(self, x: torch.Tensor, stop: Optional[int] = None) -> List[torch.Tensor]:
+        """``layer1..layer3`` outputs (up to ``layer{stop + 1}``), NCHW, strides 4/8/16."""
         expect_nchw(type(self).__name__, "x", x, self.in_chans)
-        feats = []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            x = layer(x)
-            feats.append(x)
-        return feats
+        return _run_layers(self, x, stop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_intermediates(x)[-1]
+
+    def prune(self, max_index: int) -> None:
+        """Remove the layers after ``layer{max_index + 1}`` (and their ``feature_info``)."""
+        _prune_layers(self, max_index)

@@ -22,7 +22,7 @@ Convention (every module with an official counterpart follows it):
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -88,6 +88,85 @@ def convert_keys(
     return out
 
 
+def _template(pattern: str):
+    """``pattern`` as literal pieces and group numbers (``["fu1.", 1, ".weight"]``), or ``None`` when it holds
+    regex syntax outside its capturing groups (then it cannot be run backwards)."""
+    out: List[object] = []
+    lit, i, group = "", 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            if pattern[i + 1].isalnum():
+                return None
+            lit += pattern[i + 1]
+            i += 2
+        elif c == "(":
+            if pattern.startswith("(?", i):
+                return None
+            depth, j = 0, i
+            while j < len(pattern):
+                if pattern[j] == "\\":
+                    j += 2
+                    continue
+                depth += {"(": 1, ")": -1}.get(pattern[j], 0)
+                j += 1
+                if depth == 0:
+                    break
+            group += 1
+            out += [lit, group]
+            lit, i = "", j
+        elif c in ".^$*+?{}[]|)":
+            return None
+        else:
+            lit += c
+            i += 1
+    return out + [lit]
+
+
+def official_key_for(key: str, rules: Sequence[Rule], drop: Iterable[str] = ()) -> Optional[str]:
+    """The official key that ``rules`` map onto our ``key`` (the inverse of :func:`convert_keys` for one key), or
+    ``None`` when no official spelling can be derived. A key no rule renames is its own official name."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    dropped = [re.compile(p) for p in drop]
+
+    def forward(official: str) -> Optional[str]:
+        if any(d.fullmatch(official) for d in dropped):
+            return None
+        for pat, rep in compiled:
+            if pat.fullmatch(official):
+                return pat.sub(rep, official)
+        return official
+
+    candidates = []
+    for pat, rep in rules:
+        tpl = _template(pat)
+        if tpl is None:
+            continue
+        # the replacement as a regex: literals escaped, each group reference a named capture
+        parts = re.split(r"\\(\d+)", rep)
+        seen, rx = set(), ""
+        for j, part in enumerate(parts):
+            if j % 2 == 0:
+                rx += re.escape(part.replace("\\\\", "\\"))
+            elif part in seen:
+                rx += f"(?P=g{part})"
+            else:
+                seen.add(part)
+                rx += f"(?P<g{part}>.*?)"
+        m = re.fullmatch(rx, key)
+        if m is None:
+            continue
+        values = m.groupdict()
+        if any(isinstance(t, int) and f"g{t}" not in values for t in tpl):
+            continue
+        candidates.append("".join(str(values[f"g{t}"]) if isinstance(t, int) else t for t in tpl))
+    # the earliest rule first (rules run most specific first), the key's own name last
+    for official in candidates + [key]:
+        if forward(official) == key:
+            return official
+    return None
+
+
 def load_official(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -98,22 +177,41 @@ def load_official(
 ) -> None:
     """Load an official ``state_dict`` into ``model`` strictly after renaming by ``rules``.
 
+    A missing BatchNorm ``num_batches_tracked`` keeps the module's current value, as
+    ``nn.Module.load_state_dict`` does (it counts steps, it holds no weights).
+
     Raises:
         KeyError: a key of ``model`` has no official counterpart, or an official key maps to nothing
-            in ``model`` (both named, with the official spelling).
+            in ``model``. Both are named with the official spelling (the keys of ``state_dict``), in the
+            order of the official state_dict; a missing key is placed after the official key that comes
+            before it in ``model``.
         ValueError: a tensor's shape differs (named, expected and received).
     """
     name = type(model).__name__
+    drop = list(drop)
     mapped = convert_keys(state_dict, rules, drop)
     ours = model.state_dict()
-    missing = [k for k in ours if k not in mapped]
+    for k, v in ours.items():
+        if k not in mapped and k.endswith("num_batches_tracked"):
+            mapped[k] = (k, v)
+    file_pos = {official: i for i, official in enumerate(state_dict)}
+    missing, last = [], -1
+    for j, k in enumerate(ours):
+        if k in mapped:
+            last = file_pos.get(mapped[k][0], last)
+        else:
+            missing.append((last, j, k))
     unexpected = [official for k, (official, _) in mapped.items() if k not in ours]
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing official keys for {len(missing)} parameters/buffers: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            names = []
+            for _, _, k in sorted(missing):
+                official = official_key_for(k, rules, drop)
+                names.append(official if official is not None else f"{k} (fusionblocks name; no official spelling)")
+            parts.append(f"missing official keys ({len(names)}): {names[:8]}{' ...' if len(names) > 8 else ''}")
         if unexpected:
-            parts.append(f"unexpected {source} keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(f"unexpected official keys ({len(unexpected)}): {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
         raise KeyError(f"{name}.load_official_state_dict ({source}): " + "; ".join(parts))
     for k, (official, value) in mapped.items():
         if tuple(ours[k].shape) != tuple(value.shape):

@@ -9,8 +9,9 @@ With timm installed, ``import fusionblocks`` registers every model in timm's reg
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -58,22 +59,42 @@ class FeatureExtractor(nn.Module):
 
 
 def _timm_entrypoint(name: str):
-    from .registry import create_model
+    from .registry import create_model, default_cfg
 
-    def entry(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, features_only: bool = False,
-              out_indices: Sequence[int] = (0, 1, 2, 3), **kwargs):
+    def build(**kwargs) -> nn.Module:
+        device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+        stride = kwargs.pop("output_stride", None)
+        if stride not in (None, 32):
+            raise ValueError(f"{name}: expected output_stride 32 (no dilated variant exists), got {stride}")
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = create_model(name, **kwargs)
+        return model if dtype is None else model.to(dtype=dtype)
+
+    def entry(pretrained: bool = False, **kwargs):
         if pretrained:
             raise ValueError(
                 f"{name}: fusionblocks publishes no timm weights; load an official checkpoint with "
-                f"fusionblocks.create_model({name!r}, pretrained_official=PATH)"
+                f"fusionblocks.create_model({name!r}, pretrained_official=PATH) (with smp: encoder_weights=None)"
             )
-        model = create_model(name, **kwargs)
-        return FeatureExtractor(model, out_indices) if features_only else model
+        from timm.models import build_model_with_cfg
+
+        from .contract import adapt_cfg
+
+        if kwargs.get("pretrained_cfg") is None:  # this model's cfg for the channels/size asked for
+            kwargs["pretrained_cfg"] = adapt_cfg(default_cfg(name), kwargs.get("in_chans", 3), kwargs.get("img_size"))
+        # features_only: timm's FeatureGetterNet prunes the model to the levels asked for (all by default)
+        # and returns forward_intermediates(x, indices=..., intermediates_only=True)
+        return build_model_with_cfg(build, name, pretrained, feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__
     entry.__doc__ = f"fusionblocks {name} (see fusionblocks.create_model)."
     return entry
+
+
+#: read by timm's ``register_model`` (it looks up ``default_cfgs`` in the entry point's module), so that
+#: ``timm.models.get_pretrained_cfg(name)`` gives each model's data config
+default_cfgs: Dict[str, Dict[str, object]] = {}
 
 
 def register_with_timm() -> List[str]:
@@ -82,11 +103,12 @@ def register_with_timm() -> List[str]:
         return []
     from timm.models import is_model, register_model
 
-    from .registry import list_models
+    from .registry import default_cfg, list_models
 
     done = []
     for name in list_models():
         if not is_model(name):
+            default_cfgs[name] = default_cfg(name)
             register_model(_timm_entrypoint(name))
             done.append(name)
     return done

@@ -28,12 +28,21 @@ HiFuse and HEMF share (local branch ``downsample_layers``/``stages``, head ``con
 ``fu1..fu4``); subclasses implement :meth:`FusionNet.official_global_key_rules` for their global branch.
 
 Input sizes: any ``H, W >= 1``; sizes that are not multiples of ``pad_to`` are zero-padded at the
-bottom/right, so every map has ``ceil(H / 32) * 32 / stride`` rows (e.g. 100x76 -> fusion maps 32x24,
-16x12, 8x6, 4x3). At multiples of 32 (224 included) the network is the official function.
+bottom/right and the network runs on the padded frame. ``forward_intermediates`` crops each fusion map of the
+padded frame to the cells that cover the input, ``ceil(H / stride) x ceil(W / stride)``, so cell ``(r, c)`` of
+stride ``s`` covers input pixels ``[r*s, (r+1)*s)`` like the maps of any strided conv net (e.g. 100x76 -> fusion
+maps 25x19, 13x10, 7x5, 4x3; the padded frame's stride-32 map is never cropped, so classification sees exactly the
+padded network). At multiples of 32 (224 included) the network is the official function.
+
+The timm model contract (``pretrained_cfg``, ``get_classifier``, ``reset_classifier``, timm's
+``forward_intermediates`` signature, ``prune_intermediate_layers``, ``group_matcher``, ``no_weight_decay``) comes
+from :class:`~fusionblocks.models.contract.ModelContract`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import math
 
 import torch
 import torch.nn as nn
@@ -42,6 +51,7 @@ import torch.nn.functional as F
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
 from . import checkpointing
+from .contract import ModelContract, model_cfg
 from .convert import KeyRules, OfficialWeights, join_rules, prefix_rules
 
 __all__ = [
@@ -73,7 +83,9 @@ def expect_four(name: str, what: str, values: Sequence) -> tuple:
 
 def stage_drop_path_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:
     """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split into one list per stage."""
-    rates = torch.linspace(0, rate, sum(depths)).tolist()
+    n = sum(depths)
+    # computed without a tensor, so that the models also build on the meta device
+    rates = [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
     bounds = [sum(depths[:i]) for i in range(len(depths) + 1)]
     return [rates[a:b] for a, b in zip(bounds, bounds[1:])]
 
@@ -149,7 +161,7 @@ class ClassifierHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
-class FusionNet(OfficialWeights, nn.Module):
+class FusionNet(ModelContract, OfficialWeights, nn.Module):
     """Dual-branch (local CNN + global Transformer) network with hierarchical fusion; see the module docstring.
 
     Args:
@@ -166,6 +178,20 @@ class FusionNet(OfficialWeights, nn.Module):
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``.
     """
+
+    classifier_name = "head.fc"
+    global_pool_type = "avg"
+    #: the ``first_conv`` entries of ``pretrained_cfg`` (timm adapts them to other ``in_chans``)
+    first_convs: Tuple[str, ...] = ("local_branch.stem.0", "global_branch.stem.0")
+    cfg_extra: Dict[str, object] = {}
+
+    @classmethod
+    def data_cfg(cls, num_classes: int = 1000, in_chans: int = 3) -> Dict[str, object]:
+        """timm ``pretrained_cfg`` of this network: the data config of the ``hifuse`` recipe (HiFuse and HEMF)."""
+        return model_cfg(
+            "hifuse", num_classes=num_classes, first_conv=cls.first_convs, classifier=cls.classifier_name,
+            input_size=(in_chans, 224, 224), pool_size=(7, 7), **cls.cfg_extra,
+        )
 
     def __init__(
         self,
@@ -204,11 +230,7 @@ class FusionNet(OfficialWeights, nn.Module):
         self.feature_info: List[Dict[str, object]] = [
             {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"fusion.{i}"} for i in range(4)
         ]
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the final Linear (``0`` removes it)."""
-        self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_pretrained_cfg(type(self).data_cfg(num_classes, in_chans))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.in_chans)
@@ -221,21 +243,56 @@ class FusionNet(OfficialWeights, nn.Module):
         self.local_branch.grad_checkpointing = enable
         self.global_branch.grad_checkpointing = enable
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The four fusion outputs ``[(B, dims[i], H_i, W_i)]`` at strides 4, 8, 16, 32 (of the padded input)."""
+    def _run_levels(self, x: torch.Tensor, stop: int):
+        """Fusion outputs of stages ``0..stop``, each cropped to the ``ceil(H / s) x ceil(W / s)`` cells that
+        cover the input (stage ``i + 1`` runs on the uncropped padded map)."""
+        h, w = x.shape[-2:]
         x = self._pad(x)
-        ls = self.local_branch(x)
-        gs = self.global_branch(x)
+        lb, gb = self.local_branch, self.global_branch
+        l, g = lb.stem(x), gb.stem(x)
         outs: List[torch.Tensor] = []
         f: Optional[torch.Tensor] = None
-        for fuse, l, g in zip(self.fusion, ls, gs):
-            f = checkpointing.run(fuse, l, g, f, enabled=self.grad_checkpointing)
-            outs.append(f)
-        return outs
+        for i in range(stop + 1):
+            l = checkpointing.run(lb.stages[i], l, enabled=lb.grad_checkpointing)
+            g = checkpointing.run(gb.stages[i], g, enabled=gb.grad_checkpointing)
+            f = checkpointing.run(self.fusion[i], l, g, f, enabled=self.grad_checkpointing)
+            s = int(self.feature_info[i]["reduction"])  # type: ignore[arg-type]
+            outs.append(f[..., : math.ceil(h / s), : math.ceil(w / s)])
+        return outs, None
+
+    def _finish_features(self, maps: List[torch.Tensor], state: object) -> torch.Tensor:
+        return maps[-1]
+
+    def _prune_levels(self, max_index: int) -> None:
+        for branch in (self.local_branch, self.global_branch):
+            branch.stages = branch.stages[: max_index + 1]
+        self.fusion = self.fusion[: max_index + 1]
+
+    def _prune_head(self, prune_norm: bool) -> None:
+        self.head.fc = nn.Identity()
+        if prune_norm:
+            self.head.norm = nn.Identity()
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """timm's parameter groups (layer-wise lr decay): both stems, then stage by stage (downsampling, blocks,
+        the stage's fusion block), then the head."""
+        stage = r"^(?:local|global)_branch\.stages\.(\d+)"
+        if coarse:
+            blocks = [(stage, None), (r"^fusion\.(\d+)", None), (r"^head\.", (99999,))]
+        else:
+            blocks = [
+                (stage + r"\.downsample", (0,)),
+                (stage + r"\.blocks\.(\d+)", None),
+                (stage + r"\.", (99997,)),  # blocks that are one module (HEMF's EGF block)
+                (r"^fusion\.(\d+)", (99998,)),
+                (r"^head\.", (99999,)),
+            ]
+        return {"stem": r"^(?:local|global)_branch\.stem", "blocks": blocks}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last fusion map ``(B, dims[-1], H/32, W/32)``, before pooling."""
-        return self.forward_intermediates(x)[-1]
+        """The last fusion map ``(B, dims[-1], ceil(H/32), ceil(W/32))``, before pooling."""
+        maps, state = self._run_levels(x, len(self.feature_info) - 1)
+        return self._finish_features(maps, state)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool + norm (+ classifier unless ``pre_logits``): ``(B, C, h, w) -> (B, num_classes)`` or ``(B, C)``."""

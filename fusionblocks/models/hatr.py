@@ -38,6 +38,7 @@ from .._validate import expect_nchw, expect_positive_int
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
 from . import checkpointing
+from .contract import ModelContract, model_cfg
 from .registry import register_model
 
 __all__ = ["HATR", "PAPER_RESULTS", "hatr_resnet50", "hatr_conv2d"]
@@ -114,7 +115,11 @@ def _size2(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
-class HATR(nn.Module):
+_MIN_SIDE = {"resnet50": 33, "conv2d": 31}
+_FIRST_CONV = {"resnet50": "backbone.conv1", "conv2d": "backbone.layer1.conv"}
+
+
+class HATR(ModelContract, nn.Module):
     """CNN backbone + HATR bridge (overlapping tokenization, token weighting) + shallow ViT with a CLS head.
 
     Args:
@@ -142,7 +147,26 @@ class HATR(nn.Module):
         ``forward_head(x, pre_logits=True)``: ``-> (B, embed_dim)``;
         ``forward_intermediates``: backbone maps (ResNet-50: 4 at strides 4/8/16/32; Conv2D: 3 at strides 4/8/16);
         ``token_weights``: ``-> (B, h, w)``, the TokenWeighting weights on the token grid.
+
+    timm contract (:class:`~fusionblocks.models.contract.ModelContract`): the feature levels are the backbone's
+    maps; ``prune_intermediate_layers`` with ``prune_head`` (what timm's ``features_only`` does) removes everything
+    after the backbone (1x1 reduction, tokenizer, token weighting, ViT, head), which only feeds the CLS classifier.
     """
+
+    classifier_name = "head"
+    global_pool_type = "token"
+    no_weight_decay_keys = ("cls_token", "pos_embed")
+
+    @classmethod
+    def data_cfg(
+        cls, backbone: str, num_classes: int = 2, in_chans: int = 3, img_size: Tuple[int, int] = (224, 224)
+    ) -> Dict[str, object]:
+        """timm ``pretrained_cfg``: the data config of the ``hatr`` recipe, the smallest input that runs."""
+        lo = _MIN_SIDE[backbone]
+        return model_cfg(
+            "hatr", num_classes=num_classes, first_conv=_FIRST_CONV[backbone], classifier=cls.classifier_name,
+            input_size=(in_chans, *img_size), min_input_size=(in_chans, lo, lo),
+        )
 
     def __init__(
         self,
@@ -216,7 +240,9 @@ class HATR(nn.Module):
         self.feature_info: List[Dict[str, object]] = [
             {**f, "module": f"backbone.{f['module']}"} for f in self.backbone.feature_info
         ]
+        self.backbone_only = False
         self._init_weights()
+        self._set_pretrained_cfg(type(self).data_cfg(backbone, num_classes, in_chans, self.img_size))
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -233,6 +259,8 @@ class HATR(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         expect_nchw(self.model_name, "x", x, self.in_chans)
+        if self.backbone_only:
+            return
         h, w = x.shape[-2:]
         th, tw = self._token_grid(h, w)
         if th < 1 or tw < 1:
@@ -262,10 +290,20 @@ class HATR(nn.Module):
             ``(tokens (B, h*w, D), (h, w))``, plus the ``(B, h*w)`` weights when ``return_weights``.
         """
         self._check_input(x)
-        f = self.reduce(self.backbone(x))
-        tokens, hw = self.tokenizer(f, return_hw=True)
+        self._expect_full("forward_tokens")
+        return self._tokens(self.backbone(x), return_weights)
+
+    def _tokens(self, f: torch.Tensor, return_weights: bool = False):
+        tokens, hw = self.tokenizer(self.reduce(f), return_hw=True)
         tokens, weights = self.weighting(tokens, hw, return_weights=True)
         return (tokens, hw, weights) if return_weights else (tokens, hw)
+
+    def _expect_full(self, what: str) -> None:
+        if self.backbone_only:
+            raise RuntimeError(
+                f"{self.model_name}: {what} needs the token path and ViT, which prune_intermediate_layers removed; "
+                f"this model now only runs forward_intermediates"
+            )
 
     def token_weights(self, x: torch.Tensor) -> torch.Tensor:
         """The TokenWeighting weights for images ``x`` on the token grid, ``(B, h, w)``, in (0, 1)."""
@@ -274,7 +312,16 @@ class HATR(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W) -> (B, 1 + h*w, D)``: CLS token first, after the final LayerNorm."""
-        tokens, hw = self.forward_tokens(x)
+        maps, state = self._run_levels(x, len(self.feature_info) - 1)
+        return self._finish_features(maps, state)
+
+    def _run_levels(self, x: torch.Tensor, stop: int):
+        self._check_input(x)
+        return self.backbone.forward_intermediates(x, stop), None
+
+    def _finish_features(self, maps: List[torch.Tensor], state: object) -> torch.Tensor:
+        self._expect_full("forward_features")
+        tokens, hw = self._tokens(maps[-1])
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)
         x = self.pos_drop(torch.cat([cls, tokens], dim=1) + self._pos_embed(hw))
         for block in self.blocks:
@@ -290,11 +337,24 @@ class HATR(nn.Module):
         x = self.head_drop(x[:, 0])
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Backbone feature maps, NCHW: ResNet-50 layer1..4 (strides 4/8/16/32, 256..2048 channels); Conv2D
-        layer1..3 (strides 4/8/16, 64/128/256 channels — it has no stride-32 stage). See ``feature_info``."""
-        self._check_input(x)
-        return self.backbone.forward_intermediates(x)
+    def _prune_levels(self, max_index: int) -> None:
+        self.backbone.prune(max_index)
+
+    def _prune_head(self, prune_norm: bool) -> None:
+        for name in ("reduce", "tokenizer", "weighting", "pos_drop", "blocks", "norm", "head_drop", "head"):
+            setattr(self, name, nn.Identity())
+        del self.cls_token, self.pos_embed
+        self.cls_token = self.pos_embed = None
+        self.backbone_only = True
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """timm's parameter groups: backbone stem, backbone layers, the token bridge, the ViT blocks (+ norm)."""
+        return {
+            "stem": r"^backbone\.(?:conv1|bn1)\.",
+            "backbone": r"^backbone\.layer(\d+)\.",
+            "bridge": r"^(?:reduce|tokenizer|weighting|cls_token|pos_embed)",
+            "blocks": [(r"^blocks\.(\d+)\.", None), (r"^norm\.", (99999,))],  # one block per group either way
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -316,3 +376,7 @@ def hatr_resnet50(num_classes: int = 2, **kwargs) -> HATR:
 def hatr_conv2d(num_classes: int = 2, **kwargs) -> HATR:
     """HATR-Conv2D: 3-layer Conv2D -> overlap tokens 256 -> 512 (k2 s1) -> token weighting -> ViT. Table 2: 88.2 %."""
     return HATR("conv2d", num_classes, **kwargs)
+
+
+#: timm-style ``pretrained_cfg`` of each registered model (the data config of the ``hatr`` recipe)
+default_cfgs = {f"hatr_{b}": dict(HATR.data_cfg(b), architecture=f"hatr_{b}") for b in ("resnet50", "conv2d")}

@@ -54,7 +54,7 @@ class HEMF(FusionNet):
         fusion_kwargs: extra options of every :class:`HEF` (paper variants, e.g. ``depthwise=True``).
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``; ``forward_intermediates`` gives the four HEF outputs
-    ``(B, dims[i], H/4/2**i, W/4/2**i)`` (of the input padded to multiples of 32).
+    ``(B, dims[i], ceil(H / s), ceil(W / s))`` at strides ``s = 4 * 2**i`` (the cells that cover the input).
 
     Official checkpoints: :meth:`load_official_state_dict` loads an ``Esgjgd/HEMF`` ``main_model`` state_dict
     strictly. Dropped official keys: ``stages2.*.RetNetRelPos2d.{angle,decay}`` (constants of the config,
@@ -63,6 +63,7 @@ class HEMF(FusionNet):
     """
 
     official_source = "Esgjgd/HEMF main_model"
+    cfg_extra = {"origin_url": "https://github.com/Esgjgd/HEMF"}
 
     def __init__(
         self,
@@ -136,3 +137,7 @@ class HEMF(FusionNet):
 def hemf(num_classes: int = 1000, **kwargs) -> HEMF:
     """The official HEMF: ELF depths (4,4,4,4), EGF depths (3,3,3,3), dims 96-192-384-768, 8 heads."""
     return HEMF((4, 4, 4, 4), (3, 3, 3, 3), num_classes=num_classes, **kwargs)
+
+
+#: timm-style ``pretrained_cfg`` of the registered model (the data config of the ``hifuse`` recipe)
+default_cfgs = {"hemf": dict(HEMF.data_cfg(), architecture="hemf")}

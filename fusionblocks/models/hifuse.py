@@ -29,6 +29,7 @@ from .registry import register_model
 __all__ = ["HiFuse", "PatchEmbed", "hifuse_tiny", "hifuse_small", "hifuse_base"]
 
 
+
 class PatchEmbed(nn.Module):
     """Swin patch embedding: ``Conv2d(in_chans, dim, p, stride p)`` then ``LayerNorm(dim)`` over channels.
 
@@ -79,6 +80,12 @@ class HiFuse(FusionNet):
     """
 
     official_source = "huoxiangzuo/HiFuse main_model"
+    first_convs = ("local_branch.stem.0", "global_branch.stem.proj")
+    no_weight_decay_keys = ("relative_position_bias_table",)
+    cfg_extra = {
+        "origin_url": "https://github.com/huoxiangzuo/HiFuse",
+        "paper_name": "HiFuse: Hierarchical multi-scale feature fusion network for medical image classification",
+    }
 
     def __init__(
         self,
@@ -160,3 +167,7 @@ def hifuse_small(num_classes: int = 1000, **kwargs) -> HiFuse:
 def hifuse_base(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Base: depths (2, 2, 18, 2) in both branches."""
     return HiFuse((2, 2, 18, 2), num_classes=num_classes, **kwargs)
+
+
+#: timm-style ``pretrained_cfg`` of each registered model (the data config of the ``hifuse`` recipe)
+default_cfgs = {name: dict(HiFuse.data_cfg(), architecture=name) for name in ("hifuse_tiny", "hifuse_small", "hifuse_base")}

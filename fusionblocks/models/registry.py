@@ -28,6 +28,14 @@ def _load() -> None:
     _loaded = True
 
 
+def default_cfg(name: str) -> Dict[str, object]:
+    """The timm-style ``pretrained_cfg`` registered for ``name`` (its module's ``default_cfgs``, as in timm)."""
+    _load()
+    if name not in _MODELS:
+        raise ValueError(f"default_cfg: unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+    return dict(importlib.import_module(_MODELS[name].__module__).default_cfgs[name])
+
+
 def list_models(pattern: Optional[str] = None) -> List[str]:
     """Sorted registered model names, optionally filtered by a glob ``pattern`` (e.g. ``"hifuse*"``)."""
     _load()
@@ -51,6 +59,8 @@ def create_model(name: str, num_classes: int = 1000, pretrained_official: Option
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"create_model: unknown model {name!r}{hint} Available: {', '.join(sorted(_MODELS))}")
     model = _MODELS[name](num_classes=num_classes, **kwargs)
+    if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        model.pretrained_cfg["architecture"] = name
     if pretrained_official is not None:
         import torch
 

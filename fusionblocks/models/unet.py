@@ -4,6 +4,12 @@ The encoder is any fusionblocks model used through ``forward_intermediates``: fo
 and ``hifuse_*`` that is a CNN branch and a transformer branch whose features are fused at every scale
 by HEF (resp. HFF) blocks — the fused maps at strides 4/8/16/32 are the U-Net's skips. The decoder
 upsamples from stride 32, concatenating each skip, and predicts per-pixel logits at the input size.
+
+Alignment at any input size: the encoder's maps cover the input from its top-left corner (cell ``(r, c)`` of
+stride ``s`` covers pixels ``[r*s, (r+1)*s)``, ``ceil(H / s)`` cells; see :mod:`fusionblocks.models.contract`).
+Every upsampling is by the exact ratio of the strides (bilinear, ``align_corners=False``, which keeps cell centres
+on cell centres) followed by a crop of the cells past the input's extent — never a resize to the target size,
+which would stretch the grid whenever ``H`` or ``W`` is not a multiple of 32.
 """
 from __future__ import annotations
 
@@ -22,18 +28,41 @@ class _ConvBNReLU(nn.Sequential):
         super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def upsample_to_grid(x: torch.Tensor, factor: int, size: Sequence[int]) -> torch.Tensor:
+    """Upsample a top-left-aligned grid by the integer ``factor`` and fit it to ``size`` cells.
+
+    Bilinear with ``align_corners=False`` maps the centre of fine cell ``j`` to ``(j + 0.5) / factor`` coarse cells,
+    exactly the centre it has in the input; the cells past ``size`` (they cover only padding) are cropped, and a
+    grid that ends short of ``size`` (a floor-rounding encoder) is extended by repeating its last row/column.
+
+    Shapes: ``(B, C, h, w) -> (B, C, size[0], size[1])``.
+    """
+    y = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False) if factor > 1 else x
+    h, w = size
+    y = y[..., :h, :w]
+    ph, pw = h - y.shape[-2], w - y.shape[-1]
+    return F.pad(y, (0, pw, 0, ph), mode="replicate") if ph > 0 or pw > 0 else y
+
+
 class UpBlock(nn.Module):
-    """Upsample ``x`` to the skip's size, concatenate, two 3x3 conv-BN-ReLU.
+    """Upsample ``x`` by ``scale`` onto the skip's grid, concatenate, two 3x3 conv-BN-ReLU.
+
+    Args:
+        in_channels: channels of ``x``.
+        skip_channels: channels of ``skip``.
+        out_channels: output channels.
+        scale: stride of ``x`` / stride of ``skip`` (2 in a U-Net).
 
     Shapes: ``x (B, C_in, h, w), skip (B, C_skip, H, W) -> (B, C_out, H, W)``.
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, scale: int = 2):
         super().__init__()
+        self.scale = scale
         self.convs = nn.Sequential(_ConvBNReLU(in_channels + skip_channels, out_channels), _ConvBNReLU(out_channels, out_channels))
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        x = upsample_to_grid(x, self.scale, skip.shape[-2:])
         return self.convs(torch.cat([x, skip], dim=1))
 
 
@@ -69,10 +98,14 @@ class FusionUNet(nn.Module):
             raise ValueError(f"FusionUNet: expected 4 decoder_channels, got {tuple(decoder_channels)}")
         self.encoder = encoder
         chs = [f["num_chs"] for f in info]
+        red = [int(f["reduction"]) for f in info]
+        if any(b % a for a, b in zip(red, red[1:])) or red[0] < 1:
+            raise ValueError(f"FusionUNet: expected each encoder stride to divide the next, got strides {red}")
         d16, d8, d4, d1 = decoder_channels
-        self.up16 = UpBlock(chs[3], chs[2], d16)
-        self.up8 = UpBlock(d16, chs[1], d8)
-        self.up4 = UpBlock(d8, chs[0], d4)
+        self.up16 = UpBlock(chs[3], chs[2], d16, red[3] // red[2])
+        self.up8 = UpBlock(d16, chs[1], d8, red[2] // red[1])
+        self.up4 = UpBlock(d8, chs[0], d4, red[1] // red[0])
+        self.out_scale = red[0]
         self.refine = _ConvBNReLU(d4, d1)
         self.head = nn.Conv2d(d1, num_classes, 1)
 
@@ -80,5 +113,5 @@ class FusionUNet(nn.Module):
         expect_nchw(type(self).__name__, "x", x)
         f4, f8, f16, f32 = self.encoder.forward_intermediates(x)
         y = self.up4(self.up8(self.up16(f32, f16), f8), f4)
-        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        y = upsample_to_grid(y, self.out_scale, x.shape[-2:])
         return self.head(self.refine(y))

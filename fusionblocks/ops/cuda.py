@@ -15,6 +15,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .._build import why_no_cuda
 from . import cpp
 from ._gpu import max_shared_bytes
 from .dispatch import register_backend
@@ -29,6 +30,8 @@ CUDA_BUILD_HINT = (
 
 __all__ = ["available", "check_window_cuda", "window_attention_cuda"]
 
+_BUILD_REASON = why_no_cuda()  # read once at import: checks also run inside torch.compile traces
+
 
 def available() -> bool:
     """True when ``fusionblocks._C`` is loaded and was built with the CUDA kernels."""
@@ -39,7 +42,7 @@ def check_window_cuda(q, k, v, bias_table, *, hw, window_size, shift, scale, aut
     """Reasons the ``cuda`` backend cannot run this (validated) ``window_attention`` call; empty when it can."""
     reasons = cpp.extension_reasons()
     if not reasons and not available():
-        reasons.append(f"fusionblocks._C was built without CUDA kernels; {CUDA_BUILD_HINT}")
+        reasons.append(f"fusionblocks._C was built without CUDA kernels{_BUILD_REASON}; {CUDA_BUILD_HINT}")
     if q.device.type != "cuda":
         reasons.append(f"cuda window_attention runs on CUDA tensors only, got {q.device}")
     if q.dtype not in DTYPES:

@@ -231,7 +231,7 @@ def test_errors_name_block_expected_and_received():
         HFF(16, fuse_kernel=2)
     with pytest.raises(ValueError, match="HEF: expected with_prev to be one of"):
         HEF(16, with_prev="yes")
-    with pytest.raises(KeyError, match=r"missing official keys.*proj_l\.conv\.weight"):
+    with pytest.raises(KeyError, match=r"missing official keys \(1\): \['W_l\.conv\.weight'\]"):
         sd = gu.official_state_dict(gu.block("hemf.hef_first"))
         del sd["W_l.conv.weight"]
         HEF(96).load_official_state_dict(sd)

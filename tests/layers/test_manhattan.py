@@ -15,7 +15,14 @@ from fusionblocks.layers.manhattan import (
 )
 from fusionblocks.models.convert import convert_keys, load_official
 from fusionblocks.ops import reference
-from golden_utils import block, load, make_input, official_state_dict, rel_err
+from golden_utils import block, load, make_input, max_ulp, official_state_dict, rel_err
+
+# Recomputed buffers against the official code's, stored by another machine: float32 ``log`` (the decay) within
+# 2 ULP (each implementation within 1 ULP of exact); the rotary angles ``10000 ** -linspace(0, 1, n)`` within
+# 8 ULP (pow amplifies a 1-ULP difference of its exponent e by |e * ln 10000| <= 9.3 in relative terms; measured
+# 0 on the AMD EPYC / torch 2.13 development machine).
+DECAY_ULP = 2
+ANGLE_ULP = 8
 
 
 def _rmt_attention(name: str, mode: str) -> ManhattanSelfAttention:
@@ -51,18 +58,19 @@ def test_rmt_masa_parity(name, mode, dispatch_backend):
 @pytest.mark.parametrize("name", ["rmt.masa_full", "rmt.masa_decomposed"])
 def test_rmt_relpos_buffers_recomputed(name):
     buffers = block(name)["buffers"]
-    assert torch.equal(rotary_angle(128 // 4), buffers["relpos.angle"])
-    assert torch.equal(manhattan_log_decay(4, 2, 4), buffers["relpos.decay"])
+    assert max_ulp(rotary_angle(128 // 4), buffers["relpos.angle"]) <= ANGLE_ULP
+    assert max_ulp(manhattan_log_decay(4, 2, 4), buffers["relpos.decay"]) <= DECAY_ULP
     m = ManhattanSelfAttention(128, 4, initial_value=2, heads_range=4)
-    assert torch.equal(m.log_gamma, buffers["relpos.decay"])
+    assert max_ulp(m.log_gamma, buffers["relpos.decay"]) <= DECAY_ULP
+    assert torch.equal(m.log_gamma, manhattan_log_decay(4, 2, 4))  # the same function on the same machine
     assert "log_gamma" not in m.state_dict()
 
 
 def test_hemf_relpos_buffers_recomputed():
     buffers = load("hemf")["buffers"]
     for i, dim in enumerate((96, 192, 384, 768)):
-        assert torch.equal(rotary_angle(dim // 8), buffers[f"stages2.{i}.RetNetRelPos2d.angle"])
-        assert torch.equal(manhattan_log_decay(8, 1, 3), buffers[f"stages2.{i}.RetNetRelPos2d.decay"])
+        assert max_ulp(rotary_angle(dim // 8), buffers[f"stages2.{i}.RetNetRelPos2d.angle"]) <= ANGLE_ULP
+        assert max_ulp(manhattan_log_decay(8, 1, 3), buffers[f"stages2.{i}.RetNetRelPos2d.decay"]) <= DECAY_ULP
 
 
 @pytest.mark.parametrize("name", ["hemf.egf_block", "hemf.egf_block_rect"])
@@ -82,7 +90,7 @@ def test_egf_block_official_keys_strict():
     sd = m.prepare_official(official_state_dict(record))
     assert not any("RetNetRelPos2d" in k for k in sd)
     del sd["FC.2.bias"]
-    with pytest.raises(KeyError, match="fc.2.bias"):
+    with pytest.raises(KeyError, match=r"missing official keys \(1\): \['FC\.2\.bias'\]"):
         load_official(m, sd, *m.official_key_rules(), source="HEMF")
 
 

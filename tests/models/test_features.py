@@ -37,16 +37,19 @@ def test_feature_extractor_errors():
         FeatureExtractor(nn.Linear(2, 2))
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 def test_timm_create_model_features_only():
     import timm
 
     for name in fusionblocks.list_models():
         assert timm.is_model(name), name
-    model = timm.create_model("hifuse_tiny", features_only=True, out_indices=(1, 2, 3), num_classes=3)
+    model = timm.create_model(
+        "hifuse_tiny", features_only=True, out_indices=(1, 2, 3), num_classes=3, dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)
+    )
     feats = model(torch.randn(1, 3, 64, 64))
     assert [f.shape[-1] for f in feats] == [8, 4, 2]
-    assert model.feature_info.channels() == [f.shape[1] for f in feats]
+    assert model.feature_info.channels() == [f.shape[1] for f in feats] == [32, 64, 128]
     assert model.feature_info.reduction() == [8, 16, 32]
     with pytest.raises(ValueError, match="publishes no timm weights"):
         timm.create_model("hifuse_tiny", pretrained=True)

@@ -26,15 +26,17 @@ def test_feature_info(model):
     assert all(info["module"] in names for info in model.feature_info)
 
 
-@pytest.mark.parametrize("hw, padded", [((64, 64), (64, 64)), ((96, 160), (96, 160)), ((100, 76), (128, 96)), ((32, 33), (32, 64))])
-def test_intermediates_shapes_and_strides(model, hw, padded):
+@pytest.mark.parametrize(
+    "hw, cells",  # ceil(H / s) x ceil(W / s) at strides 4, 8, 16, 32
+    [((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)]), ((96, 160), [(24, 40), (12, 20), (6, 10), (3, 5)]),
+     ((100, 76), [(25, 19), (13, 10), (7, 5), (4, 3)]), ((32, 33), [(8, 9), (4, 5), (2, 3), (1, 2)])],
+)
+def test_intermediates_shapes_and_strides(model, hw, cells):
     x = torch.randn(1, 3, *hw)
     with torch.no_grad():
         feats = model.forward_intermediates(x)
         logits = model(x)
-    assert [tuple(f.shape) for f in feats] == [
-        (1, info["num_chs"], padded[0] // info["reduction"], padded[1] // info["reduction"]) for info in model.feature_info
-    ]
+    assert [tuple(f.shape) for f in feats] == [(1, info["num_chs"], *c) for info, c in zip(model.feature_info, cells)]
     assert logits.shape == (1, 5) and torch.isfinite(logits).all()
 
 
@@ -99,7 +101,7 @@ def test_official_state_dict_missing_key_is_named(tiny_and_official_keys):
     m, sd = tiny_and_official_keys
     sd = dict(sd)
     del sd["layers3.blocks.1.attn.qkv.weight"]
-    with pytest.raises(KeyError, match=r"HiFuse.*missing.*global_branch\.stages\.2\.blocks\.1\.attn\.qkv\.weight"):
+    with pytest.raises(KeyError, match=r"HiFuse.*missing official keys \(1\): \['layers3\.blocks\.1\.attn\.qkv\.weight'\]"):
         m.load_official_state_dict(sd)
 
 

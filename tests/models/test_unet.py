@@ -1,4 +1,6 @@
 """FusionUNet: HEF/HFF-fused encoders as U-Net skips, trained a few steps on synthetic masks."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,3 +59,93 @@ def test_encoder_by_name_and_errors():
         FusionUNet(encoder=_small_hemf(), decoder_channels=(8, 8))
     with pytest.raises(ValueError, match=r"FusionUNet: expected x as a 4-D"):
         FusionUNet(encoder=_small_hemf())(torch.randn(3, 64, 64))
+
+
+class _PooledImage(torch.nn.Module):
+    """An encoder with exactly known geometry: level ``i`` (stride ``s``) is the image averaged over the
+    ``s x s`` cells of a top-left-aligned grid, ``ceil(H / s)`` cells (channel 0; channel 1 is zero). A 64-px
+    square's centroid survives this pooling exactly (its partial end cells together cover one cell)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feature_info = [dict(num_chs=2, reduction=4 * 2**i, module=f"level{i}") for i in range(4)]
+
+    def forward_intermediates(self, x):
+        out = []
+        for f in self.feature_info:
+            s = f["reduction"]
+            pooled = F.avg_pool2d(F.pad(x[:, :1], (0, -x.shape[-1] % s, 0, -x.shape[-2] % s)), s)
+            out.append(torch.cat([pooled, torch.zeros_like(pooled)], 1))
+        return out
+
+
+def _route(net, level):
+    """Set the decoder to carry channel 0 of encoder level ``level`` unchanged to the output: each 3x3 conv
+    copies one input channel (centre tap 1), BatchNorm is the identity, ReLU sees non-negative maps."""
+
+    def copy(unit, src):
+        conv, bn = unit[0], unit[1]
+        torch.nn.init.zeros_(conv.weight)
+        if src is not None:
+            conv.weight.data[0, src, 1, 1] = 1.0
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1 - bn.eps)
+        bn.weight.data.fill_(1.0)
+        bn.bias.data.zero_()
+
+    for skip_level, blk in zip((2, 1, 0), (net.up16, net.up8, net.up4)):
+        from_below = blk.convs[0][0].in_channels - 2  # first channel of the skip in the concatenation
+        src = None if skip_level > level else (from_below if skip_level == level else 0)
+        if level == 3:
+            src = 0
+        copy(blk.convs[0], src)
+        copy(blk.convs[1], None if src is None else 0)
+    copy(net.refine, 0)
+    torch.nn.init.zeros_(net.head.weight)
+    net.head.weight.data[0, 0] = 1.0
+    torch.nn.init.zeros_(net.head.bias)
+    return net.eval()
+
+
+def _centroid(m):
+    ys, xs = (torch.arange(n, dtype=torch.float64) for n in m.shape)
+    m = m.double()
+    return ((m.sum(1) * ys).sum() / m.sum()).item(), ((m.sum(0) * xs).sum() / m.sum()).item()
+
+
+@pytest.mark.parametrize("size,corner", [((200, 260), (69, 150)), ((210, 275), (101, 180)), ((224, 288), (101, 180))])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_decoder_puts_a_bright_square_where_it_is(size, corner, level):
+    # A 64-px square seen only through encoder level `level` (strides 4..32) must come out of the decoder
+    # centred where it is in the image. Resizing the maps straight to the input size (the old decoder, with
+    # maps of the zero-padded frame) put it 17.7 px off at 200x260 and 9.6 px at 210x275; resizing cropped maps
+    # to each skip's size, up to 17 px. Exact ratio upsampling + crop: <= 0.23 px (the blur of the stride-32
+    # level that falls past the image's right edge).
+    (h, w), (top, left) = size, corner
+    x = torch.zeros(1, 3, h, w)
+    x[..., top : top + 64, left : left + 64] = 1.0
+    net = _route(FusionUNet(num_classes=1, encoder=_PooledImage(), decoder_channels=(4, 4, 4, 4)), level)
+    with torch.no_grad():
+        y = net(x)[0, 0]
+    assert y.shape == (h, w) and y.min() >= 0 and y.sum() > 0
+    cy, cx = _centroid(y)
+    assert abs(cy - (top + 31.5)) <= 0.5 and abs(cx - (left + 31.5)) <= 0.5, (cy, cx)
+
+
+@pytest.mark.parametrize("size", [(200, 260), (210, 275), (45, 70)])
+def test_fusion_maps_cover_the_input_from_its_top_left(size):
+    # forward_intermediates crops the maps of the zero-padded frame to ceil(H/s) x ceil(W/s) cells from the
+    # top-left: identical to running on the padded image and cropping the same cells.
+    torch.manual_seed(0)
+    enc = _small_hemf().eval()
+    h, w = size
+    x = torch.randn(1, 3, h, w)
+    padded = F.pad(x, (0, -w % 32, 0, -h % 32))
+    with torch.no_grad():
+        got, full = enc.forward_intermediates(x), enc.forward_intermediates(padded)
+    for f, g, info in zip(got, full, enc.feature_info):
+        s = info["reduction"]
+        assert f.shape[-2:] == (math.ceil(h / s), math.ceil(w / s))
+        torch.testing.assert_close(f, g[..., : f.shape[-2], : f.shape[-1]], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_features(x), full[-1], rtol=1e-5, atol=1e-6)

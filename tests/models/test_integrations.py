@@ -1,0 +1,105 @@
+"""timm and segmentation-models-pytorch with every fusionblocks model (marker ``integration``; skipped without them).
+
+CI runs these in its second environment (torch 2.14.1, torchvision 0.29.1, timm, segmentation-models-pytorch).
+Small widths keep each model at a few seconds on 2 CPU cores; the code paths are the full models'.
+"""
+import pytest
+import torch
+
+import fusionblocks
+
+timm = pytest.importorskip("timm")
+pytestmark = pytest.mark.integration
+
+SMALL = {
+    "hifuse_tiny": dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)),
+    "hifuse_small": dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)),
+    "hifuse_base": dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)),
+    "hemf": dict(dims=(16, 32, 64, 128), num_heads=2),
+    "hatr_resnet50": dict(embed_dim=32, vit_depth=1, vit_heads=2),
+    "hatr_conv2d": dict(embed_dim=32, vit_depth=1, vit_heads=2),
+}
+LEVELS = {"hatr_conv2d": 3}
+
+
+def test_every_model_is_registered_in_timm():
+    assert sorted(SMALL) == fusionblocks.list_models()
+    for name in SMALL:
+        assert timm.is_model(name), name
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.architecture == name and cfg.interpolation == "bilinear" and not cfg.has_weights
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_timm_create_model_and_data_config(name, tmp_path):
+    torch.manual_seed(0)
+    # timm passes its loader arguments (cache_dir, pretrained_cfg, pretrained_cfg_overlay) to every entry point
+    m = timm.create_model(name, num_classes=3, cache_dir=str(tmp_path), pretrained_cfg_overlay={"notes": ("x",)}, **SMALL[name])
+    recipe = fusionblocks.training.recipes.get_recipe("hatr" if name.startswith("hatr") else "hifuse")
+    assert timm.data.resolve_data_config({}, model=m) == {
+        "input_size": (3, 224, 224), "interpolation": "bilinear", "mean": (recipe.mean[0],) * 3,
+        "std": (recipe.std[0],) * 3, "crop_pct": 1.0, "crop_mode": "squash",
+    }
+    assert m.pretrained_cfg["notes"] == ("x",) and m.default_cfg is m.pretrained_cfg
+    x = torch.randn(2, 3, 64, 64)
+    m.reset_classifier(4)
+    assert m(x).shape == (2, 4) and m.get_classifier().out_features == 4
+    one = timm.create_model(name, in_chans=1, num_classes=2, **SMALL[name])
+    assert timm.data.resolve_data_config({}, model=one)["mean"] == (recipe.mean[0],)
+    assert one(torch.randn(1, 1, 64, 64)).shape == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["hemf", "hatr_conv2d"])
+def test_timm_features_only(name):
+    torch.manual_seed(0)
+    n = LEVELS.get(name, 4)
+    f = timm.create_model(name, features_only=True, out_indices=(1, -1), **SMALL[name])
+    x = torch.randn(1, 3, 70, 90)
+    feats = f(x)
+    assert f.feature_info.reduction() == [8, 4 * 2 ** (n - 1)]
+    assert [t.shape[1] for t in feats] == f.feature_info.channels()
+    # pruned: only the levels up to the last asked for, no head
+    assert not any(k.startswith(("model.head", "model.blocks")) for k in f.state_dict())
+    full = timm.create_model(name, features_only=True, **SMALL[name])
+    assert len(full(x)) == n and full.feature_info.reduction() == [4 * 2**i for i in range(n)]
+    with pytest.raises(ValueError, match="publishes no timm weights"):
+        timm.create_model(name, pretrained=True)
+
+
+def test_timm_optimizer_uses_groups_and_no_weight_decay():
+    from timm.optim import create_optimizer_v2
+
+    m = timm.create_model("hifuse_tiny", num_classes=2, **SMALL["hifuse_tiny"])
+    opt = create_optimizer_v2(m, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    no_wd = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    table = [p for n, p in m.named_parameters() if "relative_position_bias_table" in n]
+    assert table and all(id(p) in no_wd for p in table)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) > 4 and scales[-1] == 1.0  # layer decay over stems, stages and head
+    m(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+
+
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+
+@pytest.mark.parametrize(
+    "arch,name",
+    # hifuse_small/base share hifuse_tiny's code path (only depths differ): timm builds them above
+    [("Unet", "hifuse_tiny"), ("FPN", "hemf"), ("Unet", "hatr_resnet50"), ("Unet", "hatr_conv2d")],
+)
+def test_smp_tu_encoder_trains(arch, name):
+    torch.manual_seed(0)
+    kw = dict(encoder_weights=None, classes=2, **SMALL[name])
+    if arch == "Unet":
+        kw["decoder_channels"] = (32, 16, 16, 8, 8)
+    if name == "hatr_conv2d":  # three levels (strides 4, 8, 16): one U-Net stage fewer
+        kw.update(encoder_depth=4, decoder_channels=(32, 16, 8, 8))
+    net = getattr(smp, arch)(f"tu-{name}", **kw)
+    x = torch.randn(2, 3, 64, 64)
+    y = net(x)
+    assert y.shape == (2, 2, 64, 64)
+    y.square().mean().backward()
+    grads = [p.grad for n, p in net.encoder.named_parameters()]
+    assert grads and all(g is not None for g in grads)  # features_only pruned everything the maps do not use
+    torch.optim.SGD(net.parameters(), lr=0.1).step()
