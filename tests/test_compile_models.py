@@ -11,8 +11,9 @@ from fusionblocks.models.hemf import HEMF
 from fusionblocks.models.hifuse import HiFuse
 
 FAMILIES = {
-    "hemf": lambda: HEMF(num_classes=3, local_depths=(1, 1, 1, 1), global_depths=(1, 1, 1, 1)),
-    "hifuse": lambda: HiFuse((1, 1, 1, 1), num_classes=3),
+    # no stochastic depth: compiled and eager training steps must see the same function
+    "hemf": lambda: HEMF(num_classes=3, local_depths=(1, 1, 1, 1), global_depths=(1, 1, 1, 1), drop_path_rate=0.0),
+    "hifuse": lambda: HiFuse((1, 1, 1, 1), num_classes=3, drop_path_rate=0.0),
     "hatr_conv2d": lambda: HATR("conv2d", 3, img_size=32, vit_depth=1),
 }
 
