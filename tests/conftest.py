@@ -20,13 +20,20 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+EXPENSIVE_ENV = "FUSIONBLOCKS_SLOW_TESTS"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """GPU tests skip without CUDA; ``expensive`` tests (minutes each on a 2-core CPU: whole-network inductor
+    compiles and ONNX exports of the wide models) run only with ``FUSIONBLOCKS_SLOW_TESTS=1``."""
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_expensive = pytest.mark.skip(reason=f"expensive (minutes on a 2-core CPU); set {EXPENSIVE_ENV}=1 to run it")
+    run_expensive = bool(os.environ.get(EXPENSIVE_ENV))
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "expensive" in item.keywords and not run_expensive:
+            item.add_marker(skip_expensive)
 
 
 @pytest.fixture(autouse=True)

@@ -142,18 +142,16 @@ def test_pt2_program_loads_and_runs_without_fusionblocks(tmp_path, monkeypatch):
 # ONNX export traces a whole network: tens of seconds per model on a 2-core CPU. hifuse_tiny (window
 # attention, HFF) and hemf (decomposed decay, HEF) run always, hatr_conv2d runs in tests/training (export
 # CLI); hifuse_small/base (the same blocks, wider) and hatr_resnet50 run with FUSIONBLOCKS_SLOW_TESTS=1.
-_SLOW = pytest.mark.skipif(not os.environ.get("FUSIONBLOCKS_SLOW_TESTS"),
-                           reason="slow (whole-network ONNX export); set FUSIONBLOCKS_SLOW_TESTS=1")
 # the smallest input each model takes (hatr_resnet50: its tokenizer needs a backbone map of at least 2x2)
 SIZES = {"hifuse_tiny": 32, "hifuse_small": 32, "hifuse_base": 32, "hemf": 32, "hatr_resnet50": 64, "hatr_conv2d": 32}
 
 
 @pytest.mark.parametrize("name", [
     "hifuse_tiny", "hemf",
-    pytest.param("hifuse_small", marks=[pytest.mark.slow, _SLOW]),
-    pytest.param("hifuse_base", marks=[pytest.mark.slow, _SLOW]),
-    pytest.param("hatr_resnet50", marks=[pytest.mark.slow, _SLOW]),
-    pytest.param("hatr_conv2d", marks=[pytest.mark.slow, _SLOW]),
+    pytest.param("hifuse_small", marks=pytest.mark.expensive),
+    pytest.param("hifuse_base", marks=pytest.mark.expensive),
+    pytest.param("hatr_resnet50", marks=pytest.mark.expensive),
+    pytest.param("hatr_conv2d", marks=pytest.mark.expensive),
 ])
 def test_model_onnx_parity_dynamic_batch(name, tmp_path, monkeypatch):
     from fusionblocks.export import check_exported, export_model, read_metadata

@@ -56,7 +56,7 @@ def test_records_are_valid_with_throughput_and_versions(dry_run):
     for r in measured:
         assert r["tflops"] > 0 and r["gbps"] > 0 and r["io_mb"] > 0 and "hbm_share" not in r  # no peak known for a CPU
         assert r["torch"] and "triton" in r and r["device"].startswith("CPU")
-    assert [r["op"] for r in models] == ["train_step"] and models[0]["shape"]["model"] == "hifuse_tiny"
+    assert [(r["op"], r["pass"]) for r in models] == [("model", "train")] and models[0]["shape"]["model"] == "hifuse_tiny"
     assert models[0]["img_per_s"] > 0
 
 

@@ -342,14 +342,13 @@ def test_isa_environment_variable(monkeypatch):
 
 
 @needs_ext
-def test_dispatch_prefers_cpp_over_reference_on_cpu():
+def test_cpp_runs_when_named_on_cpu():
+    """``cpp`` can run a CPU call and is what a named choice gets; which backend ``backend=None`` picks is
+    measured (tests/ops/test_dispatch.py), so no priority order is asserted here."""
     q, k, v, lg = _decay_case("full", (3, 3), 1, 2, 8, torch.float32)
     assert explain("decay_attention", q, k, v, lg, hw=(3, 3), mode="full", scale=None)["cpp"] == []
-    ranked = select("decay_attention", "cpp", q, k, v, lg, hw=(3, 3), mode="full", scale=None)
-    assert ranked.name == "cpp" and ranked.priority > 0
-    if not os.environ.get("TRITON_INTERPRET"):
-        assert select("decay_attention", None, q, k, v, lg, hw=(3, 3), mode="full", scale=None).name == "cpp"
-        assert select("window_attention", None, q, k, v, None, hw=(3, 3), window_size=3, shift=0, scale=None).name == "cpp"
+    named = select("decay_attention", "cpp", q, k, v, lg, hw=(3, 3), mode="full", scale=None)
+    assert named.name == "cpp" and named.priority > 0
 
 
 def test_reasons_name_device_dtype_and_build(monkeypatch):
