@@ -138,6 +138,14 @@ def tracing(tensors: Sequence[torch.Tensor] = ()) -> bool:
     return False
 
 
+def exporting() -> bool:
+    """True while torch.export or an ONNX exporter (dynamo or legacy) traces the program."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and getattr(compiler, "is_exporting", lambda: False)():
+        return True
+    return bool(torch.onnx.is_in_onnx_export())
+
+
 def _threads() -> int:
     return torch.get_num_threads()
 
@@ -400,6 +408,9 @@ def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, k
 def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
     """The automatic choice among ``candidates`` (backends that can run this validated call); see the module doc."""
     names = [b.name for b in candidates]
+    if "reference" in names and exporting():
+        return Choice(op, "reference", "rule", "exporting (torch.export / ONNX): an exported program holds standard "
+                      "ops only, no compiled extension's", candidates=names)
     if len(candidates) == 1:
         return Choice(op, names[0], "only candidate", "the only backend that can run this call", candidates=names)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

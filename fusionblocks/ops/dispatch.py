@@ -180,10 +180,5 @@ def choose(op: str, *args, backend: Optional[str] = None, **kwargs) -> Choice:
 
 
 def dispatch(op: str, backend: Optional[str], *args, **kwargs):
-    """Run ``op`` on the chosen backend; under ``torch.export`` (also ONNX's) an automatic choice is the reference."""
-    if backend is None and not os.environ.get(ENV_VAR):
-        import torch
-
-        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
-            backend = "reference"  # an exported program (pt2, ONNX) holds standard ops only, no compiled extension's
+    """Run ``op`` on the chosen backend (under ``torch.export`` / ONNX export an automatic choice is the reference)."""
     return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
