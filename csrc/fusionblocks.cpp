@@ -28,6 +28,19 @@ TORCH_LIBRARY(fusionblocks_C, m) {
   m.def(
       "window_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? bias_table, int H, int W, int window_size, "
       "int shift, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // training forms (CPU): the forward also returns the softmax probabilities, the backward reads them
+  m.def(
+      "decay_dec_fwd_train(Tensor q, Tensor k, Tensor v, Tensor log_gamma, int H, int W, float scale) -> (Tensor, "
+      "Tensor, Tensor, Tensor)");
+  m.def(
+      "decay_dec_bwd_probs(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor log_gamma, Tensor mid, Tensor p_row, "
+      "Tensor p_col, int H, int W, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "window_fwd_train(Tensor q, Tensor k, Tensor v, Tensor? bias_table, int H, int W, int window_size, int shift, "
+      "float scale) -> (Tensor, Tensor)");
+  m.def(
+      "window_bwd_probs(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor probs, Tensor? bias_table, int H, int W, "
+      "int window_size, int shift, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace {

@@ -386,10 +386,13 @@ inline void exp_rows(double* p, const double* bias, const double* lse, int64_t r
     for (int64_t c = 0; c < n; ++c) p[r * ld + c] = std::exp(p[r * ld + c] + bias[r * ld + c] - lse[r]);
 }
 
-// d(score) of softmax rows in place: dp <- p * (dp - sum(p * dp)) over n entries of each row (stride ld,
-// padded to whole vectors); adds the result to dbias (same layout) when given.
-inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows, int64_t n, int64_t ld) {
+// d(score) of softmax rows in place: ds = p * (dp - sum(p * dp)) over n entries of each row (stride ld,
+// padded to whole vectors), added to dbias (same layout) when given; dp is left holding scale * ds, the
+// gradient of the unscaled q k^T, so that the dq and dk products need no scaling pass of their own.
+inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t rows, int64_t n, int64_t ld,
+                              float scale) {
   const vfloat lane = lane_index();
+  const vfloat sv = vsplat(scale);
   for (int64_t r = 0; r < rows; ++r) {
     const float* pr = p + r * ld;
     float* ds = dp + r * ld;
@@ -398,16 +401,22 @@ inline void softmax_grad_rows(const float* p, float* dp, float* dbias, int64_t r
       const vfloat x = vload(pr + c) * vload(ds + c);
       acc += lane < static_cast<float>(n - c) ? x : vfloat{};
     }
-    const float delta = hsum(acc);
-    for (int64_t c = 0; c < n; c += kPad) vstore(ds + c, vload(pr + c) * (vload(ds + c) - delta));
+    const vfloat delta = vsplat(hsum(acc));
     if (dbias) {
       float* db = dbias + r * ld;
-      for (int64_t c = 0; c < n; c += kPad) vstore(db + c, vload(db + c) + vload(ds + c));
+      for (int64_t c = 0; c < n; c += kPad) {
+        const vfloat x = vload(pr + c) * (vload(ds + c) - delta);
+        vstore(db + c, vload(db + c) + x);
+        vstore(ds + c, x * sv);
+      }
+    } else {
+      for (int64_t c = 0; c < n; c += kPad) vstore(ds + c, vload(pr + c) * (vload(ds + c) - delta) * sv);
     }
   }
 }
 
-inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_t rows, int64_t n, int64_t ld) {
+inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_t rows, int64_t n, int64_t ld,
+                              double scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const double* pr = p + r * ld;
     double* ds = dp + r * ld;
@@ -418,6 +427,7 @@ inline void softmax_grad_rows(const double* p, double* dp, double* dbias, int64_
       double* db = dbias + r * ld;
       for (int64_t c = 0; c < n; ++c) db[c] += ds[c];
     }
+    for (int64_t c = 0; c < n; ++c) ds[c] *= scale;
   }
 }
 

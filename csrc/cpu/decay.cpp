@@ -64,6 +64,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad, const Ten
   return active_kernels().decay_dec_bwd(grad, q, k, v, lg, mid, lse_row, lse_col, h, w, scale);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd_train(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& lg, int64_t h, int64_t w, double scale) {
+  check_inputs(q, k, v, lg, h, w);
+  return active_kernels().decay_dec_fwd_train(q, k, v, lg, h, w, scale);
+}
+
+void check_probs(const Tensor& p, const Tensor& q, int64_t lines, int64_t len, const char* name) {
+  TORCH_CHECK(p.dim() == 5 && p.size(0) == q.size(0) && p.size(1) == q.size(1) && p.size(2) == lines &&
+                  p.size(3) == len && p.size(4) == len,
+              "decay_attention(cpp): expected ", name, " of shape (B, heads, ", lines, ", ", len, ", ", len,
+              ") = (", q.size(0), ", ", q.size(1), ", ", lines, ", ", len, ", ", len, "), got ", p.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd_probs(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const Tensor& lg, const Tensor& mid,
+                                                         const Tensor& p_row, const Tensor& p_col, int64_t h,
+                                                         int64_t w, double scale) {
+  check_inputs(q, k, v, lg, h, w);
+  check_probs(p_row, q, h, w, "p_row");
+  check_probs(p_col, q, w, h, "p_col");
+  return active_kernels().decay_dec_bwd_probs(grad, q, k, v, lg, mid, p_row, p_col, h, w, scale);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fusionblocks
@@ -72,4 +95,6 @@ TORCH_LIBRARY_IMPL(fusionblocks_C, CPU, m) {
   m.impl("decay_full_bwd", &fusionblocks::cpu::full_bwd);
   m.impl("decay_dec_fwd", &fusionblocks::cpu::dec_fwd);
   m.impl("decay_dec_bwd", &fusionblocks::cpu::dec_bwd);
+  m.impl("decay_dec_fwd_train", &fusionblocks::cpu::dec_fwd_train);
+  m.impl("decay_dec_bwd_probs", &fusionblocks::cpu::dec_bwd_probs);
 }

@@ -112,9 +112,11 @@ std::vector<T> line_bias(const std::vector<T>& g, int64_t len, int64_t ls) {
 }
 
 // Each line is one tile: gathered into contiguous buffers, scores, softmax and products in one go.
+// Saves the log-sum-exp of every query (lse, raster order) or, when `probs` is given, the normalized
+// probabilities of every line instead: (B, heads, lines, len, len).
 template <typename T>
-void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const std::vector<T>& g, int64_t b, int64_t nh,
-               int64_t n, int64_t d, Lines ln, T scale) {
+void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, T* probs, const std::vector<T>& g, int64_t b,
+               int64_t nh, int64_t n, int64_t d, Lines ln, T scale) {
   const int64_t L = ln.len, ls = padded(L);
   const std::vector<T> bm = line_bias<T>(g, L, ls);
   const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
@@ -122,7 +124,7 @@ void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const std::ve
   at::parallel_for(0, b * nh * ln.count, 1, [&](int64_t begin, int64_t end) {
     const DenormalsAreZero daz;
     std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), ow(L * ld, T(0));
-    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L), lw(L);
+    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L, T(1)), lw(L);
     std::vector<int64_t> tok(L);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d;
@@ -135,27 +137,32 @@ void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, const std::ve
       }
       gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
       tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
-      softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, inv.data(), lw.data());
+      if (probs) {
+        softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, nullptr);
+        for (int64_t i = 0; i < L; ++i) copy_row(p.data() + i * ls, probs + (t * L + i) * L, L);
+      } else {
+        softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, inv.data(), lw.data());
+      }
       tmm(L, d, L, T(1), p.data(), ls, 1, vw.data(), ld, nullptr, 0, ow.data(), ld);
       for (int64_t i = 0; i < L; ++i) {
         const T* src = ow.data() + i * ld;
         T* dst = out + base + tok[i] * d;
         const T r = inv[i];
         for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
-        lse[bh * n + tok[i]] = lw[i];
+        if (!probs) lse[bh * n + tok[i]] = lw[i];
       }
     }
   });
 }
 
 // Writes (accumulate = false) or adds (true) dq and dk, writes dv (which may alias dout: a line reads its
-// rows of dout before writing them); returns d(log_gamma) per head. The probabilities are recomputed
-// from the forward's log-sum-exps of the pass (lse, raster order) and delta = rowsum(p * dp) (equal to
-// rowsum(out * dout)), so out is not read.
+// rows of dout before writing them); returns d(log_gamma) per head. The probabilities are the forward's
+// (probs, as lines_fwd saves them) or, without them, recomputed from its log-sum-exps of the pass (lse,
+// raster order); delta = rowsum(p * dp) (equal to rowsum(out * dout)), so out is not read.
 template <typename T>
-std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, const T* lse, T* dq, T* dk, T* dv,
-                         const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln, T scale,
-                         bool accumulate) {
+std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* probs, T* dq,
+                         T* dk, T* dv, const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln,
+                         T scale, bool accumulate) {
   const int64_t L = ln.len, ls = padded(L);
   const std::vector<T> bm = line_bias<T>(g, L, ls);
   const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
@@ -166,32 +173,34 @@ std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, cons
     const DenormalsAreZero daz;
     std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), gw(L * ld, T(0));
     std::vector<T> dqw(L * ld, T(0)), dkw(L * ld, T(0)), dvw(L * ld, T(0));
-    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
+    std::vector<T> kt(tmm.fast && !probs ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
     std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0)), lw(L);
     std::vector<int64_t> tok(L);
     T* part = parts.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * L * ls;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d, head = bh % nh;
-      for (int64_t i = 0; i < L; ++i) {
-        tok[i] = tok0 + i * ln.tok_step;
-        lw[i] = lse[bh * n + tok[i]];
-      }
+      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
       gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
       gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
       gather<T>(dout + base, tok.data(), L, d, gw.data(), ld);
       if (tmm.fast) {
-        gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
         gather_t<T>(v + base, tok.data(), L, d, vt.data(), ls);
       } else {
         gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
       }
-      tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
-      exp_rows(p.data(), bm.data() + head * L * ls, lw.data(), L, L, ls);
+      if (probs) {
+        for (int64_t i = 0; i < L; ++i) copy_row(probs + (t * L + i) * L, p.data() + i * ls, L);
+      } else {
+        for (int64_t i = 0; i < L; ++i) lw[i] = lse[bh * n + tok[i]];
+        if (tmm.fast) gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
+        tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
+        exp_rows(p.data(), bm.data() + head * L * ls, lw.data(), L, L, ls);
+      }
       tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
       tmm(L, L, d, T(1), gw.data(), ld, 1, tmm.fast ? vt.data() : nullptr, ls, vw.data(), ld, dp.data(), ls);
-      softmax_grad_rows(p.data(), dp.data(), part + head * L * ls, L, L, ls);
-      tmm(L, d, L, scale, dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
-      tmm(L, d, L, scale, dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
+      softmax_grad_rows(p.data(), dp.data(), part + head * L * ls, L, L, ls, scale);
+      tmm(L, d, L, T(1), dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
+      tmm(L, d, L, T(1), dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
       if (accumulate) {
         scatter_add<T>(dqw.data(), ld, tok.data(), L, d, dq + base);
         scatter_add<T>(dkw.data(), ld, tok.data(), L, d, dk + base);
@@ -214,32 +223,51 @@ std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, cons
   return dlg;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
-                                                   const Tensor& lg, int64_t h, int64_t w, double scale) {
+// The decomposed forward: the rows pass (q, k, v -> mid), then the columns pass (q, k, mid -> out).
+// Returns (out, mid, saved row pass, saved column pass): the log-sum-exps (B, heads, H*W) of each pass or,
+// with save_probs, its probabilities, (B, heads, H, W, W) for the rows and (B, heads, W, H, H) for the
+// columns.
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                                       const Tensor& lg, int64_t h, int64_t w, double scale,
+                                                       bool save_probs) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
   Tensor mid = at::empty_like(q), out = at::empty_like(q);
-  Tensor lse_row = at::empty({b, nh, n}, q.options()), lse_col = at::empty({b, nh, n}, q.options());
+  Tensor row = save_probs ? at::empty({b, nh, h, w, w}, q.options()) : at::empty({b, nh, n}, q.options());
+  Tensor col = save_probs ? at::empty({b, nh, w, h, h}, q.options()) : at::empty({b, nh, n}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decay_dec_fwd", [&] {
     using T = scalar_t;
     const std::vector<T> g = gammas<T>(lg);
     const T s = static_cast<T>(scale);
-    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mid.data_ptr<T>(), lse_row.data_ptr<T>(), g, b,
-                 nh, n, d, rows_of(h, w), s);
-    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), out.data_ptr<T>(), lse_col.data_ptr<T>(), g, b,
-                 nh, n, d, cols_of(h, w), s);
+    T *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
+    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mid.data_ptr<T>(), save_probs ? nullptr : rp,
+                 save_probs ? rp : nullptr, g, b, nh, n, d, rows_of(h, w), s);
+    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), out.data_ptr<T>(), save_probs ? nullptr : cp,
+                 save_probs ? cp : nullptr, g, b, nh, n, d, cols_of(h, w), s);
   });
-  return {out, mid, lse_row, lse_col};
+  return {out, mid, row, col};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
-                                                   const Tensor& v_, const Tensor& lg, const Tensor& mid_,
-                                                   const Tensor& lse_row_, const Tensor& lse_col_, int64_t h,
-                                                   int64_t w, double scale) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const Tensor& lg, int64_t h, int64_t w, double scale) {
+  return dec_forward(q, k, v, lg, h, w, scale, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd_train(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                         const Tensor& lg, int64_t h, int64_t w, double scale) {
+  return dec_forward(q, k, v, lg, h, w, scale, true);
+}
+
+// The decomposed backward from what dec_forward saved: log-sum-exps (probs = false) or probabilities.
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_backward(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
+                                                        const Tensor& v_, const Tensor& lg, const Tensor& mid_,
+                                                        const Tensor& row_, const Tensor& col_, int64_t h, int64_t w,
+                                                        double scale, bool probs) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  // the probabilities are recomputed from q, k, the decay and the log-sum-exps, so out is not read
+  // the probabilities are the saved ones or recomputed from q, k, the decay and the log-sum-exps, so out
+  // is not read
   Tensor grad = grad_.to(q.scalar_type()).contiguous(), mid = mid_.contiguous();
-  Tensor lse_row = lse_row_.to(q.scalar_type()).contiguous(), lse_col = lse_col_.to(q.scalar_type()).contiguous();
+  Tensor row = row_.to(q.scalar_type()).contiguous(), col = col_.to(q.scalar_type()).contiguous();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
   // Each pass covers every token once: the columns pass writes dq, dk and d(mid), the rows pass adds to
   // dq, dk and overwrites d(mid) with dv line by line (a line reads its d(mid) rows before writing them).
@@ -249,16 +277,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad_, const Te
     using T = scalar_t;
     const std::vector<T> g = gammas<T>(lg);
     const T s = static_cast<T>(scale);
+    const T *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
     const std::vector<T> dcol = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), grad.data_ptr<T>(),
-                                             lse_col.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
-                                             cols_of(h, w), s, false);
+                                             probs ? nullptr : cp, probs ? cp : nullptr, dq.data_ptr<T>(),
+                                             dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d, cols_of(h, w), s, false);
     const std::vector<T> drow = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dv.data_ptr<T>(),
-                                             lse_row.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d,
-                                             rows_of(h, w), s, true);
+                                             probs ? nullptr : rp, probs ? rp : nullptr, dq.data_ptr<T>(),
+                                             dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d, rows_of(h, w), s, true);
     T* dp = dlg.data_ptr<T>();
     for (int64_t head = 0; head < nh; ++head) dp[head] = dcol[head] + drow[head];
   });
   return {dq, dk, dv, dlg};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Tensor& lg, const Tensor& mid,
+                                                   const Tensor& lse_row, const Tensor& lse_col, int64_t h, int64_t w,
+                                                   double scale) {
+  return dec_backward(grad, q, k, v, lg, mid, lse_row, lse_col, h, w, scale, false);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd_probs(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                         const Tensor& v, const Tensor& lg, const Tensor& mid,
+                                                         const Tensor& p_row, const Tensor& p_col, int64_t h,
+                                                         int64_t w, double scale) {
+  return dec_backward(grad, q, k, v, lg, mid, p_row, p_col, h, w, scale, true);
 }
 
 }  // namespace FUSIONBLOCKS_ISA

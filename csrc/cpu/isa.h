@@ -46,6 +46,24 @@ struct Kernels {
                                                            const Tensor& v, const std::optional<Tensor>& table,
                                                            int64_t h, int64_t w, int64_t ws, int64_t shift,
                                                            double scale);
+  // The training forms: the forward also saves the softmax probabilities, which the backward reads
+  // instead of recomputing them (one tile product and the exponentials fewer).
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*decay_dec_fwd_train)(const Tensor& q, const Tensor& k,
+                                                                    const Tensor& v, const Tensor& lg, int64_t h,
+                                                                    int64_t w, double scale);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*decay_dec_bwd_probs)(const Tensor& grad, const Tensor& q,
+                                                                    const Tensor& k, const Tensor& v,
+                                                                    const Tensor& lg, const Tensor& mid,
+                                                                    const Tensor& p_row, const Tensor& p_col,
+                                                                    int64_t h, int64_t w, double scale);
+  std::tuple<Tensor, Tensor> (*window_fwd_train)(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& table, int64_t h, int64_t w, int64_t ws,
+                                                 int64_t shift, double scale);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*window_bwd_probs)(const Tensor& grad, const Tensor& q,
+                                                                 const Tensor& k, const Tensor& v,
+                                                                 const Tensor& probs,
+                                                                 const std::optional<Tensor>& table, int64_t h,
+                                                                 int64_t w, int64_t ws, int64_t shift, double scale);
 };
 
 // The table of each variant; nullptr where this build has none (non-x86 targets, compilers without

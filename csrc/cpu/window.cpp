@@ -48,10 +48,32 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad, const 
   return active_kernels().window_bwd(grad, q, k, v, table, h, w, ws, shift, scale);
 }
 
+std::tuple<Tensor, Tensor> window_fwd_train(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::optional<Tensor>& table, int64_t h, int64_t w, int64_t ws,
+                                            int64_t shift, double scale) {
+  check_inputs(q, k, v, table, h, w, ws, shift);
+  return active_kernels().window_fwd_train(q, k, v, table, h, w, ws, shift, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd_probs(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                            const Tensor& v, const Tensor& probs,
+                                                            const std::optional<Tensor>& table, int64_t h, int64_t w,
+                                                            int64_t ws, int64_t shift, double scale) {
+  check_inputs(q, k, v, table, h, w, ws, shift);
+  const int64_t nwin = (h / ws) * (w / ws), len = ws * ws;
+  TORCH_CHECK(probs.dim() == 5 && probs.size(0) == q.size(0) && probs.size(1) == q.size(1) &&
+                  probs.size(2) == nwin && probs.size(3) == len && probs.size(4) == len,
+              "window_attention(cpp): expected probs of shape (B, heads, windows, ws*ws, ws*ws) = (", q.size(0), ", ",
+              q.size(1), ", ", nwin, ", ", len, ", ", len, "), got ", probs.sizes());
+  return active_kernels().window_bwd_probs(grad, q, k, v, probs, table, h, w, ws, shift, scale);
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fusionblocks
 TORCH_LIBRARY_IMPL(fusionblocks_C, CPU, m) {
   m.impl("window_fwd", &fusionblocks::cpu::window_fwd);
   m.impl("window_bwd", &fusionblocks::cpu::window_bwd);
+  m.impl("window_fwd_train", &fusionblocks::cpu::window_fwd_train);
+  m.impl("window_bwd_probs", &fusionblocks::cpu::window_bwd_probs);
 }

@@ -116,13 +116,17 @@ std::vector<int64_t> window_tokens(const WindowGeometry& g) {
   return tok;
 }
 
-Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const std::optional<Tensor>& table_,
-                  int64_t h, int64_t w, int64_t ws, int64_t shift, double scale) {
+// The forward of every window; with save_probs also its softmax probabilities, (B, heads, windows, L, L)
+// (what the backward reads instead of recomputing them), else an empty tensor.
+std::tuple<Tensor, Tensor> window_forward(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                          const std::optional<Tensor>& table_, int64_t h, int64_t w, int64_t ws,
+                                          int64_t shift, double scale, bool save_probs) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   Tensor table = table_.has_value() ? table_->to(q.scalar_type()).contiguous() : Tensor();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
   const WindowGeometry g(h, w, ws, shift);
   Tensor out = at::empty_like(q);
+  Tensor probs = at::empty({save_probs ? b : 0, nh, g.nwin, g.len, g.len}, q.options());
   const std::vector<int32_t> rel = rel_indices(g);
   const std::vector<int64_t> tok = window_tokens(g);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_fwd", [&] {
@@ -131,12 +135,13 @@ Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const st
     const BiasMatrices<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
     T* op = out.data_ptr<T>();
+    T* pp = save_probs ? probs.data_ptr<T>() : nullptr;
     const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
     const int64_t ld = tmm.fast ? padded(d) : d;
     at::parallel_for(0, b * nh * g.nwin, 1, [&](int64_t begin, int64_t end) {
       const DenormalsAreZero daz;
       std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), ow(L * ld, T(0));
-      std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L);
+      std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L, T(1));
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / g.nwin, win = t % g.nwin, base = bh * n * d;
         const int64_t* tk = tok.data() + win * L;
@@ -148,8 +153,12 @@ Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const st
         }
         gather<T>(vp + base, tk, L, d, vw.data(), ld);
         const T* bias = bm.of(window_kind(g, win), bh % nh);
+        // saved probabilities are normalized before the product (the backward needs them so); otherwise
+        // the rows of the output are scaled instead, L x d multiplications rather than L x L
         window_probs<T>(tmm, qw.data(), kw.data(), tmm.fast ? kt.data() : nullptr, ld, bias, L, ls, d,
-                        static_cast<T>(scale), p.data(), inv.data());
+                        static_cast<T>(scale), p.data(), pp ? nullptr : inv.data());
+        if (pp)
+          for (int64_t l = 0; l < L; ++l) copy_row(p.data() + l * ls, pp + (t * L + l) * L, L);
         tmm(L, d, L, T(1), p.data(), ls, 1, vw.data(), ld, nullptr, 0, ow.data(), ld);
         T* o = op + base;
         for (int64_t l = 0; l < L; ++l) {
@@ -161,14 +170,29 @@ Tensor window_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_, const st
       }
     });
   });
-  return out;
+  return {out, probs};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
-                                                      const Tensor& v_, const std::optional<Tensor>& table_, int64_t h,
-                                                      int64_t w, int64_t ws, int64_t shift, double scale) {
+Tensor window_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& table, int64_t h,
+                  int64_t w, int64_t ws, int64_t shift, double scale) {
+  return std::get<0>(window_forward(q, k, v, table, h, w, ws, shift, scale, false));
+}
+
+std::tuple<Tensor, Tensor> window_fwd_train(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::optional<Tensor>& table, int64_t h, int64_t w, int64_t ws,
+                                            int64_t shift, double scale) {
+  return window_forward(q, k, v, table, h, w, ws, shift, scale, true);
+}
+
+// The backward of every window, from the forward's probabilities when given (probs_, as window_fwd_train
+// saves them), else recomputing them from q, k and the bias.
+std::tuple<Tensor, Tensor, Tensor, Tensor> window_backward(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
+                                                           const Tensor& v_, const Tensor* probs_,
+                                                           const std::optional<Tensor>& table_, int64_t h, int64_t w,
+                                                           int64_t ws, int64_t shift, double scale) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   Tensor grad = grad_.to(q.scalar_type()).contiguous();
+  Tensor probs = probs_ ? probs_->to(q.scalar_type()).contiguous() : Tensor();
   Tensor table = table_.has_value() ? table_->to(q.scalar_type()).contiguous() : Tensor();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
   const WindowGeometry g(h, w, ws, shift);
@@ -182,8 +206,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
   const std::vector<int64_t> tok = window_tokens(g);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "window_bwd", [&] {
     using T = scalar_t;
-    const BiasMatrices<T> bm = bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
+    const bool saved = probs.defined();
+    const BiasMatrices<T> bm =
+        saved ? BiasMatrices<T>{} : bias_matrices<T>(g, rel, nh, table.defined() ? table.data_ptr<T>() : nullptr, ls);
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *gp = grad.data_ptr<T>();
+    const T* prp = saved ? probs.data_ptr<T>() : nullptr;
     T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
     T* pp = table.defined() ? parts.data_ptr<T>() : nullptr;
     const T sc = static_cast<T>(scale);
@@ -193,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
       const DenormalsAreZero daz;
       std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), gw(L * ld, T(0));
       std::vector<T> dqw(L * ld, T(0)), dkw(L * ld, T(0)), dvw(L * ld, T(0));
-      std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
+      std::vector<T> kt(tmm.fast && !saved ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
       std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0));
       T* part = pp ? pp + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * L * ls : nullptr;
       for (int64_t t = begin; t < end; ++t) {
@@ -203,19 +230,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
         gather<T>(kp + base, tk, L, d, kw.data(), ld);
         gather<T>(gp + base, tk, L, d, gw.data(), ld);
         if (tmm.fast) {
-          gather_t<T>(kp + base, tk, L, d, kt.data(), ls);
           gather_t<T>(vp + base, tk, L, d, vt.data(), ls);
         } else {
           gather<T>(vp + base, tk, L, d, vw.data(), ld);
         }
-        const T* bias = bm.of(window_kind(g, win), head);
-        window_probs<T>(tmm, qw.data(), kw.data(), tmm.fast ? kt.data() : nullptr, ld, bias, L, ls, d, sc, p.data(),
-                        nullptr);
+        if (saved) {
+          for (int64_t l = 0; l < L; ++l) copy_row(prp + (t * L + l) * L, p.data() + l * ls, L);
+        } else {
+          if (tmm.fast) gather_t<T>(kp + base, tk, L, d, kt.data(), ls);
+          window_probs<T>(tmm, qw.data(), kw.data(), tmm.fast ? kt.data() : nullptr, ld,
+                          bm.of(window_kind(g, win), head), L, ls, d, sc, p.data(), nullptr);
+        }
         tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
         tmm(L, L, d, T(1), gw.data(), ld, 1, tmm.fast ? vt.data() : nullptr, ls, vw.data(), ld, dp.data(), ls);
-        softmax_grad_rows(p.data(), dp.data(), part ? part + head * L * ls : nullptr, L, L, ls);
-        tmm(L, d, L, sc, dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
-        tmm(L, d, L, sc, dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
+        softmax_grad_rows(p.data(), dp.data(), part ? part + head * L * ls : nullptr, L, L, ls, sc);
+        tmm(L, d, L, T(1), dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
+        tmm(L, d, L, T(1), dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
         scatter<T>(dqw.data(), ld, tk, L, d, dqp + base);
         scatter<T>(dkw.data(), ld, tk, L, d, dkp + base);
         scatter<T>(dvw.data(), ld, tk, L, d, dvp + base);
@@ -232,6 +262,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
     }
   });
   return {dq, dk, dv, dtable};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const std::optional<Tensor>& table, int64_t h,
+                                                      int64_t w, int64_t ws, int64_t shift, double scale) {
+  return window_backward(grad, q, k, v, nullptr, table, h, w, ws, shift, scale);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd_probs(const Tensor& grad, const Tensor& q, const Tensor& k,
+                                                            const Tensor& v, const Tensor& probs,
+                                                            const std::optional<Tensor>& table, int64_t h, int64_t w,
+                                                            int64_t ws, int64_t shift, double scale) {
+  return window_backward(grad, q, k, v, &probs, table, h, w, ws, shift, scale);
 }
 
 }  // namespace FUSIONBLOCKS_ISA

@@ -1,8 +1,13 @@
 """C++ CPU backends (``cpp``) of ``decay_attention`` and ``window_attention``, from ``fusionblocks._C``.
 
 The kernels (``csrc/cpu``) stream over key blocks with an online softmax and compute the decay, the
-relative-position bias and the shift mask from token indices, so memory stays O(N * D): the forward
-saves one log-sum-exp per query and the backward recomputes the probabilities. ``at::parallel_for``
+relative-position bias and the shift mask from token indices. The full decay keeps memory O(N * D): its
+forward saves one log-sum-exp per query and the backward recomputes the probabilities. The decomposed
+decay and window attention have small attention tiles (one line, one window), whose probabilities are
+no larger than what the reference saves: when autograd records the call, their training forms
+(``decay_dec_fwd_train``, ``window_fwd_train``) save them and the backward reads them back, which spares
+the backward one of its five tile products and the exponentials; under ``no_grad`` nothing but the
+output is written. ``at::parallel_for``
 spreads batch x heads x query blocks (forward) or batch x heads / lines / windows (backward) over the
 intra-op threads (``torch.set_num_threads``).
 
@@ -19,7 +24,8 @@ call) forces one, so each variant can be tested and benchmarked on the machine a
 :func:`current_isa` names the variant the next call uses and :func:`supported_isas` those this machine
 runs. Asking for a variant the CPU lacks is an error naming what it lacks, never a silent fallback.
 
-The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` with TORCH_LIBRARY
+The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` (and the training
+forms ``{decay_dec,window}_fwd_train`` / ``{decay_dec,window}_bwd_probs``) with TORCH_LIBRARY
 schemas; their fake (meta) kernels and autograd formulas are registered here, so they trace under
 ``torch.compile`` and pass ``torch.library.opcheck``. When the extension is not built, the backends
 stay registered and ``fusionblocks.ops.explain`` says how to build it.
@@ -195,6 +201,26 @@ if _C is not None:
         table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
         return _fake_like(q), _fake_like(q), _fake_like(q), table
 
+    @torch.library.register_fake("fusionblocks_C::decay_dec_fwd_train")
+    def _decay_dec_fwd_train_fake(q, k, v, log_gamma, H, W, scale):
+        b, nh = q.shape[:2]
+        return _fake_like(q), _fake_like(q), _fake_like(q, (b, nh, H, W, W)), _fake_like(q, (b, nh, W, H, H))
+
+    @torch.library.register_fake("fusionblocks_C::decay_dec_bwd_probs")
+    def _decay_dec_bwd_probs_fake(grad, q, k, v, log_gamma, mid, p_row, p_col, H, W, scale):
+        return _fake_like(q), _fake_like(q), _fake_like(q), _fake_like(q, (q.shape[1],))
+
+    @torch.library.register_fake("fusionblocks_C::window_fwd_train")
+    def _window_fwd_train_fake(q, k, v, bias_table, H, W, window_size, shift, scale):
+        nwin = (H // window_size) * (W // window_size)
+        ll = window_size * window_size
+        return _fake_like(q), _fake_like(q, (*q.shape[:2], nwin, ll, ll))
+
+    @torch.library.register_fake("fusionblocks_C::window_bwd_probs")
+    def _window_bwd_probs_fake(grad, q, k, v, probs, bias_table, H, W, window_size, shift, scale):
+        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
+        return _fake_like(q), _fake_like(q), _fake_like(q), table
+
     # ---- autograd: the backward ops recompute from the saved log-sum-exp ----
     def _decay_full_setup(ctx, inputs, output):
         q, k, v, log_gamma, H, W, scale = inputs
@@ -232,18 +258,53 @@ if _C is not None:
         dq, dk, dv, dtable = _ops.window_bwd(grad_out, q, k, v, table, *ctx.args)
         return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
 
+    # ---- the training forms: the backward reads the probabilities the forward saved ----
+    def _decay_dec_train_setup(ctx, inputs, output):
+        q, k, v, log_gamma, H, W, scale = inputs
+        out, mid, p_row, p_col = output
+        ctx.save_for_backward(q, k, v, log_gamma, mid, p_row, p_col)
+        ctx.args = (H, W, scale)
+
+    def _decay_dec_train_backward(ctx, grad_out, grad_mid, grad_p_row, grad_p_col):
+        q, k, v, log_gamma, mid, p_row, p_col = ctx.saved_tensors
+        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
+        dq, dk, dv, dlg = _ops.decay_dec_bwd_probs(grad_out, q, k, v, log_gamma, mid, p_row, p_col, *ctx.args)
+        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
+
+    def _window_train_setup(ctx, inputs, output):
+        q, k, v, bias_table, H, W, window_size, shift, scale = inputs
+        ctx.has_table = bias_table is not None
+        ctx.save_for_backward(q, k, v, output[1], bias_table if bias_table is not None else q.new_empty(0))
+        ctx.args = (H, W, window_size, shift, scale)
+
+    def _window_train_backward(ctx, grad_out, grad_probs):
+        q, k, v, probs, table = ctx.saved_tensors
+        table = table if ctx.has_table else None
+        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
+        dq, dk, dv, dtable = _ops.window_bwd_probs(grad_out, q, k, v, probs, table, *ctx.args)
+        return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
+
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(
             "fusionblocks cpp/cuda attention kernels have no double backward (gradients of gradients); "
             "use backend='reference' for that"
         )
 
-    for _bwd in ("decay_full_bwd", "decay_dec_bwd", "window_bwd"):
+    for _bwd in ("decay_full_bwd", "decay_dec_bwd", "window_bwd", "decay_dec_bwd_probs", "window_bwd_probs"):
         torch.library.register_autograd(f"fusionblocks_C::{_bwd}", _no_double_backward)
 
     torch.library.register_autograd("fusionblocks_C::decay_full_fwd", _decay_full_backward, setup_context=_decay_full_setup)
     torch.library.register_autograd("fusionblocks_C::decay_dec_fwd", _decay_dec_backward, setup_context=_decay_dec_setup)
     torch.library.register_autograd("fusionblocks_C::window_fwd", _window_backward, setup_context=_window_setup)
+    torch.library.register_autograd("fusionblocks_C::decay_dec_fwd_train", _decay_dec_train_backward,
+                                    setup_context=_decay_dec_train_setup)
+    torch.library.register_autograd("fusionblocks_C::window_fwd_train", _window_train_backward,
+                                    setup_context=_window_train_setup)
+
+
+def _training(*tensors) -> bool:
+    """Whether autograd records this call: then the training forms run, which save the probabilities."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_decay_cpp(q, k, v, log_gamma, *, hw, mode, scale, auto: bool = False) -> List[str]:
@@ -280,6 +341,8 @@ def decay_attention_cpp(
     args = (q.to(ct), k.to(ct), v.to(ct), log_gamma.to(ct), h, w, scale)
     if mode == "full":
         out = _ops.decay_full_fwd(*args)[0]
+    elif _training(q, k, v, log_gamma):
+        out = _ops.decay_dec_fwd_train(*args)[0]
     else:
         out = _ops.decay_dec_fwd(*args)[0]
     return out.to(q.dtype)
@@ -308,5 +371,9 @@ def window_attention_cpp(
     h, w = hw
     ct = COMPUTE_DTYPES[q.dtype]
     table = None if bias_table is None else bias_table.to(ct)
-    out = _ops.window_fwd(q.to(ct), k.to(ct), v.to(ct), table, h, w, window_size, shift, scale)
+    args = (q.to(ct), k.to(ct), v.to(ct), table, h, w, window_size, shift, scale)
+    if _training(q, k, v, bias_table):
+        out = _ops.window_fwd_train(*args)[0]
+    else:
+        out = _ops.window_fwd(*args)
     return out.to(q.dtype)

@@ -290,6 +290,97 @@ def test_isa_window_parity(isa, dtype, ws, shift, hw, b, d, bias, noncontig):
     )
 
 
+# The training forms save the probabilities and the backward reads them; the plain forward ops keep a
+# backward that recomputes them (what a direct call of torch.ops.fusionblocks_C.*_fwd differentiates).
+# Both routes, on every variant, against the reference.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("route", ["saved", "recomputed"])
+@pytest.mark.parametrize("hw, d", [((7, 13), 12), ((57, 3), 24)])
+def test_isa_decomposed_backward_routes(isa, dtype, route, hw, d):
+    inputs = _decay_case("decomposed", hw, 2, 2, d)
+    with torch.no_grad():
+        inputs[3].mul_(40)
+    ops = torch.ops.fusionblocks_C
+    op = ops.decay_dec_fwd_train if route == "saved" else ops.decay_dec_fwd
+    scale = d ** -0.5
+    _isa_parity(
+        lambda *a: reference.decay_attention(*a, hw=hw, mode="decomposed", scale=scale),
+        lambda *a: op(*a, hw[0], hw[1], scale)[0],
+        inputs, dtype,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("route", ["saved", "recomputed"])
+@pytest.mark.parametrize("ws, shift, hw, d, bias", [(7, 3, (14, 21), 32, True), (5, 2, (10, 15), 20, False)])
+def test_isa_window_backward_routes(isa, dtype, route, ws, shift, hw, d, bias):
+    inputs = _window_case(ws, hw, 2, 3, d, bias)
+    ops = torch.ops.fusionblocks_C
+    scale = d ** -0.5
+
+    def fast(q, k, v, table):
+        if route == "saved":
+            return ops.window_fwd_train(q, k, v, table, hw[0], hw[1], ws, shift, scale)[0]
+        return ops.window_fwd(q, k, v, table, hw[0], hw[1], ws, shift, scale)
+
+    _isa_parity(lambda *a: reference.window_attention(*a, hw=hw, window_size=ws, shift=shift, scale=scale), fast,
+                inputs, dtype)
+
+
+@needs_ext
+def test_training_forms_run_only_when_autograd_records(monkeypatch):
+    """Under no_grad (or with no input requiring grad) the plain forward runs and no probabilities are
+    written; when autograd records the call, the training form runs and its probabilities are what the
+    backward reads."""
+    called = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            called.append(name)
+            return getattr(torch.ops.fusionblocks_C, name)
+
+    monkeypatch.setattr(cpp, "_ops", Recorder())
+    q, k, v, lg = _decay_case("decomposed", (5, 6), 1, 2, 8, torch.float32)
+    _, _, _, table = _window_case(2, (4, 6), 1, 2, 8, True, torch.float32)
+    qw, kw, vw = (t[:, :, :24].detach().clone().requires_grad_() for t in (q, k, v))
+    with torch.no_grad():
+        decay_attention(q, k, v, lg, hw=(5, 6), mode="decomposed", backend="cpp")
+        window_attention(qw, kw, vw, table, hw=(4, 6), window_size=2, shift=1, backend="cpp")
+    decay_attention(*(t.detach() for t in (q, k, v, lg)), hw=(5, 6), mode="decomposed", backend="cpp")
+    assert called == ["decay_dec_fwd", "window_fwd", "decay_dec_fwd"]
+    called.clear()
+    out = decay_attention(q, k, v, lg, hw=(5, 6), mode="decomposed", backend="cpp")
+    assert "decay_dec_fwd_train" in out.grad_fn.name()
+    out = window_attention(qw, kw, vw, table, hw=(4, 6), window_size=2, shift=1, backend="cpp")
+    assert "window_fwd_train" in out.grad_fn.name()
+    assert called == ["decay_dec_fwd_train", "window_fwd_train"]
+
+
+@needs_ext
+def test_saved_probabilities_are_the_softmax():
+    """What the training forms save: each window's / line's normalized softmax probabilities, rows summing
+    to one, and the same tensor the reference forms (checked through the window layout)."""
+    ops = torch.ops.fusionblocks_C
+    q, k, v, table = (t.detach() for t in _window_case(3, (6, 9), 2, 2, 8, True))
+    out, probs = ops.window_fwd_train(q, k, v, table, 6, 9, 3, 1, 0.5)
+    assert probs.shape == (2, 2, 6, 9, 9)
+    torch.testing.assert_close(out, ops.window_fwd(q, k, v, table, 6, 9, 3, 1, 0.5), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 6, 9, dtype=probs.dtype))
+    # window 0 of an unshifted grid holds tokens (y, x) with y, x < 3: its probabilities by hand
+    _, probs0 = ops.window_fwd_train(q, k, v, table, 6, 9, 3, 0, 0.5)
+    tok = torch.tensor([y * 9 + x for y in range(3) for x in range(3)])
+    rel = torch.tensor([[(i // 3 - j // 3 + 2) * 5 + (i % 3 - j % 3 + 2) for j in range(9)] for i in range(9)])
+    s = 0.5 * q[:, :, tok] @ k[:, :, tok].transpose(-1, -2) + table[rel].permute(2, 0, 1)
+    torch.testing.assert_close(probs0[:, :, 0], s.softmax(-1), rtol=1e-12, atol=1e-12)
+    q, k, v, lg = (t.detach() for t in _decay_case("decomposed", (4, 7), 1, 2, 8))
+    out, mid, p_row, p_col = ops.decay_dec_fwd_train(q, k, v, lg, 4, 7, 0.5)
+    assert p_row.shape == (1, 2, 4, 7, 7) and p_col.shape == (1, 2, 7, 4, 4)
+    torch.testing.assert_close(out, ops.decay_dec_fwd(q, k, v, lg, 4, 7, 0.5)[0], rtol=1e-12, atol=1e-12)
+    dist = (torch.arange(7)[:, None] - torch.arange(7)[None]).abs().double()
+    row0 = 0.5 * q[:, :, :7] @ k[:, :, :7].transpose(-1, -2) + lg[:, None, None] * dist
+    torch.testing.assert_close(p_row[:, :, 0], row0.softmax(-1), rtol=1e-12, atol=1e-12)
+
+
 @needs_ext
 def test_isa_switch():
     names = cpp.supported_isas()
@@ -382,6 +473,18 @@ def test_opcheck():
     torch.library.opcheck(ops.decay_dec_bwd, (torch.randn_like(out), q, k, v, lg, out, mid, lse_r, lse_c, 4, 2, 0.5))
     torch.library.opcheck(ops.window_bwd, (torch.randn_like(out), q, k, v, table, 4, 2, 2, 1, 0.5))
     torch.library.opcheck(ops.window_bwd, (torch.randn_like(out), q, k, v, None, 4, 2, 2, 0, 0.5))
+    torch.library.opcheck(ops.decay_dec_fwd_train, (q, k, v, lg, 4, 2, 0.5))
+    out, mid, p_row, p_col = ops.decay_dec_fwd_train(q, k, v, lg, 4, 2, 0.5)
+    torch.library.opcheck(ops.decay_dec_bwd_probs, (torch.randn_like(out), q, k, v, lg, mid, p_row, p_col, 4, 2, 0.5))
+    qg, kg, vg, tg = (t.detach().requires_grad_() for t in (q, k, v, table))
+    torch.library.opcheck(ops.window_fwd_train, (qg, kg, vg, tg, 4, 2, 2, 1, 0.5))
+    out, probs = ops.window_fwd_train(q, k, v, table, 4, 2, 2, 1, 0.5)
+    torch.library.opcheck(ops.window_bwd_probs, (torch.randn_like(out), q, k, v, probs, table, 4, 2, 2, 1, 0.5))
+    torch.library.opcheck(ops.window_bwd_probs, (torch.randn_like(out), q, k, v, probs, None, 4, 2, 2, 1, 0.5))
+    with pytest.raises(RuntimeError, match=r"expected probs of shape \(B, heads, windows, ws\*ws, ws\*ws\)"):
+        ops.window_bwd_probs(torch.randn_like(out), q, k, v, probs[:, :, :1], table, 4, 2, 2, 1, 0.5)
+    with pytest.raises(RuntimeError, match="expected p_col of shape"):
+        ops.decay_dec_bwd_probs(torch.randn_like(out), q, k, v, lg, mid, p_row, p_row, 4, 2, 0.5)
 
 
 @needs_ext
