@@ -95,132 +95,153 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_bwd(const Tensor& grad_, const T
 // Line `l` starts at token `l * line_start` and steps `tok_step` tokens per position.
 struct Lines {
   int64_t count, len, line_start, tok_step;
+  int64_t token(int64_t l, int64_t i) const { return l * line_start + i * tok_step; }
 };
 
 Lines rows_of(int64_t h, int64_t w) { return {h, w, w, 1}; }
 Lines cols_of(int64_t h, int64_t w) { return {w, h, 1, w}; }
 
-// lg[head] * |i - j| of every head as len x len matrices with rows padded to ls: (nh, len, ls)
+// What every line of one pass shares: the geometry, lg[head] * |i - j| of every head as len x len
+// matrices with rows padded to ls (nh, len, ls), and the tile layout.
 template <typename T>
-std::vector<T> line_bias(const std::vector<T>& g, int64_t len, int64_t ls) {
-  const int64_t nh = static_cast<int64_t>(g.size());
-  std::vector<T> m(nh * len * ls, T(0));
-  for (int64_t head = 0; head < nh; ++head)
-    for (int64_t i = 0; i < len; ++i)
-      for (int64_t j = 0; j < len; ++j) m[(head * len + i) * ls + j] = g[head] * static_cast<T>(std::abs(i - j));
-  return m;
+struct LinePass {
+  Lines ln;
+  int64_t n, d, nh, L, ls, ld;
+  T scale;
+  TileMM<T> tmm;
+  std::vector<T> bias;
+  LinePass(Lines ln_, const std::vector<T>& g, int64_t n_, int64_t d_, T scale_)
+      : ln(ln_), n(n_), d(d_), nh(static_cast<int64_t>(g.size())), L(ln_.len), ls(padded(ln_.len)), scale(scale_),
+        tmm{small_mm_fits(d_) && small_mm_fits(ln_.len)} {
+    ld = tmm.fast ? padded(d) : d;
+    bias.assign(nh * L * ls, T(0));
+    for (int64_t head = 0; head < nh; ++head)
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t j = 0; j < L; ++j) bias[(head * L + i) * ls + j] = g[head] * static_cast<T>(std::abs(i - j));
+  }
+  const T* bias_of(int64_t head) const { return bias.data() + head * L * ls; }
+};
+
+// One thread's tiles for the lines of one pass.
+template <typename T>
+struct LineTiles {
+  std::vector<T> qw, kw, vw, gw, ow, dkw, dvw, kt, vt, p, dp, inv, lw;
+  std::vector<int64_t> tok;
+  explicit LineTiles(const LinePass<T>& ps) {
+    const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, td = ps.tmm.fast ? d * ls : 0;
+    for (auto* t : {&qw, &kw, &vw, &gw, &ow, &dkw, &dvw}) t->assign(L * ld, T(0));
+    kt.assign(td, T(0));
+    vt.assign(td, T(0));
+    p.assign(L * ls, T(0));
+    dp.assign(L * ls, T(0));
+    inv.assign(L, T(1));
+    lw.assign(L, T(0));
+    tok.resize(L);
+  }
+  void set_tokens(const Lines& ln, int64_t l) {
+    for (int64_t i = 0; i < ln.len; ++i) tok[i] = ln.token(l, i);
+  }
+};
+
+// The forward of line l of (batch, head) bh: scores, softmax and products in one tile. Saves the
+// log-sum-exp of every query (lse, raster order) or, when `probs` is given, the normalized probabilities
+// instead: (B, heads, lines, len, len).
+template <typename T>
+void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
+              T* out, T* lse, T* probs) {
+  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, base = bh * ps.n * d, t = bh * ps.ln.count + l;
+  const TileMM<T>& tmm = ps.tmm;
+  s.set_tokens(ps.ln, l);
+  const int64_t* tok = s.tok.data();
+  gather<T>(q + base, tok, L, d, s.qw.data(), ld);
+  if (tmm.fast) {
+    gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
+  } else {
+    gather<T>(k + base, tok, L, d, s.kw.data(), ld);
+  }
+  gather<T>(v + base, tok, L, d, s.vw.data(), ld);
+  tmm(L, L, d, ps.scale, s.qw.data(), ld, 1, tmm.fast ? s.kt.data() : nullptr, ls, s.kw.data(), ld, s.p.data(), ls);
+  if (probs) {
+    softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, nullptr);
+    for (int64_t i = 0; i < L; ++i) copy_row(s.p.data() + i * ls, probs + (t * L + i) * L, L);
+  } else {
+    softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, s.inv.data(), s.lw.data());
+  }
+  tmm(L, d, L, T(1), s.p.data(), ls, 1, s.vw.data(), ld, nullptr, 0, s.ow.data(), ld);
+  for (int64_t i = 0; i < L; ++i) {
+    const T* src = s.ow.data() + i * ld;
+    T* dst = out + base + tok[i] * d;
+    const T r = s.inv[i];
+    for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
+    if (!probs) lse[bh * ps.n + tok[i]] = s.lw[i];
+  }
 }
 
-// Each line is one tile: gathered into contiguous buffers, scores, softmax and products in one go.
-// Saves the log-sum-exp of every query (lse, raster order) or, when `probs` is given, the normalized
-// probabilities of every line instead: (B, heads, lines, len, len).
+// The backward of line l of bh: writes (accumulate = false) or adds (true) dq and dk, writes dv (which
+// may alias dout: a line reads its rows of dout before writing them), adds d(score) to the thread's
+// d(bias) (part, (nh, len, ls)). The probabilities are the forward's (probs, as line_fwd saves them) or,
+// without them, recomputed from its log-sum-exps (lse, raster order); delta = rowsum(p * dp) (equal to
+// rowsum(out * dout)), so out is not read.
 template <typename T>
-void lines_fwd(const T* q, const T* k, const T* v, T* out, T* lse, T* probs, const std::vector<T>& g, int64_t b,
-               int64_t nh, int64_t n, int64_t d, Lines ln, T scale) {
-  const int64_t L = ln.len, ls = padded(L);
-  const std::vector<T> bm = line_bias<T>(g, L, ls);
-  const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
-  const int64_t ld = tmm.fast ? padded(d) : d;
-  at::parallel_for(0, b * nh * ln.count, 1, [&](int64_t begin, int64_t end) {
-    const DenormalsAreZero daz;
-    std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), ow(L * ld, T(0));
-    std::vector<T> kt(tmm.fast ? d * ls : 0, T(0)), p(L * ls, T(0)), inv(L, T(1)), lw(L);
-    std::vector<int64_t> tok(L);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d;
-      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
-      gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
-      if (tmm.fast) {
-        gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
-      } else {
-        gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
-      }
-      gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
-      tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
-      if (probs) {
-        softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, nullptr);
-        for (int64_t i = 0; i < L; ++i) copy_row(p.data() + i * ls, probs + (t * L + i) * L, L);
-      } else {
-        softmax_rows(p.data(), bm.data() + (bh % nh) * L * ls, L, L, ls, inv.data(), lw.data());
-      }
-      tmm(L, d, L, T(1), p.data(), ls, 1, vw.data(), ld, nullptr, 0, ow.data(), ld);
-      for (int64_t i = 0; i < L; ++i) {
-        const T* src = ow.data() + i * ld;
-        T* dst = out + base + tok[i] * d;
-        const T r = inv[i];
-        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
-        if (!probs) lse[bh * n + tok[i]] = lw[i];
-      }
-    }
-  });
+void line_bwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
+              const T* dout, const T* lse, const T* probs, T* dq, T* dk, T* dv, bool accumulate, T* part) {
+  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, base = bh * ps.n * d, t = bh * ps.ln.count + l;
+  const int64_t head = bh % ps.nh;
+  const TileMM<T>& tmm = ps.tmm;
+  s.set_tokens(ps.ln, l);
+  const int64_t* tok = s.tok.data();
+  gather<T>(q + base, tok, L, d, s.qw.data(), ld);
+  gather<T>(k + base, tok, L, d, s.kw.data(), ld);
+  gather<T>(dout + base, tok, L, d, s.gw.data(), ld);
+  if (tmm.fast) {
+    gather_t<T>(v + base, tok, L, d, s.vt.data(), ls);
+  } else {
+    gather<T>(v + base, tok, L, d, s.vw.data(), ld);
+  }
+  if (probs) {
+    for (int64_t i = 0; i < L; ++i) copy_row(probs + (t * L + i) * L, s.p.data() + i * ls, L);
+  } else {
+    for (int64_t i = 0; i < L; ++i) s.lw[i] = lse[bh * ps.n + tok[i]];
+    if (tmm.fast) gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
+    tmm(L, L, d, ps.scale, s.qw.data(), ld, 1, tmm.fast ? s.kt.data() : nullptr, ls, s.kw.data(), ld, s.p.data(), ls);
+    exp_rows(s.p.data(), ps.bias_of(head), s.lw.data(), L, L, ls);
+  }
+  tmm(L, d, L, T(1), s.p.data(), 1, ls, s.gw.data(), ld, nullptr, 0, s.dvw.data(), ld);
+  tmm(L, L, d, T(1), s.gw.data(), ld, 1, tmm.fast ? s.vt.data() : nullptr, ls, s.vw.data(), ld, s.dp.data(), ls);
+  softmax_grad_rows(s.p.data(), s.dp.data(), part + head * L * ls, L, L, ls, ps.scale);
+  // dq into ow (free in the backward), dk into dkw
+  tmm(L, d, L, T(1), s.dp.data(), ls, 1, s.kw.data(), ld, nullptr, 0, s.ow.data(), ld);
+  tmm(L, d, L, T(1), s.dp.data(), 1, ls, s.qw.data(), ld, nullptr, 0, s.dkw.data(), ld);
+  if (accumulate) {
+    scatter_add<T>(s.ow.data(), ld, tok, L, d, dq + base);
+    scatter_add<T>(s.dkw.data(), ld, tok, L, d, dk + base);
+  } else {
+    scatter<T>(s.ow.data(), ld, tok, L, d, dq + base);
+    scatter<T>(s.dkw.data(), ld, tok, L, d, dk + base);
+  }
+  scatter<T>(s.dvw.data(), ld, tok, L, d, dv + base);
 }
 
-// Writes (accumulate = false) or adds (true) dq and dk, writes dv (which may alias dout: a line reads its
-// rows of dout before writing them); returns d(log_gamma) per head. The probabilities are the forward's
-// (probs, as lines_fwd saves them) or, without them, recomputed from its log-sum-exps of the pass (lse,
-// raster order); delta = rowsum(p * dp) (equal to rowsum(out * dout)), so out is not read.
+// d(log_gamma) per head from the threads' d(bias) sums of one pass: sum of d(score) * |i - j|.
 template <typename T>
-std::vector<T> lines_bwd(const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* probs, T* dq,
-                         T* dk, T* dv, const std::vector<T>& g, int64_t b, int64_t nh, int64_t n, int64_t d, Lines ln,
-                         T scale, bool accumulate) {
-  const int64_t L = ln.len, ls = padded(L);
-  const std::vector<T> bm = line_bias<T>(g, L, ls);
-  const TileMM<T> tmm{small_mm_fits(d) && small_mm_fits(L)};
-  const int64_t ld = tmm.fast ? padded(d) : d;
-  const int64_t nthreads = at::get_num_threads();
-  std::vector<T> parts(nthreads * nh * L * ls, T(0));
-  at::parallel_for(0, b * nh * ln.count, 1, [&](int64_t begin, int64_t end) {
-    const DenormalsAreZero daz;
-    std::vector<T> qw(L * ld, T(0)), kw(L * ld, T(0)), vw(L * ld, T(0)), gw(L * ld, T(0));
-    std::vector<T> dqw(L * ld, T(0)), dkw(L * ld, T(0)), dvw(L * ld, T(0));
-    std::vector<T> kt(tmm.fast && !probs ? d * ls : 0, T(0)), vt(tmm.fast ? d * ls : 0, T(0));
-    std::vector<T> p(L * ls, T(0)), dp(L * ls, T(0)), lw(L);
-    std::vector<int64_t> tok(L);
-    T* part = parts.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * L * ls;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bh = t / ln.count, l = t % ln.count, tok0 = l * ln.line_start, base = bh * n * d, head = bh % nh;
-      for (int64_t i = 0; i < L; ++i) tok[i] = tok0 + i * ln.tok_step;
-      gather<T>(q + base, tok.data(), L, d, qw.data(), ld);
-      gather<T>(k + base, tok.data(), L, d, kw.data(), ld);
-      gather<T>(dout + base, tok.data(), L, d, gw.data(), ld);
-      if (tmm.fast) {
-        gather_t<T>(v + base, tok.data(), L, d, vt.data(), ls);
-      } else {
-        gather<T>(v + base, tok.data(), L, d, vw.data(), ld);
-      }
-      if (probs) {
-        for (int64_t i = 0; i < L; ++i) copy_row(probs + (t * L + i) * L, p.data() + i * ls, L);
-      } else {
-        for (int64_t i = 0; i < L; ++i) lw[i] = lse[bh * n + tok[i]];
-        if (tmm.fast) gather_t<T>(k + base, tok.data(), L, d, kt.data(), ls);
-        tmm(L, L, d, scale, qw.data(), ld, 1, tmm.fast ? kt.data() : nullptr, ls, kw.data(), ld, p.data(), ls);
-        exp_rows(p.data(), bm.data() + head * L * ls, lw.data(), L, L, ls);
-      }
-      tmm(L, d, L, T(1), p.data(), 1, ls, gw.data(), ld, nullptr, 0, dvw.data(), ld);
-      tmm(L, L, d, T(1), gw.data(), ld, 1, tmm.fast ? vt.data() : nullptr, ls, vw.data(), ld, dp.data(), ls);
-      softmax_grad_rows(p.data(), dp.data(), part + head * L * ls, L, L, ls, scale);
-      tmm(L, d, L, T(1), dp.data(), ls, 1, kw.data(), ld, nullptr, 0, dqw.data(), ld);
-      tmm(L, d, L, T(1), dp.data(), 1, ls, qw.data(), ld, nullptr, 0, dkw.data(), ld);
-      if (accumulate) {
-        scatter_add<T>(dqw.data(), ld, tok.data(), L, d, dq + base);
-        scatter_add<T>(dkw.data(), ld, tok.data(), L, d, dk + base);
-      } else {
-        scatter<T>(dqw.data(), ld, tok.data(), L, d, dq + base);
-        scatter<T>(dkw.data(), ld, tok.data(), L, d, dk + base);
-      }
-      scatter<T>(dvw.data(), ld, tok.data(), L, d, dv + base);
-    }
-  });
-  std::vector<T> dlg(nh, T(0));
+void add_dlg(const LinePass<T>& ps, const std::vector<T>& parts, int64_t nthreads, std::vector<T>& dlg) {
+  const int64_t L = ps.L, ls = ps.ls;
   for (int64_t th = 0; th < nthreads; ++th)
-    for (int64_t head = 0; head < nh; ++head) {
-      const T* db = parts.data() + (th * nh + head) * L * ls;
+    for (int64_t head = 0; head < ps.nh; ++head) {
+      const T* db = parts.data() + (th * ps.nh + head) * L * ls;
       T acc = 0;
       for (int64_t i = 0; i < L; ++i)
         for (int64_t j = 0; j < L; ++j) acc += db[i * ls + j] * static_cast<T>(std::abs(i - j));
       dlg[head] += acc;
     }
-  return dlg;
+}
+
+// Whether each thread takes whole (batch, head) slices, both passes of a slice in a row while its rows
+// are still in cache (the columns pass re-reads what the rows pass read or wrote), or the lines of each
+// pass are spread over the threads: slices unless that leaves the threads more than 20 % idle.
+inline bool slices_per_thread(int64_t slices, int64_t nthreads) {
+  const int64_t per = (slices + nthreads - 1) / nthreads;
+  return per * nthreads * 5 <= slices * 6;
 }
 
 // The decomposed forward: the rows pass (q, k, v -> mid), then the columns pass (q, k, mid -> out).
@@ -238,12 +259,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_forward(const Tensor& q_, const T
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decay_dec_fwd", [&] {
     using T = scalar_t;
     const std::vector<T> g = gammas<T>(lg);
-    const T s = static_cast<T>(scale);
-    T *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
-    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), mid.data_ptr<T>(), save_probs ? nullptr : rp,
-                 save_probs ? rp : nullptr, g, b, nh, n, d, rows_of(h, w), s);
-    lines_fwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), out.data_ptr<T>(), save_probs ? nullptr : cp,
-                 save_probs ? cp : nullptr, g, b, nh, n, d, cols_of(h, w), s);
+    const LinePass<T> rows(rows_of(h, w), g, n, d, static_cast<T>(scale)), cols(cols_of(h, w), g, n, d, static_cast<T>(scale));
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+    T *mp = mid.data_ptr<T>(), *op = out.data_ptr<T>(), *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
+    T *rl = save_probs ? nullptr : rp, *rpr = save_probs ? rp : nullptr;
+    T *cl = save_probs ? nullptr : cp, *cpr = save_probs ? cp : nullptr;
+    if (slices_per_thread(b * nh, at::get_num_threads())) {
+      at::parallel_for(0, b * nh, 1, [&](int64_t begin, int64_t end) {
+        const DenormalsAreZero daz;
+        LineTiles<T> sr(rows), sc(cols);
+        for (int64_t bh = begin; bh < end; ++bh) {
+          for (int64_t l = 0; l < rows.ln.count; ++l) line_fwd<T>(rows, sr, bh, l, qp, kp, vp, mp, rl, rpr);
+          for (int64_t l = 0; l < cols.ln.count; ++l) line_fwd<T>(cols, sc, bh, l, qp, kp, mp, op, cl, cpr);
+        }
+      });
+      return;
+    }
+    for (const bool second : {false, true}) {
+      const LinePass<T>& ps = second ? cols : rows;
+      at::parallel_for(0, b * nh * ps.ln.count, 1, [&](int64_t begin, int64_t end) {
+        const DenormalsAreZero daz;
+        LineTiles<T> s(ps);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t bh = t / ps.ln.count, l = t % ps.ln.count;
+          if (second) {
+            line_fwd<T>(ps, s, bh, l, qp, kp, mp, op, cl, cpr);
+          } else {
+            line_fwd<T>(ps, s, bh, l, qp, kp, vp, mp, rl, rpr);
+          }
+        }
+      });
+    }
   });
   return {out, mid, row, col};
 }
@@ -259,33 +305,66 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd_train(const Tensor& q, const 
 }
 
 // The decomposed backward from what dec_forward saved: log-sum-exps (probs = false) or probabilities.
+// The columns pass writes dq, dk and d(mid) (into dv), the rows pass adds to dq, dk and overwrites
+// d(mid) with dv line by line (a line reads its d(mid) rows before writing them).
 std::tuple<Tensor, Tensor, Tensor, Tensor> dec_backward(const Tensor& grad_, const Tensor& q_, const Tensor& k_,
                                                         const Tensor& v_, const Tensor& lg, const Tensor& mid_,
                                                         const Tensor& row_, const Tensor& col_, int64_t h, int64_t w,
                                                         double scale, bool probs) {
   Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  // the probabilities are the saved ones or recomputed from q, k, the decay and the log-sum-exps, so out
-  // is not read
   Tensor grad = grad_.to(q.scalar_type()).contiguous(), mid = mid_.contiguous();
   Tensor row = row_.to(q.scalar_type()).contiguous(), col = col_.to(q.scalar_type()).contiguous();
   const int64_t b = q.size(0), nh = q.size(1), n = q.size(2), d = q.size(3);
-  // Each pass covers every token once: the columns pass writes dq, dk and d(mid), the rows pass adds to
-  // dq, dk and overwrites d(mid) with dv line by line (a line reads its d(mid) rows before writing them).
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
   Tensor dlg = at::empty({nh}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "decay_dec_bwd", [&] {
     using T = scalar_t;
     const std::vector<T> g = gammas<T>(lg);
-    const T s = static_cast<T>(scale);
-    const T *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
-    const std::vector<T> dcol = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), mid.data_ptr<T>(), grad.data_ptr<T>(),
-                                             probs ? nullptr : cp, probs ? cp : nullptr, dq.data_ptr<T>(),
-                                             dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d, cols_of(h, w), s, false);
-    const std::vector<T> drow = lines_bwd<T>(q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), dv.data_ptr<T>(),
-                                             probs ? nullptr : rp, probs ? rp : nullptr, dq.data_ptr<T>(),
-                                             dk.data_ptr<T>(), dv.data_ptr<T>(), g, b, nh, n, d, rows_of(h, w), s, true);
-    T* dp = dlg.data_ptr<T>();
-    for (int64_t head = 0; head < nh; ++head) dp[head] = dcol[head] + drow[head];
+    const LinePass<T> rows(rows_of(h, w), g, n, d, static_cast<T>(scale)), cols(cols_of(h, w), g, n, d, static_cast<T>(scale));
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *mp = mid.data_ptr<T>();
+    const T *gp = grad.data_ptr<T>(), *rp = row.data_ptr<T>(), *cp = col.data_ptr<T>();
+    const T *rl = probs ? nullptr : rp, *rpr = probs ? rp : nullptr, *cl = probs ? nullptr : cp, *cpr = probs ? cp : nullptr;
+    T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+    const int64_t nthreads = at::get_num_threads();
+    // d(bias) of every head summed over the lines a thread handles, per pass: (threads, nh, len, ls)
+    std::vector<T> rparts(nthreads * nh * rows.L * rows.ls, T(0)), cparts(nthreads * nh * cols.L * cols.ls, T(0));
+    auto part_of = [&](std::vector<T>& parts, const LinePass<T>& ps) {
+      return parts.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nh * ps.L * ps.ls;
+    };
+    if (slices_per_thread(b * nh, nthreads)) {
+      at::parallel_for(0, b * nh, 1, [&](int64_t begin, int64_t end) {
+        const DenormalsAreZero daz;
+        LineTiles<T> sr(rows), sc(cols);
+        T *rpart = part_of(rparts, rows), *cpart = part_of(cparts, cols);
+        for (int64_t bh = begin; bh < end; ++bh) {
+          for (int64_t l = 0; l < cols.ln.count; ++l)
+            line_bwd<T>(cols, sc, bh, l, qp, kp, mp, gp, cl, cpr, dqp, dkp, dvp, false, cpart);
+          for (int64_t l = 0; l < rows.ln.count; ++l)
+            line_bwd<T>(rows, sr, bh, l, qp, kp, vp, dvp, rl, rpr, dqp, dkp, dvp, true, rpart);
+        }
+      });
+    } else {
+      for (const bool second : {false, true}) {
+        const LinePass<T>& ps = second ? rows : cols;
+        at::parallel_for(0, b * nh * ps.ln.count, 1, [&](int64_t begin, int64_t end) {
+          const DenormalsAreZero daz;
+          LineTiles<T> s(ps);
+          T* part = part_of(second ? rparts : cparts, ps);
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t bh = t / ps.ln.count, l = t % ps.ln.count;
+            if (second) {
+              line_bwd<T>(ps, s, bh, l, qp, kp, vp, dvp, rl, rpr, dqp, dkp, dvp, true, part);
+            } else {
+              line_bwd<T>(ps, s, bh, l, qp, kp, mp, gp, cl, cpr, dqp, dkp, dvp, false, part);
+            }
+          }
+        });
+      }
+    }
+    std::vector<T> acc(nh, T(0));
+    add_dlg<T>(cols, cparts, nthreads, acc);
+    add_dlg<T>(rows, rparts, nthreads, acc);
+    std::copy(acc.begin(), acc.end(), dlg.data_ptr<T>());
   });
   return {dq, dk, dv, dlg};
 }

@@ -222,9 +222,17 @@ if _C is not None:
         return _fake_like(q), _fake_like(q), _fake_like(q), table
 
     # ---- autograd: the backward ops recompute from the saved log-sum-exp ----
+    def _only_first_output_differentiable(ctx, output):
+        """The forward ops' other outputs (log-sum-exps, the decomposed mode's intermediate, probabilities)
+        are saved state, not results: marked non-differentiable, and no zero gradient is materialized for
+        them before the backward (that would fill tensors as large as the probabilities on every call)."""
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
     def _decay_full_setup(ctx, inputs, output):
         q, k, v, log_gamma, H, W, scale = inputs
         out, lse = output
+        _only_first_output_differentiable(ctx, output)
         ctx.save_for_backward(q, k, v, log_gamma, out, lse)
         ctx.args = (H, W, scale)
 
@@ -237,6 +245,7 @@ if _C is not None:
     def _decay_dec_setup(ctx, inputs, output):
         q, k, v, log_gamma, H, W, scale = inputs
         out, mid, lse_row, lse_col = output
+        _only_first_output_differentiable(ctx, output)
         ctx.save_for_backward(q, k, v, log_gamma, out, mid, lse_row, lse_col)
         ctx.args = (H, W, scale)
 
@@ -262,6 +271,7 @@ if _C is not None:
     def _decay_dec_train_setup(ctx, inputs, output):
         q, k, v, log_gamma, H, W, scale = inputs
         out, mid, p_row, p_col = output
+        _only_first_output_differentiable(ctx, output)
         ctx.save_for_backward(q, k, v, log_gamma, mid, p_row, p_col)
         ctx.args = (H, W, scale)
 
@@ -274,6 +284,7 @@ if _C is not None:
     def _window_train_setup(ctx, inputs, output):
         q, k, v, bias_table, H, W, window_size, shift, scale = inputs
         ctx.has_table = bias_table is not None
+        _only_first_output_differentiable(ctx, output)
         ctx.save_for_backward(q, k, v, output[1], bias_table if bias_table is not None else q.new_empty(0))
         ctx.args = (H, W, window_size, shift, scale)
 
