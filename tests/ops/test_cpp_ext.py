@@ -357,6 +357,21 @@ def test_training_forms_run_only_when_autograd_records(monkeypatch):
 
 
 @needs_ext
+def test_saved_outputs_are_not_differentiable():
+    """Only the attention output carries gradients: the log-sum-exps, the decomposed intermediate and the
+    probabilities are saved state (their backward ignores them), so autograd must not offer them as
+    differentiable results."""
+    ops = torch.ops.fusionblocks_C
+    q, k, v, lg = _decay_case("decomposed", (3, 4), 1, 2, 8)
+    for op in (ops.decay_full_fwd, ops.decay_dec_fwd, ops.decay_dec_fwd_train):
+        out, *saved = op(q, k, v, lg, 3, 4, 0.5)
+        assert out.requires_grad and not any(t.requires_grad for t in saved), op
+    _, _, _, table = _window_case(2, (4, 2), 1, 2, 8, True)
+    out, probs = ops.window_fwd_train(q[:, :, :8], k[:, :, :8], v[:, :, :8], table, 4, 2, 2, 1, 0.5)
+    assert out.requires_grad and not probs.requires_grad
+
+
+@needs_ext
 def test_saved_probabilities_are_the_softmax():
     """What the training forms save: each window's / line's normalized softmax probabilities, rows summing
     to one, and the same tensor the reference forms (checked through the window layout)."""
