@@ -220,7 +220,7 @@ def add_bench(sub) -> None:
     p.add_argument("--ops", nargs="+", metavar="OP", help=f"ops to time (default all): {', '.join(OPS)}")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="a named shape set instead of the papers' shapes, e.g. cpu: the shapes the models call on "
-                        "CPU at batch 2 (its ops only, unless --ops)")
+                        "CPU at batch 2; cpu-targets: issue 11's CPU target shapes (its ops only, unless --ops)")
     p.add_argument("--dtype", nargs="+", metavar="DTYPE",
                    help="fp32, bf16, fp16 (default: bf16 and fp32 on CUDA, fp32 on CPU)")
     p.add_argument("--backends", nargs="+", metavar="IMPL",

@@ -183,6 +183,18 @@ def test_cpu_script_times_the_model_shapes():
         bench.preset("gpu")
 
 
+def test_cpu_targets_preset_is_the_scripts_target_set():
+    """``fusionblocks bench --preset cpu-targets`` (the anchors at issue 11's target shapes) times the same
+    decomposed and window shapes as ``bench_cpu.py --set targets``, all of them model shapes."""
+    mod = load_script("bench_cpu")
+    targets, cpu = mod.shapes(False, "targets"), bench.preset("cpu")
+    got = bench.preset("cpu-targets")
+    assert set(got) == {"decay_attention_decomposed", "window_attention"}
+    for op, ss in got.items():
+        assert ss == targets[op], op
+        assert all(s in cpu[op] for s in ss), op
+
+
 def test_cpp_memory_is_seen_by_the_engine():
     """The CPU peak-memory method sees what the cpp kernels allocate through ATen: the backward's
     gradients (3 × q) show up on top of the inputs."""

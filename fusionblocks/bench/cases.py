@@ -246,6 +246,13 @@ PRESETS: Dict[str, Dict[str, List[dict]]] = {
         "window_attention": [dict(B=2, heads=nh, H=s, W=s, D=32, ws=7, shift=sh)
                              for s, nh in HIFUSE_T_STAGES for sh in (0, 3)],
     },
+    # issue 11's CPU speed targets, with every anchor (SDPA with a materialized bias, the compiled reference):
+    # decomposed decay 28²/D24 and 56²/D12, window attention 56²/3 heads and 14²/12 heads (shift 0 and 3)
+    "cpu-targets": {
+        "decay_attention_decomposed": [dict(B=2, heads=8, H=s, W=s, D=d) for s, d in HEMF_STAGES[:2]],
+        "window_attention": [dict(B=2, heads=nh, H=s, W=s, D=32, ws=7, shift=sh)
+                             for s, nh in (HIFUSE_T_STAGES[0], HIFUSE_T_STAGES[2]) for sh in (0, 3)],
+    },
 }
 
 
