@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .memory_format import channels_last_weights
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
 from . import checkpointing
@@ -231,6 +232,7 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
             {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"fusion.{i}"} for i in range(4)
         ]
         self._set_pretrained_cfg(type(self).data_cfg(num_classes, in_chans))
+        channels_last_weights(self)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.in_chans)

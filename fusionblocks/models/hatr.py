@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .memory_format import channels_last_weights
 from .._validate import expect_nchw, expect_positive_int
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
@@ -243,6 +244,7 @@ class HATR(ModelContract, nn.Module):
         self.backbone_only = False
         self._init_weights()
         self._set_pretrained_cfg(type(self).data_cfg(backbone, num_classes, in_chans, self.img_size))
+        channels_last_weights(self)
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

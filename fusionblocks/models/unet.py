@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .memory_format import channels_last_weights
 from .._validate import expect_nchw
 from .registry import create_model
 
@@ -108,6 +109,9 @@ class FusionUNet(nn.Module):
         self.out_scale = red[0]
         self.refine = _ConvBNReLU(d4, d1)
         self.head = nn.Conv2d(d1, num_classes, 1)
+        # the decoder's weights only: an encoder passed in keeps the memory format its owner chose
+        for part in (self.up16, self.up8, self.up4, self.refine, self.head):
+            channels_last_weights(part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x)
