@@ -162,6 +162,7 @@ void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, con
   gather<T>(v + base, tok, L, d, s.vw.data(), ld);
   tmm(L, L, d, ps.scale, s.qw.data(), ld, 1, tmm.fast ? s.kt.data() : nullptr, ls, s.kw.data(), ld, s.p.data(), ls);
   if (probs) {
+    std::fill(s.inv.begin(), s.inv.end(), T(1));  // rows already normalized
     softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, nullptr);
     for (int64_t i = 0; i < L; ++i) copy_row(s.p.data() + i * ls, probs + (t * L + i) * L, L);
   } else {
