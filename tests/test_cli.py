@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import time
+
 import pytest
 import torch
 import torch.nn as nn
@@ -318,6 +320,34 @@ def test_failed_runs_are_error_records_and_tables_show_them():
     assert "| error |" in md and "- `toy` absent: not built here" in md
     pivot = bench.format_pivot(res.records, "broken")
     assert "| broken ms | reference ms | broken vs reference |" in pivot and "n/a" in pivot
+
+
+def test_interleaved_timing_takes_turns_and_reports_failures():
+    calls = []
+    x = torch.ones(3, requires_grad=True)
+
+    def fast():
+        assert x.grad is None  # gradients are reset before every call
+        calls.append("fast")
+        time.sleep(0.002)
+        x.sum().backward()
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.006)
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    got = bench.time_interleaved_ms({"fast": fast, "slow": slow, "broken": broken}, grads=[x], budget_s=0.05,
+                                    rounds=3)
+    assert isinstance(got["broken"], RuntimeError)
+    assert 1.5 < got["slow"] / got["fast"] < 10, got
+    timed = calls[4:]  # after each one's warm-up and sizing call
+    runs = [c for i, c in enumerate(timed) if i == 0 or timed[i - 1] != c]
+    # rounds (fast, slow), (slow, fast), (fast, slow): blocks of consecutive calls, the order rotating
+    assert runs == ["fast", "slow", "fast", "slow"], runs
+    assert x.grad is None
 
 
 def test_timing_and_memory_helpers():

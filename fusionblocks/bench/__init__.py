@@ -20,8 +20,10 @@ thin wrappers over :func:`run` that add their own derived fields (TFLOP/s, HBM b
 Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them):
 
 * **Time** (``ms``, :func:`time_ms`): CUDA: :func:`triton.testing.do_bench` median after one explicit
-  warm-up call (compilation stays out); input gradients reset between calls. CPU: ``time.perf_counter``
-  around each call after a warm-up call, median over as many repeats as fit the budget. With
+  warm-up call (compilation stays out); input gradients reset between calls. CPU: the implementations
+  of a case take turns over interleaved rounds (:func:`time_interleaved_ms`: a block of calls each per
+  round, rotating order, after a warm-up call; the median over the rounds of the block means), so that a
+  shared machine's load falls on all of them alike; :func:`time_ms` times one function alone. With
   ``rotate > 1`` the timed calls cycle through that many input sets.
 * **Peak memory** (``peak_mem_mb``, :func:`peak_mem_mb`): the bytes of the call's own inputs (and module
   parameters and buffers) plus the most memory the call allocates above what was allocated before it
@@ -61,7 +63,7 @@ from .report import (format_markdown, format_pivot, format_table, plot, shape_st
                      write_results)
 from .runner import (BenchResult, Skipped, _detached, _grads_of, _max_abs_err, _resident, _runner, run, run_case,
                      run_script, script_parser)
-from .timing import time_ms
+from .timing import time_interleaved_ms, time_ms
 
 __all__ = [
     "ANCHORS", "DTYPES", "INTERPRETER_REASON", "OPS", "PASSES", "PRESETS", "RECORD_SCHEMA", "RECORDS_SCHEMA",
@@ -69,6 +71,6 @@ __all__ = [
     "decay_flex", "decay_sdpa", "device_name", "device_slug", "dtype_name", "error_text", "format_markdown",
     "format_pivot", "format_table", "isa_variant", "make_record", "parse_dtype", "peak_mem_mb", "plot", "preset",
     "reference_compiled", "register_op", "resolve_ops", "run", "run_case", "run_model", "run_script",
-    "script_parser", "shape_str", "side_by_side", "speedups", "table_rows", "time_ms", "triton_version",
+    "script_parser", "shape_str", "side_by_side", "speedups", "table_rows", "time_interleaved_ms", "time_ms", "triton_version",
     "validate_records", "window_flex", "window_sdpa", "write_json", "write_results",
 ]

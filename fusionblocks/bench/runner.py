@@ -14,7 +14,7 @@ from .cases import INTERPRETER_REASON, OpBench, resolve_ops
 from .memory import peak_mem_mb
 from .records import PASSES, device_name, device_slug, dtype_name, error_text, make_record, parse_dtype
 from .report import format_table, shape_str, write_results
-from .timing import time_ms
+from .timing import time_interleaved_ms, time_ms
 
 
 @dataclass
@@ -108,14 +108,19 @@ def _max_abs_err(bench: OpBench, fn: Callable[[dict], torch.Tensor], x: dict) ->
 def run_case(bench: OpBench, shape: dict, dtype: torch.dtype, device: Union[torch.device, str], *,
              passes: Sequence[str] = PASSES, impls: Optional[Sequence[str]] = None, budget_s: float = 1.0,
              rotate: int = 1, smoke: bool = False, check: bool = False, quick: bool = False,
-             device_label: Optional[str] = None) -> BenchResult:
-    """Time every implementation of one (op, shape, dtype) case, both passes; see :func:`run`."""
+             device_label: Optional[str] = None, rounds: int = 7) -> BenchResult:
+    """Time every implementation of one (op, shape, dtype) case, both passes; see :func:`run`.
+
+    On CPU the implementations of a pass take turns over ``rounds`` interleaved rounds
+    (:func:`time_interleaved_ms`), so that a shared machine's load falls on all of them alike; on CUDA each
+    is timed with :func:`time_ms` in turn."""
     dev = torch.device(device)
     dname = device_label or device_name(dev)
     sets = [bench.make_inputs(shape, dev, dtype) for _ in range(max(1, rotate))]
     fwd_sets = [_detached(x) for x in sets]
-    records: List[dict] = []
+    by_impl: Dict[str, List[dict]] = {}  # records in the order of the implementations, each pass in turn
     skipped: List[Skipped] = []
+    runnable = []  # (impl, extra fields of its records)
     for impl in bench.impls(shape, sets[0], dev, smoke=smoke):
         if impls and impl.name not in impls:
             continue
@@ -132,21 +137,37 @@ def run_case(bench: OpBench, shape: dict, dtype: torch.dtype, device: Union[torc
             if err is not None:
                 extra["max_abs_err"] = err
         except Exception as e:  # the forward itself fails: every pass of this implementation failed
-            records += [make_record(bench.name, impl.name, shape, dtype, p, None, None, dname, error=error_text(e))
-                        for p in passes]
+            by_impl[impl.name] = [make_record(bench.name, impl.name, shape, dtype, p, None, None, dname,
+                                              error=error_text(e)) for p in passes]
             continue
-        for p in passes:
-            grads = [t for x in sets for t in _grads_of(bench, x)] if p == "fwd+bwd" else []
-            inputs = sets if p == "fwd+bwd" else fwd_sets
+        by_impl[impl.name] = []
+        runnable.append((impl, extra))
+    for p in passes:
+        grads = [t for x in sets for t in _grads_of(bench, x)] if p == "fwd+bwd" else []
+        inputs = sets if p == "fwd+bwd" else fwd_sets
+        if dev.type == "cpu":
+            times = time_interleaved_ms({impl.name: _runner(impl.fn, inputs, p) for impl, _ in runnable},
+                                        grads=grads, budget_s=budget_s, rounds=1 if smoke else rounds)
+        else:
+            times = {}
+            for impl, _ in runnable:
+                try:
+                    times[impl.name] = time_ms(_runner(impl.fn, inputs, p), dev, grads=grads, budget_s=budget_s,
+                                               min_reps=1 if smoke else 3)
+                except Exception as e:  # one implementation failing must not stop the run; it is recorded
+                    times[impl.name] = e
+                finally:
+                    for t in grads:
+                        t.grad = None
+        for impl, extra in runnable:
+            ms = times[impl.name]
             try:
-                ms = time_ms(_runner(impl.fn, inputs, p), dev, grads=grads, budget_s=budget_s,
-                             min_reps=1 if smoke else 3)
-                for t in grads:
-                    t.grad = None
+                if isinstance(ms, Exception):
+                    raise ms
                 mem = peak_mem_mb(_runner(impl.fn, inputs[0], p), dev, _resident(inputs[0]))
-            except Exception as e:  # one implementation failing must not stop the run; it is recorded
-                records.append(make_record(bench.name, impl.name, shape, dtype, p, None, None, dname,
-                                           error=error_text(e)))
+            except Exception as e:
+                by_impl[impl.name].append(make_record(bench.name, impl.name, shape, dtype, p, None, None, dname,
+                                                      error=error_text(e)))
                 continue
             finally:
                 for t in grads:
@@ -156,8 +177,9 @@ def run_case(bench: OpBench, shape: dict, dtype: torch.dtype, device: Union[torc
                     extra_p = {**extra, "chosen": impl.chosen(inputs[0])}
             else:
                 extra_p = extra
-            records.append(make_record(bench.name, impl.name, shape, dtype, p, ms, mem, dname, **extra_p))
+            by_impl[impl.name].append(make_record(bench.name, impl.name, shape, dtype, p, ms, mem, dname, **extra_p))
     del sets, fwd_sets
+    records = [r for recs in by_impl.values() for r in recs]
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return BenchResult(records, skipped)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence, Union
+from typing import Callable, Dict, Mapping, Sequence, Union
 
 import torch
 
@@ -67,3 +67,58 @@ def time_ms(fn: Callable[[], object], device: Union[torch.device, str], *, grads
         fn()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def time_interleaved_ms(fns: Mapping[str, Callable[[], object]], *, grads: Sequence[torch.Tensor] = (),
+                        budget_s: float = 1.0, rounds: int = 7) -> Dict[str, object]:
+    """CPU: the contenders of one case timed side by side, taking turns.
+
+    Every round times a block of calls of each function in turn (the order rotating from round to round),
+    so that load from other processes falls on all of them alike; a function's time is the median over
+    the rounds of its block's mean ms per call. Blocks are sized after one warm-up and one timed call so
+    that each function gets about ``budget_s`` seconds over all rounds. ``grads`` are reset to ``None``
+    before each call. A function that raises is dropped from the rounds and reported by its exception:
+    the result maps each name to its ms (float) or to the exception it raised.
+    """
+    def reset():
+        for t in grads:
+            t.grad = None
+
+    out: Dict[str, object] = {}
+    reps: Dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            reset()
+            fn()  # warm-up
+            reset()
+            t0 = time.perf_counter()
+            fn()
+            first = time.perf_counter() - t0
+        except Exception as e:  # recorded by the caller, the others still run
+            out[name] = e
+            continue
+        reps[name] = max(1, int(budget_s / rounds / max(first, 1e-6)))
+    names = list(reps)
+    samples: Dict[str, list] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in order:
+            if name in out:
+                continue
+            fn = fns[name]
+            total = 0.0
+            try:
+                for _ in range(reps[name]):
+                    reset()
+                    t0 = time.perf_counter()
+                    fn()
+                    total += time.perf_counter() - t0
+            except Exception as e:
+                out[name] = e
+                continue
+            samples[name].append(1e3 * total / reps[name])
+    for name in names:
+        if name not in out:
+            out[name] = statistics.median(samples[name])
+    reset()
+    return out
