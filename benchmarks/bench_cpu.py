@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -132,22 +130,12 @@ def runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable[
 
 def interleaved_ms(fns: Dict[str, Callable[[], object]], rounds: int, budget_s: float) -> Dict[str, float]:
     """Median over ``rounds`` of the mean ms per call of each function, the functions taking turns in every
-    round (rotating order); each block of calls lasts about ``budget_s / rounds`` seconds."""
-    names = list(fns)
-    reps = {}
-    for name in names:  # warm-up, and the calls per block
-        fns[name]()
-        t0 = time.perf_counter()
-        fns[name]()
-        reps[name] = max(1, int(budget_s / rounds / max(time.perf_counter() - t0, 1e-6)))
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fns[name]()
-            samples[name].append(1e3 * (time.perf_counter() - t0) / reps[name])
-    return {n: statistics.median(s) for n, s in samples.items()}
+    round (the engine's :func:`fusionblocks.bench.time_interleaved_ms`); a failure is raised."""
+    got = bench.time_interleaved_ms(fns, budget_s=budget_s, rounds=rounds)
+    for name, ms in got.items():
+        if isinstance(ms, Exception):
+            raise RuntimeError(f"bench_cpu: {name} failed: {ms}") from ms
+    return got
 
 
 def io_mb(shape: dict, pass_: str) -> float:
