@@ -52,11 +52,14 @@ from fusionblocks import bench  # noqa: E402
 from fusionblocks.models import create_model, list_models  # noqa: E402
 
 #: parity (float32): outputs and loss within ``OUT_RTOL·max|eager| + OUT_ATOL``. Gradients, anchored on a float64
-#: eager step (flash-attn's rule): each compiled gradient's max distance from float64 at most ``GRAD_FACTOR`` times
-#: eager float32's, plus ``GRAD_SLACK·size`` (size: the gradient's max, at least ``GRAD_FLOOR`` times the
-#: model's largest gradient). Rounding differences grow with depth, so no fixed tolerance fits every model.
+#: eager step (the form of flash-attn's rule and of the accuracy check of PyTorch's compiler benchmarks: the
+#: compiled error against float64 at most a multiple of eager's, plus a small tolerance): each compiled
+#: gradient's max distance from float64 at most ``GRAD_FACTOR`` times eager float32's, plus ``GRAD_SLACK·size``
+#: (size: the gradient's max, at least ``GRAD_FLOOR`` times the model's largest gradient). The slack covers a
+#: reduction summed in another order: a bias gradient summed over the 6272 tokens of a 56² stage (batch 2)
+#: lands a few 1e-5 of its size from float64 with inductor's order and under 1e-5 with eager's.
 OUT_RTOL, OUT_ATOL = 1e-4, 1e-5
-GRAD_FACTOR, GRAD_SLACK, GRAD_FLOOR = 2.0, 1e-5, 1e-2
+GRAD_FACTOR, GRAD_SLACK, GRAD_FLOOR = 2.0, 1e-4, 1e-2
 
 #: constructor options that make each model deterministic in training mode (no stochastic depth)
 DETERMINISTIC = {"hemf": {"drop_path_rate": 0.0}, "hifuse": {"drop_path_rate": 0.0, "conv_drop_path_rate": 0.0}}
@@ -165,7 +168,8 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
                 worst, worst_name = err / size, n
             ratio = max(ratio, r)
             if r > 1:
-                failures.append(f"gradient of {n} is {err_c:.3g} from float64, eager float32 {err_e:.3g}")
+                failures.append(f"gradient of {n} (size {size:.3g}) is {err_c:.3g} from float64, eager float32 "
+                                f"{err_e:.3g}")
         res["grad_err_ratio"] = ratio
         res["grad_rel_err"], res["worst_grad"] = worst, worst_name
         if len(grads_e) != len(params):
