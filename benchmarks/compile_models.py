@@ -325,7 +325,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--append", action="store_true",
                    help="merge into the records already in OUT.json (a record of the same model, depth, kernels, "
                         "batch, image size and torch version is replaced)")
-    p.add_argument("--note", default="", help="a line for the Markdown (e.g. what else the machine was doing)")
+    p.add_argument("--note", action="append", default=[],
+                   help="a paragraph for the Markdown (e.g. what else the machine was doing); repeatable")
+    p.add_argument("--render", action="store_true",
+                   help="run nothing: rewrite OUT.md from the records in OUT.json (with the --note paragraphs)")
     return p
 
 
@@ -340,8 +343,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be a positive integer, got {v}")
-    if args.append and not args.out:
-        p.error("--append needs --out")
+    for flag in ("append", "render"):
+        if getattr(args, flag) and not args.out:
+            p.error(f"--{flag} needs --out")
     args.models = args.models or known
     return args
 
@@ -355,8 +359,23 @@ def _merge(old: List[dict], new: List[dict]) -> List[dict]:
     return [r for r in old if key(r) not in fresh] + new
 
 
+def _out_path(out: str) -> str:
+    path = out.replace("{device}", bench.device_slug(torch.device("cpu")))
+    return path[:-5] if path.endswith(".json") else path[:-3] if path.endswith(".md") else path
+
+
 def main(argv: Optional[Sequence[str]] = None, build_model: Callable[[str], nn.Module] = build) -> int:
     args = parse_args(argv)
+    note = "\n\n".join(args.note)
+    if args.render:
+        path = _out_path(args.out)
+        with open(path + ".json") as f:
+            records = json.load(f)
+        bench.validate_records(records)
+        with open(path + ".md", "w") as f:
+            f.write(format_markdown(records, note))
+        print(f"wrote {path}.md from {len(records)} records", file=sys.stderr)
+        return 0
     import torch._inductor.config as inductor_config
 
     inductor_config.compile_threads = 1
@@ -381,18 +400,17 @@ def main(argv: Optional[Sequence[str]] = None, build_model: Callable[[str], nn.M
               file=sys.stderr, flush=True)
         records += records_of(name, res, batch=args.batch, image_size=size, depth=depth_of(model))
     if args.out:
-        path = args.out.replace("{device}", bench.device_slug(torch.device("cpu")))
-        path = path[:-5] if path.endswith(".json") else path[:-3] if path.endswith(".md") else path
+        path = _out_path(args.out)
         if args.append and os.path.exists(path + ".json"):
             with open(path + ".json") as f:
                 records = _merge(json.load(f), records)
         bench.write_json(records, path + ".json")
         with open(path + ".md", "w") as f:
-            f.write(format_markdown(records, args.note))
+            f.write(format_markdown(records, note))
         print(f"wrote {path}.json and {path}.md", file=sys.stderr)
     else:
         bench.validate_records(records)
-    print(format_markdown(records, args.note))
+    print(format_markdown(records, note))
     return 1 if failed else 0
 
 

@@ -36,7 +36,7 @@ def test_arguments(script, capsys):
     assert args.models == ["hemf", "hifuse_tiny"] and args.image_size == 64 and args.batch == 1
     for bad, says in [(["--models", "hifuse_huge"], "unknown model(s) hifuse_huge"),
                       (["--batch", "0"], "--batch must be a positive integer, got 0"),
-                      (["--append"], "--append needs --out")]:
+                      (["--append"], "--append needs --out"), (["--render"], "--render needs --out")]:
         with pytest.raises(SystemExit):
             script.parse_args(bad)
         assert says in capsys.readouterr().err
@@ -80,6 +80,10 @@ def test_smoke_run_writes_records_and_table(script, tmp_path, one_thread, monkey
     assert len(merged) == 8 and sorted({r["torch"] for r in merged}) == sorted({"2.0.0", torch.__version__})
     assert all(r["ms"] != 1.0 for r in merged)
     assert script.format_markdown(merged).count(" | pass |") == 2
+    # --render rewrites the table from the records, with the notes
+    assert script.main(["--render", "--out", str(out), "--note", "First note.", "--note", "Second."]) == 0
+    md2 = path.with_suffix(".md").read_text()
+    assert "First note.\n\nSecond." in md2 and md2.count(" | pass |") == 1
 
 
 def test_a_compiled_model_that_differs_fails(script):
