@@ -1,6 +1,7 @@
 """``torch.compile(model)`` with inductor (the default backend): inference under ``no_grad`` and a training step,
 against eager, for each model family (HEMF, HiFuse, HATR) at one block per stage and a 32-pixel input, so that
-compiling stays affordable on a 2-core CI machine. Whole models at full depth are compiled by
+compiling stays affordable on a 2-core CI machine. Whole models at full depth are checked and timed by
+``benchmarks/compile_models.py`` (every registered model, eager vs compiled, results in benchmarks/results) and by
 ``fusionblocks bench --model NAME --backends auto compiled`` (the compiled-vs-eager anchor)."""
 import pytest
 import torch

@@ -46,8 +46,8 @@ Definitions, the same everywhere (``benchmarks/results/README.md`` repeats them)
   was run and raised is a record too, with ``"error"`` and ``"ms": null, "peak_mem_mb": null``; one that
   cannot run here at all (the dispatcher's reasons) is not timed and is listed in
   :attr:`BenchResult.skipped` instead. Optional fields: ``max_abs_err``, ``tflops``,
-  ``pct_of_dense_bf16_peak``, ``io_mb``, ``gbps``, ``hbm_share`` (the scripts) and ``img_per_s``
-  (``--model``).
+  ``pct_of_dense_bf16_peak``, ``io_mb``, ``gbps``, ``hbm_share`` (the scripts), ``img_per_s``
+  (``--model``), ``compile_s``, ``grad_rel_err`` and ``grad_err_ratio`` (``benchmarks/compile_models.py``).
 """
 from __future__ import annotations
 

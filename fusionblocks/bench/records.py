@@ -49,6 +49,9 @@ RECORD_SCHEMA = {
         "threads": {"type": "integer", "minimum": 1},
         "isa": {"type": "string", "minLength": 1},
         "chosen": {"type": "string", "minLength": 1},
+        "compile_s": _OPTIONAL_NUMBER,
+        "grad_rel_err": _OPTIONAL_NUMBER,
+        "grad_err_ratio": _OPTIONAL_NUMBER,
     },
     "additionalProperties": False,
     # a failed run carries its error and no measurement; a measured one has a time and no error

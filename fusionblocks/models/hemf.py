@@ -64,6 +64,7 @@ class HEMF(FusionNet):
 
     official_source = "Esgjgd/HEMF main_model"
     cfg_extra = {"origin_url": "https://github.com/Esgjgd/HEMF"}
+    no_weight_decay_keys = ("log_gamma",)  # the learnable decays (learnable_decay=True); a buffer otherwise
 
     def __init__(
         self,

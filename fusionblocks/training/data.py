@@ -8,8 +8,10 @@ Layouts accepted by :func:`load_splits`:
 * ``root = "synthetic"`` — a built-in synthetic dataset, so every command runs with no data at all;
 * ``root = "PATH.npz"`` — a MedMNIST file with its official splits (:mod:`fusionblocks.training.medmnist`).
 
-Images are decoded at their stored bit depth (8- and 16-bit gray, RGB, RGBA, palette, CMYK; DICOM when
-pydicom is importable) and scaled to ``[0, 1]`` by their dtype's range (see :func:`decode_image`).
+Images are decoded at their stored bit depth (8- and 16-bit gray; 8-bit RGB, RGBA, palette, CMYK; 16-bit
+RGB, RGBA and gray+alpha PNG, through :mod:`.png16` since Pillow reads those at 8 bits; DICOM when pydicom
+is importable) and scaled to ``[0, 1]`` by their dtype's range (see :func:`decode_image`). Other 16-bit
+colour files that Pillow can only read at 8 bits per channel (16-bit RGB TIFF) are refused, never truncated.
 
 Bad data fails early with the file or folder named: an empty class folder, class lists that differ between
 splits, and (:func:`check_images`, run before the first training step) every unreadable image of every split,
@@ -25,6 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
+
+from . import png16
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
 SPLITS = ("train", "val", "test")
@@ -60,12 +64,29 @@ _INT_MODES = {"L": 255, "LA": 255, "RGB": 255, "RGBA": 255, "I;16": 65535, "I;16
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what Pillow's convert("L") uses
 
 
+def _truncating_rawmode(im) -> Optional[str]:
+    """The raw mode of a Pillow image whose 16-bit colour samples Pillow would decode to 8 bits, else ``None``."""
+    if im.mode not in ("RGB", "RGBA", "LA", "RGBX"):
+        return None
+    for tile in getattr(im, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(raw, str) and ";16" in raw:
+            return raw
+    return None
+
+
 def _decode_pillow(path: Path):
     """-> ``(H, W, C)`` numpy array and the full-scale value of its dtype (``None`` for float images)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
+        raw16 = _truncating_rawmode(im)
+        if raw16:
+            raise ValueError(f"{im.format or 'this'} image with 16 bits per colour channel ({raw16}): Pillow reads "
+                             f"it at 8 bits per channel, which would silently drop the low byte; save it as a "
+                             f"16-bit PNG (read at full depth) or convert it to 8 bit")
         im.load()  # decodes the whole file: truncated data fails here, not mid-epoch
         mode = im.mode
         if mode == "P":
@@ -125,11 +146,16 @@ def decode_image(path: str | Path):
     Returns ``(array, full_scale)``: an ``(H, W, C)`` numpy array (C = 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA)
     and the value of its dtype's white (255 for 8-bit, 65535 for 16-bit, ``2**BitsStored - 1`` for DICOM;
     ``None`` for float images, which are taken as they are). Palette images become RGB(A), CMYK and other
-    colour spaces RGB, 1-bit images 8-bit gray. Raises ``ValueError``/``OSError`` on a bad file.
+    colour spaces RGB, 1-bit images 8-bit gray. 16-bit RGB, RGBA and gray+alpha PNGs, which Pillow reads at
+    8 bits per channel, are decoded at 16 bits by :mod:`.png16`; other files with 16-bit colour samples
+    that Pillow would truncate (16-bit RGB TIFF) are refused with a ``ValueError`` that says so. Raises
+    ``ValueError``/``OSError`` on a bad file.
     """
     path = Path(path)
     if path.suffix.lower() == ".dcm":
         return _decode_dicom(path)
+    if png16.wants_png16(path):  # Pillow would read these at 8 bits per channel
+        return png16.decode_png16(path)
     return _decode_pillow(path)
 
 

@@ -1,6 +1,7 @@
 """Training recipes of the papers, selectable by name (``--recipe``).
 
-``hifuse`` (HiFuse and HEMF): AdamW lr 1e-4, weight decay 0.01 except on norms and biases, one epoch
+``hifuse`` (HiFuse and HEMF): AdamW lr 1e-4, weight decay 0.01 except on norms and biases (every 1-D
+parameter) and on what the model names in ``no_weight_decay()`` (:func:`param_groups`), one epoch
 of linear warm-up then cosine decay to 1e-6 (stepped per iteration), batch 32, RandomResizedCrop +
 horizontal flip, mean/std 0.5.
 
@@ -17,6 +18,7 @@ Each model has a default recipe (:func:`default_recipe`): HATR models ``hatr``, 
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -104,14 +106,57 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[name]
 
 
+def _no_decay_rule(model: nn.Module):
+    """``name -> True`` for the parameters the model asks to keep out of weight decay.
+
+    Two conventions: ``no_weight_decay()`` (timm: a set of parameter names, ``fnmatch`` wildcards allowed) and
+    ``no_weight_decay_keywords()`` (Swin's and TinyViT's official code: substrings of parameter names). A wrapper
+    (``torch.compile``'s ``_orig_mod``, DDP's ``module``) is looked through, with its prefix in the names.
+    """
+    names: set = set()
+    keywords: set = set()
+    prefix, inner = "", model
+    while True:  # torch.compile's wrapper forwards attributes to _orig_mod; DDP's does not
+        if isinstance(inner, torch._dynamo.eval_frame.OptimizedModule):
+            attr = "_orig_mod"
+        elif not hasattr(inner, "no_weight_decay") and isinstance(getattr(inner, "module", None), nn.Module):
+            attr = "module"
+        else:
+            break
+        inner, prefix = getattr(inner, attr), f"{prefix}{attr}."
+    for attr, into in (("no_weight_decay", names), ("no_weight_decay_keywords", keywords)):
+        fn = getattr(inner, attr, None)
+        if callable(fn):
+            got = fn()
+            if isinstance(got, str) or not all(isinstance(n, str) for n in got):
+                raise TypeError(f"param_groups: {type(inner).__name__}.{attr}() should return a set of parameter "
+                                f"names, got {got!r}")
+            into.update(got)
+
+    def rule(name: str) -> bool:
+        name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        if name in names or any(k in name for k in keywords):
+            return True
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in names if any(c in pattern for c in "*?["))
+
+    return rule
+
+
 def param_groups(model: nn.Module, weight_decay: float, no_decay_on_norm_and_bias: bool):
-    """Two groups: decayed weights, and (when asked) 1-D parameters — norms, biases, scales — without decay."""
+    """Two groups: decayed weights, and (when asked) the parameters without decay.
+
+    No decay, as timm's optimizer factory and Swin's official code decide it: every 1-D parameter (norms, biases,
+    scales, HEMF's learnable ``log_gamma``), and every parameter the model names in ``no_weight_decay()``
+    (names or ``fnmatch`` patterns: HiFuse's relative-position bias tables, HATR's ``cls_token`` and
+    ``pos_embed``, HEMF's learnable decays) or whose name contains one of ``no_weight_decay_keywords()``.
+    """
     if not no_decay_on_norm_and_bias or weight_decay == 0:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+    skip = _no_decay_rule(model)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 or skip(name) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -83,3 +83,75 @@ def test_metrics_multiclass_perfect_and_missing_class():
     assert m["accuracy"] == 1 and m["mcc"] == 1 and m["kappa"] == 1 and m["auc"] == 1
     m = classification_metrics([0, 0, 1], np.eye(3)[[0, 1, 1]], ["a", "b", "c"])
     assert m["auc"] is None and "auc_note" in m
+
+
+def _groups(model, recipe="hifuse"):
+    r = R.get_recipe(recipe)
+    decay, no_decay = R.param_groups(model, r.weight_decay, r.no_decay_on_norm_and_bias)
+    assert decay["weight_decay"] == r.weight_decay > 0 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    return {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+
+
+def test_no_weight_decay_on_the_models_bias_tables():
+    from fusionblocks.models.hifuse import HiFuse
+
+    m = HiFuse((1, 1, 1, 1), num_classes=2)
+    decay, no_decay = _groups(m)
+    tables = {n for n, _ in m.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert len(tables) == 4 and tables <= no_decay and not tables & decay
+    assert m.no_weight_decay() == tables
+    # the 2-D tables are there only through no_weight_decay(); the rest of no_decay is the 1-D rule
+    assert {n for n in no_decay if dict(m.named_parameters())[n].ndim > 1} == tables
+    assert all(dict(m.named_parameters())[n].ndim > 1 for n in decay)
+
+
+def test_no_weight_decay_through_a_compiled_or_ddp_wrapper():
+    from fusionblocks.models.hatr import HATR
+
+    m = HATR("conv2d", 2, img_size=32, vit_depth=1)
+    _, no_decay = _groups(m)
+    assert {"cls_token", "pos_embed"} <= no_decay
+    class DDPLike(nn.Module):  # DistributedDataParallel keeps the model as .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    for wrapped, prefix in ((torch.compile(m), "_orig_mod."), (DDPLike(m), "module."),
+                            (DDPLike(torch.compile(m)), "module._orig_mod.")):
+        _, got = _groups(wrapped)
+        assert got == {prefix + n for n in no_decay}
+
+
+def test_learnable_decay_and_keyword_conventions():
+    from fusionblocks.models.hemf import HEMF
+
+    m = HEMF((1, 1, 1, 1), (1, 1, 1, 1), num_classes=2, learnable_decay=True)
+    gammas = {n for n, _ in m.named_parameters() if n.endswith("log_gamma")}
+    assert gammas and m.no_weight_decay() == gammas and gammas <= _groups(m)[1]
+    assert HEMF((1, 1, 1, 1), (1, 1, 1, 1), num_classes=2).no_weight_decay() == set()  # buffers: nothing to name
+
+    class Keywords(nn.Module):  # Swin's / TinyViT's official convention, and timm's wildcards
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.attention_biases = nn.Parameter(torch.zeros(3, 4))
+            self.pos = nn.Parameter(torch.zeros(1, 4, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def no_weight_decay(self):
+            return {"po*"}
+
+        def no_weight_decay_keywords(self):
+            return {"attention_biases"}
+
+    decay, no_decay = _groups(Keywords())
+    assert decay == {"proj.weight"} and no_decay == {"attn.attention_biases", "pos", "proj.bias"}
+
+
+def test_no_weight_decay_must_return_names():
+    m = nn.Linear(2, 2)
+    m.no_weight_decay = lambda: "weight"
+    with pytest.raises(TypeError, match=r"Linear.no_weight_decay\(\) should return a set of parameter names"):
+        R.param_groups(m, 0.01, True)
