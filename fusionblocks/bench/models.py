@@ -178,8 +178,9 @@ def run_model(name: str, *, batch_size: int = 32, image_size: int = 224, steps: 
                     ready, skipped = ready[:1], []
                 times = {impl: [] for impl in ready}
                 _sync(dev)
-                for _ in range(steps):
-                    for impl in ready:
+                for step in range(steps):
+                    # the choices take turns, the order rotating from step to step
+                    for impl in ready[step % len(ready):] + ready[:step % len(ready)]:
                         with _forced_backend(None if impl in (AUTO, "compiled") else impl):
                             run = step_fn(impl, pass_)
                             t0 = time.perf_counter()
