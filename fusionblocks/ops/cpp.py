@@ -256,16 +256,29 @@ if _C is not None:
         return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
 
     def _window_setup(ctx, inputs, output):
+        """For ``window_fwd`` (output: the attention) and ``window_fwd_train`` (output: the attention and the
+        probabilities, which the backward then reads)."""
         q, k, v, bias_table, H, W, window_size, shift, scale = inputs
         ctx.has_table = bias_table is not None
-        ctx.save_for_backward(q, k, v, bias_table if bias_table is not None else q.new_empty(0))
+        saved = [q, k, v, bias_table if bias_table is not None else q.new_empty(0)]
+        if isinstance(output, (tuple, list)):
+            _only_first_output_differentiable(ctx, output)
+            saved.append(output[1])
+        ctx.save_for_backward(*saved)
         ctx.args = (H, W, window_size, shift, scale)
 
-    def _window_backward(ctx, grad_out):
-        q, k, v, table = ctx.saved_tensors
+    def _window_grads(ctx, grad_out):
+        q, k, v, table, *probs = ctx.saved_tensors
         table = table if ctx.has_table else None
-        dq, dk, dv, dtable = _ops.window_bwd(grad_out, q, k, v, table, *ctx.args)
+        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
+        if probs:
+            dq, dk, dv, dtable = _ops.window_bwd_probs(grad_out, q, k, v, probs[0], table, *ctx.args)
+        else:
+            dq, dk, dv, dtable = _ops.window_bwd(grad_out, q, k, v, table, *ctx.args)
         return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
+
+    def _window_backward(ctx, grad_out):
+        return _window_grads(ctx, grad_out)
 
     # ---- the training forms: the backward reads the probabilities the forward saved ----
     def _decay_dec_train_setup(ctx, inputs, output):
@@ -281,19 +294,8 @@ if _C is not None:
         dq, dk, dv, dlg = _ops.decay_dec_bwd_probs(grad_out, q, k, v, log_gamma, mid, p_row, p_col, *ctx.args)
         return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
 
-    def _window_train_setup(ctx, inputs, output):
-        q, k, v, bias_table, H, W, window_size, shift, scale = inputs
-        ctx.has_table = bias_table is not None
-        _only_first_output_differentiable(ctx, output)
-        ctx.save_for_backward(q, k, v, output[1], bias_table if bias_table is not None else q.new_empty(0))
-        ctx.args = (H, W, window_size, shift, scale)
-
     def _window_train_backward(ctx, grad_out, grad_probs):
-        q, k, v, probs, table = ctx.saved_tensors
-        table = table if ctx.has_table else None
-        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
-        dq, dk, dv, dtable = _ops.window_bwd_probs(grad_out, q, k, v, probs, table, *ctx.args)
-        return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
+        return _window_grads(ctx, grad_out)
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(
@@ -310,7 +312,7 @@ if _C is not None:
     torch.library.register_autograd("fusionblocks_C::decay_dec_fwd_train", _decay_dec_train_backward,
                                     setup_context=_decay_dec_train_setup)
     torch.library.register_autograd("fusionblocks_C::window_fwd_train", _window_train_backward,
-                                    setup_context=_window_train_setup)
+                                    setup_context=_window_setup)
 
 
 def _training(*tensors) -> bool:
