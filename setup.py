@@ -64,7 +64,7 @@ def _extensions():
     def rel(pattern):
         return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
-    cpu_sources = rel("csrc/fusionblocks.cpp") + rel("csrc/cpu/*.cpp")
+    cpu_sources = rel("csrc/fusionblocks.cpp") + rel("csrc/autograd.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     link = ["-fopenmp"]
     state = {"cuda": False, "cuda_note": None}

@@ -1,7 +1,8 @@
 // fusionblocks._C: operator schemas of the compiled kernels and the Python module that loads them.
 //
-// Kernels register implementations per device in csrc/cpu/*.cpp and csrc/cuda/*; autograd, fake
-// (meta) kernels and the choice of backend live in Python (fusionblocks/ops/cpp.py, ops/cuda.py).
+// Kernels register implementations per device in csrc/cpu/*.cpp and csrc/cuda/*, autograd in
+// csrc/autograd.cpp; fake (meta) kernels and the choice of backend live in Python
+// (fusionblocks/ops/cpp.py, ops/cuda.py).
 #include <Python.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

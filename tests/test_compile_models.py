@@ -27,7 +27,15 @@ FAMILIES = {
 def test_inductor_inference_and_training_step(family, one_thread, monkeypatch):
     import torch._inductor.config as inductor_config
 
+    from fusionblocks.ops import cpp
+
     monkeypatch.setattr(inductor_config, "compile_threads", 1, raising=False)  # no worker pool to start on a 2-core machine
+    # Compiled and eager run the same kernels: the automatic choice is made by rule inside a trace and by
+    # measurement in eager, so the two could differ, and these small models' float32 gradients are
+    # ill-conditioned (BatchNorm over two 1x1 maps at the last stage). Measured for HEMF against float64:
+    # the stem's weight gradient (max 0.13) is off by 4.9e-3 on the reference path and 1.7e-3 on cpp, so
+    # only the same kernels agree to the tolerance below.
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cpp" if cpp.available() else "reference")
     torch.manual_seed(0)
     model = FAMILIES[family]()
     x = torch.randn(2, 3, 32, 32)

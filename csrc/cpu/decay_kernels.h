@@ -120,6 +120,9 @@ struct LinePass {
         for (int64_t j = 0; j < L; ++j) bias[(head * L + i) * ls + j] = g[head] * static_cast<T>(std::abs(i - j));
   }
   const T* bias_of(int64_t head) const { return bias.data() + head * L * ls; }
+  // whether the tile products use the token rows in place (line_fwd): rows of whole vectors, since the
+  // float tile product reads and writes B and C rows up to padded(n)
+  bool direct() const { return d % kPad == 0; }
 };
 
 // One thread's tiles for the lines of one pass.
@@ -146,6 +149,11 @@ struct LineTiles {
 // The forward of line l of (batch, head) bh: scores, softmax and products in one tile. Saves the
 // log-sum-exp of every query (lse, raster order) or, when `probs` is given, the normalized probabilities
 // instead: (B, heads, lines, len, len).
+//
+// A line's tokens are evenly spaced (a row: next to each other; a column: one grid row apart), so when
+// the head dim fills whole vectors (d % kPad == 0) the products read q, k, v and write the output in
+// place, at a row stride of tok_step * d: no gathered copies. Otherwise (e.g. HEMF's D = 12 on AVX2) the
+// rows are gathered into padded tiles. Only K^T is always built (gather_t), the tile product's B operand.
 template <typename T>
 void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
               T* out, T* lse, T* probs) {
@@ -153,36 +161,44 @@ void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, con
   const TileMM<T>& tmm = ps.tmm;
   s.set_tokens(ps.ln, l);
   const int64_t* tok = s.tok.data();
-  gather<T>(q + base, tok, L, d, s.qw.data(), ld);
-  if (tmm.fast) {
-    gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
-  } else {
-    gather<T>(k + base, tok, L, d, s.kw.data(), ld);
+  const bool direct = ps.direct();
+  const int64_t t0 = base + tok[0] * d, la = direct ? ps.ln.tok_step * d : ld;
+  if (!direct) {
+    gather<T>(q + base, tok, L, d, s.qw.data(), ld);
+    gather<T>(v + base, tok, L, d, s.vw.data(), ld);
+    if (!tmm.fast) gather<T>(k + base, tok, L, d, s.kw.data(), ld);
   }
-  gather<T>(v + base, tok, L, d, s.vw.data(), ld);
-  tmm(L, L, d, ps.scale, s.qw.data(), ld, 1, tmm.fast ? s.kt.data() : nullptr, ls, s.kw.data(), ld, s.p.data(), ls);
-  if (probs) {
-    std::fill(s.inv.begin(), s.inv.end(), T(1));  // rows already normalized
-    softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, nullptr);
+  if (tmm.fast) gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
+  const T* qa = direct ? q + t0 : s.qw.data();
+  const T* ka = direct ? k + t0 : s.kw.data();
+  const T* va = direct ? v + t0 : s.vw.data();
+  T* oa = direct ? out + t0 : s.ow.data();
+  tmm(L, L, d, ps.scale, qa, la, 1, tmm.fast ? s.kt.data() : nullptr, ls, ka, la, s.p.data(), ls);
+  // rows normalized before the product when the output is written in place or the probabilities saved;
+  // otherwise each output row is scaled by 1 / sum as it is scattered
+  const bool normalize = direct || probs;
+  softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, normalize ? nullptr : s.inv.data(),
+               probs ? nullptr : s.lw.data());
+  if (probs)
     for (int64_t i = 0; i < L; ++i) copy_row(s.p.data() + i * ls, probs + (t * L + i) * L, L);
-  } else {
-    softmax_rows(s.p.data(), ps.bias_of(bh % ps.nh), L, L, ls, s.inv.data(), s.lw.data());
-  }
-  tmm(L, d, L, T(1), s.p.data(), ls, 1, s.vw.data(), ld, nullptr, 0, s.ow.data(), ld);
-  for (int64_t i = 0; i < L; ++i) {
-    const T* src = s.ow.data() + i * ld;
-    T* dst = out + base + tok[i] * d;
-    const T r = s.inv[i];
-    for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
-    if (!probs) lse[bh * ps.n + tok[i]] = s.lw[i];
-  }
+  tmm(L, d, L, T(1), s.p.data(), ls, 1, va, la, nullptr, 0, oa, la);
+  if (!probs)
+    for (int64_t i = 0; i < L; ++i) lse[bh * ps.n + tok[i]] = s.lw[i];
+  if (!direct)
+    for (int64_t i = 0; i < L; ++i) {
+      const T* src = s.ow.data() + i * ld;
+      T* dst = out + base + tok[i] * d;
+      const T r = normalize ? T(1) : s.inv[i];
+      for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * r;
+    }
 }
 
 // The backward of line l of bh: writes (accumulate = false) or adds (true) dq and dk, writes dv (which
 // may alias dout: a line reads its rows of dout before writing them), adds d(score) to the thread's
 // d(bias) (part, (nh, len, ls)). The probabilities are the forward's (probs, as line_fwd saves them) or,
 // without them, recomputed from its log-sum-exps (lse, raster order); delta = rowsum(p * dp) (equal to
-// rowsum(out * dout)), so out is not read.
+// rowsum(out * dout)), so out is not read. Operands in place as in line_fwd; results too, except what is
+// added (dq, dk of the second pass) and a dv that overwrites dout (through the tile dvw).
 template <typename T>
 void line_bwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
               const T* dout, const T* lse, const T* probs, T* dq, T* dk, T* dv, bool accumulate, T* part) {
@@ -191,36 +207,45 @@ void line_bwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, con
   const TileMM<T>& tmm = ps.tmm;
   s.set_tokens(ps.ln, l);
   const int64_t* tok = s.tok.data();
-  gather<T>(q + base, tok, L, d, s.qw.data(), ld);
-  gather<T>(k + base, tok, L, d, s.kw.data(), ld);
-  gather<T>(dout + base, tok, L, d, s.gw.data(), ld);
-  if (tmm.fast) {
-    gather_t<T>(v + base, tok, L, d, s.vt.data(), ls);
-  } else {
-    gather<T>(v + base, tok, L, d, s.vw.data(), ld);
+  const bool direct = ps.direct();
+  const int64_t t0 = base + tok[0] * d, la = direct ? ps.ln.tok_step * d : ld;
+  if (!direct) {
+    gather<T>(q + base, tok, L, d, s.qw.data(), ld);
+    gather<T>(k + base, tok, L, d, s.kw.data(), ld);
+    gather<T>(dout + base, tok, L, d, s.gw.data(), ld);
+    if (!tmm.fast) gather<T>(v + base, tok, L, d, s.vw.data(), ld);
   }
+  if (tmm.fast) gather_t<T>(v + base, tok, L, d, s.vt.data(), ls);
+  const T* qa = direct ? q + t0 : s.qw.data();
+  const T* ka = direct ? k + t0 : s.kw.data();
+  const T* va = direct ? v + t0 : s.vw.data();
+  const T* ga = direct ? dout + t0 : s.gw.data();
+  const bool dqk_direct = direct && !accumulate, dv_direct = direct && dv != dout;
+  T* dqa = dqk_direct ? dq + t0 : s.ow.data();  // ow is free in the backward
+  T* dka = dqk_direct ? dk + t0 : s.dkw.data();
+  T* dva = dv_direct ? dv + t0 : s.dvw.data();
+  const int64_t lqk = dqk_direct ? la : ld, lv = dv_direct ? la : ld;
   if (probs) {
     for (int64_t i = 0; i < L; ++i) copy_row(probs + (t * L + i) * L, s.p.data() + i * ls, L);
   } else {
     for (int64_t i = 0; i < L; ++i) s.lw[i] = lse[bh * ps.n + tok[i]];
     if (tmm.fast) gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
-    tmm(L, L, d, ps.scale, s.qw.data(), ld, 1, tmm.fast ? s.kt.data() : nullptr, ls, s.kw.data(), ld, s.p.data(), ls);
+    tmm(L, L, d, ps.scale, qa, la, 1, tmm.fast ? s.kt.data() : nullptr, ls, ka, la, s.p.data(), ls);
     exp_rows(s.p.data(), ps.bias_of(head), s.lw.data(), L, L, ls);
   }
-  tmm(L, d, L, T(1), s.p.data(), 1, ls, s.gw.data(), ld, nullptr, 0, s.dvw.data(), ld);
-  tmm(L, L, d, T(1), s.gw.data(), ld, 1, tmm.fast ? s.vt.data() : nullptr, ls, s.vw.data(), ld, s.dp.data(), ls);
+  tmm(L, L, d, T(1), ga, la, 1, tmm.fast ? s.vt.data() : nullptr, ls, va, la, s.dp.data(), ls);
+  tmm(L, d, L, T(1), s.p.data(), 1, ls, ga, la, nullptr, 0, dva, lv);
   softmax_grad_rows(s.p.data(), s.dp.data(), part + head * L * ls, L, L, ls, ps.scale);
-  // dq into ow (free in the backward), dk into dkw
-  tmm(L, d, L, T(1), s.dp.data(), ls, 1, s.kw.data(), ld, nullptr, 0, s.ow.data(), ld);
-  tmm(L, d, L, T(1), s.dp.data(), 1, ls, s.qw.data(), ld, nullptr, 0, s.dkw.data(), ld);
+  tmm(L, d, L, T(1), s.dp.data(), ls, 1, ka, la, nullptr, 0, dqa, lqk);
+  tmm(L, d, L, T(1), s.dp.data(), 1, ls, qa, la, nullptr, 0, dka, lqk);
   if (accumulate) {
     scatter_add<T>(s.ow.data(), ld, tok, L, d, dq + base);
     scatter_add<T>(s.dkw.data(), ld, tok, L, d, dk + base);
-  } else {
+  } else if (!dqk_direct) {
     scatter<T>(s.ow.data(), ld, tok, L, d, dq + base);
     scatter<T>(s.dkw.data(), ld, tok, L, d, dk + base);
   }
-  scatter<T>(s.dvw.data(), ld, tok, L, d, dv + base);
+  if (!dv_direct) scatter<T>(s.dvw.data(), ld, tok, L, d, dv + base);
 }
 
 // d(log_gamma) per head from the threads' d(bias) sums of one pass: sum of d(score) * |i - j|.

@@ -26,8 +26,9 @@ runs. Asking for a variant the CPU lacks is an error naming what it lacks, never
 
 The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` (and the training
 forms ``{decay_dec,window}_fwd_train`` / ``{decay_dec,window}_bwd_probs``) with TORCH_LIBRARY
-schemas; their fake (meta) kernels and autograd formulas are registered here, so they trace under
-``torch.compile`` and pass ``torch.library.opcheck``. When the extension is not built, the backends
+schemas; their fake (meta) kernels are registered here and their autograd in C++ (``csrc/autograd.cpp``,
+one node per call, no Python in the backward), so they trace under ``torch.compile`` and pass
+``torch.library.opcheck``. When the extension is not built, the backends
 stay registered and ``fusionblocks.ops.explain`` says how to build it.
 """
 from __future__ import annotations
@@ -221,98 +222,7 @@ if _C is not None:
         table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
         return _fake_like(q), _fake_like(q), _fake_like(q), table
 
-    # ---- autograd: the backward ops recompute from the saved log-sum-exp ----
-    def _only_first_output_differentiable(ctx, output):
-        """The forward ops' other outputs (log-sum-exps, the decomposed mode's intermediate, probabilities)
-        are saved state, not results: marked non-differentiable, and no zero gradient is materialized for
-        them before the backward (that would fill tensors as large as the probabilities on every call)."""
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.set_materialize_grads(False)
-
-    def _decay_full_setup(ctx, inputs, output):
-        q, k, v, log_gamma, H, W, scale = inputs
-        out, lse = output
-        _only_first_output_differentiable(ctx, output)
-        ctx.save_for_backward(q, k, v, log_gamma, out, lse)
-        ctx.args = (H, W, scale)
-
-    def _decay_full_backward(ctx, grad_out, grad_lse):
-        q, k, v, log_gamma, out, lse = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv, dlg = _ops.decay_full_bwd(grad_out, q, k, v, log_gamma, out, lse, *ctx.args)
-        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
-
-    def _decay_dec_setup(ctx, inputs, output):
-        q, k, v, log_gamma, H, W, scale = inputs
-        out, mid, lse_row, lse_col = output
-        _only_first_output_differentiable(ctx, output)
-        ctx.save_for_backward(q, k, v, log_gamma, out, mid, lse_row, lse_col)
-        ctx.args = (H, W, scale)
-
-    def _decay_dec_backward(ctx, grad_out, grad_mid, grad_lse_row, grad_lse_col):
-        q, k, v, log_gamma, out, mid, lse_row, lse_col = ctx.saved_tensors
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out
-        dq, dk, dv, dlg = _ops.decay_dec_bwd(grad_out, q, k, v, log_gamma, out, mid, lse_row, lse_col, *ctx.args)
-        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
-
-    def _window_setup(ctx, inputs, output):
-        """For ``window_fwd`` (output: the attention) and ``window_fwd_train`` (output: the attention and the
-        probabilities, which the backward then reads)."""
-        q, k, v, bias_table, H, W, window_size, shift, scale = inputs
-        ctx.has_table = bias_table is not None
-        saved = [q, k, v, bias_table if bias_table is not None else q.new_empty(0)]
-        if isinstance(output, (tuple, list)):
-            _only_first_output_differentiable(ctx, output)
-            saved.append(output[1])
-        ctx.save_for_backward(*saved)
-        ctx.args = (H, W, window_size, shift, scale)
-
-    def _window_grads(ctx, grad_out):
-        q, k, v, table, *probs = ctx.saved_tensors
-        table = table if ctx.has_table else None
-        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
-        if probs:
-            dq, dk, dv, dtable = _ops.window_bwd_probs(grad_out, q, k, v, probs[0], table, *ctx.args)
-        else:
-            dq, dk, dv, dtable = _ops.window_bwd(grad_out, q, k, v, table, *ctx.args)
-        return dq, dk, dv, (dtable.to(table.dtype) if table is not None else None), None, None, None, None, None
-
-    def _window_backward(ctx, grad_out):
-        return _window_grads(ctx, grad_out)
-
-    # ---- the training forms: the backward reads the probabilities the forward saved ----
-    def _decay_dec_train_setup(ctx, inputs, output):
-        q, k, v, log_gamma, H, W, scale = inputs
-        out, mid, p_row, p_col = output
-        _only_first_output_differentiable(ctx, output)
-        ctx.save_for_backward(q, k, v, log_gamma, mid, p_row, p_col)
-        ctx.args = (H, W, scale)
-
-    def _decay_dec_train_backward(ctx, grad_out, grad_mid, grad_p_row, grad_p_col):
-        q, k, v, log_gamma, mid, p_row, p_col = ctx.saved_tensors
-        grad_out = torch.zeros_like(q) if grad_out is None else grad_out
-        dq, dk, dv, dlg = _ops.decay_dec_bwd_probs(grad_out, q, k, v, log_gamma, mid, p_row, p_col, *ctx.args)
-        return dq, dk, dv, dlg.to(log_gamma.dtype), None, None, None
-
-    def _window_train_backward(ctx, grad_out, grad_probs):
-        return _window_grads(ctx, grad_out)
-
-    def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "fusionblocks cpp/cuda attention kernels have no double backward (gradients of gradients); "
-            "use backend='reference' for that"
-        )
-
-    for _bwd in ("decay_full_bwd", "decay_dec_bwd", "window_bwd", "decay_dec_bwd_probs", "window_bwd_probs"):
-        torch.library.register_autograd(f"fusionblocks_C::{_bwd}", _no_double_backward)
-
-    torch.library.register_autograd("fusionblocks_C::decay_full_fwd", _decay_full_backward, setup_context=_decay_full_setup)
-    torch.library.register_autograd("fusionblocks_C::decay_dec_fwd", _decay_dec_backward, setup_context=_decay_dec_setup)
-    torch.library.register_autograd("fusionblocks_C::window_fwd", _window_backward, setup_context=_window_setup)
-    torch.library.register_autograd("fusionblocks_C::decay_dec_fwd_train", _decay_dec_train_backward,
-                                    setup_context=_decay_dec_train_setup)
-    torch.library.register_autograd("fusionblocks_C::window_fwd_train", _window_train_backward,
-                                    setup_context=_window_setup)
+    # Autograd of these ops is registered in C++ (csrc/autograd.cpp), at the Autograd key.
 
 
 def _training(*tensors) -> bool:
