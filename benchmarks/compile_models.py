@@ -49,6 +49,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the checkout's fusionblocks, built in place
 
 from fusionblocks import bench  # noqa: E402
+from fusionblocks.bench.models import model_steps  # noqa: E402
 from fusionblocks.models import create_model, list_models  # noqa: E402
 
 #: parity (float32): outputs and loss within ``OUT_RTOL·max|eager| + OUT_ATOL``. Gradients, anchored on a float64
@@ -110,18 +111,12 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
     params = [p for p in model.parameters() if p.requires_grad]
 
     def fwd(m):
-        def run():
-            model.eval()
-            with torch.no_grad():
-                return m(x)
-        return run
+        return model_steps(model, x, y, net=m)[0]
 
     def grads_step(m):
-        model.train()
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(m(x), y)
-        loss.backward()
-        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss = model_steps(model, x, y, net=m)[1]()  # no optimizer: backward only
+        return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
     try:
         # inference (eager first: the automatic kernel choice measures on its first call, outside any trace)
@@ -185,13 +180,7 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def train(m):
-            def run():
-                model.train()
-                loss = F.cross_entropy(m(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            return run
+            return model_steps(model, x, y, opt, net=m)[1]
 
         for pass_, make in (("fwd", fwd), ("train", train)):
             calls = {"eager": make(model), "compiled": make(compiled)}

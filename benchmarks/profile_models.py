@@ -16,7 +16,6 @@ import sys
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
 FAMILIES = [
     ("attention kernels (fusionblocks_C)", r"fusionblocks"),
@@ -40,18 +39,9 @@ def family(name: str) -> str:
 def profile(model, x, y, pass_: str, opt):
     from torch.profiler import ProfilerActivity, profile as prof
 
-    def fwd():
-        model.eval()
-        with torch.no_grad():
-            model(x)
+    from fusionblocks.bench.models import model_steps
 
-    def train():
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    fwd, train = model_steps(model, x, y, opt)  # the passes `fusionblocks bench --model` times
     step = fwd if pass_ == "fwd" else train
     step()  # warm-up (and the automatic choice's one-time measurements)
     with prof(activities=[ProfilerActivity.CPU]) as p:

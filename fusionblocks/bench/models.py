@@ -80,6 +80,37 @@ def _model_impls(backends: Optional[Sequence[str]], dev: torch.device, skipped: 
     return todo
 
 
+def model_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: Optional[torch.optim.Optimizer] = None,
+                *, net=None, amp: bool = False):
+    """The two passes every model benchmark times: ``(fwd, train)``, each a function of no arguments.
+
+    ``fwd`` is inference (``model.eval()``, ``no_grad``); ``train`` one training step (``model.train()``,
+    cross-entropy against ``y``, ``opt.zero_grad``, backward, ``opt.step``; without ``opt``, backward only).
+    ``net`` runs in place of ``model`` (e.g. ``torch.compile(model)``; modes are set on ``model``); ``amp``
+    runs both under bf16 autocast on ``x``'s device, the loss taken in float32.
+    """
+    run = model if net is None else net
+    dev_type = x.device.type
+
+    def fwd():
+        model.eval()
+        with torch.no_grad(), torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+            return run(x)
+
+    def train():
+        model.train()
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(run(x).float(), y)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+        return loss.detach()
+
+    return fwd, train
+
+
 def run_model(name: str, *, batch_size: int = 32, image_size: int = 224, steps: int = 10, warmup: int = 1,
               backends: Optional[Sequence[str]] = None, device: Optional[str] = None,
               passes: Sequence[str] = ("train",), threads: Optional[Sequence[int]] = None,
@@ -128,21 +159,7 @@ def run_model(name: str, *, batch_size: int = 32, image_size: int = 224, steps: 
         return compiled_model[0]
 
     def step_fn(impl: str, pass_: str):
-        m = net(impl)
-
-        def fwd():
-            model.eval()
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                m(x)
-
-        def train():
-            model.train()
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = F.cross_entropy(m(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        fwd, train = model_steps(model, x, y, opt, net=net(impl), amp=amp)
         return fwd if pass_ == "fwd" else train
 
     records, skipped = [], []
