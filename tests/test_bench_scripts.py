@@ -32,10 +32,9 @@ def run_quick(module, name, tmp_path, capsys):
     cpu = torch.device("cpu" if not torch.cuda.is_available() else "cuda")
     path = tmp_path / f"{name}-{bench.device_slug(cpu)}.json"
     assert path.exists(), sorted(os.listdir(tmp_path))
+    pytest.importorskip("jsonschema")  # bench.validate_records checks with it
     records = json.loads(path.read_text())
     bench.validate_records(records)
-    jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(records, bench.RECORDS_SCHEMA)
     md = path.with_suffix(".md").read_text()
     return records, md, out
 
@@ -143,10 +142,9 @@ def test_cpu_script_quick(tmp_path, capsys, one_thread):
     for isa in cpp.supported_isas():  # one file per ISA variant this machine runs
         path = tmp_path / f"cpu_kernels-{bench.device_slug(torch.device('cpu'))}-{isa}-1thread.json"
         assert path.exists(), sorted(os.listdir(tmp_path))
+        pytest.importorskip("jsonschema")  # bench.validate_records checks with it
         records = json.loads(path.read_text())
         bench.validate_records(records)
-        jsonschema = pytest.importorskip("jsonschema")
-        jsonschema.validate(records, bench.RECORDS_SCHEMA)
         assert {r["op"] for r in records} == set(mod.QUICK_SHAPES)
         for op, shapes in mod.QUICK_SHAPES.items():
             for shape in shapes:
