@@ -7,7 +7,9 @@ import tempfile
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # golden_utils
+sys.path.insert(0, os.path.dirname(__file__))  # golden_utils, script_loader
+
+from script_loader import load_benchmark_script  # noqa: E402
 
 # The automatic backend choice caches its measurements per machine: tests (and their subprocesses) use a
 # throw-away cache, never the user's ~/.cache.
@@ -61,3 +63,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def compile_models_script():
+    """``benchmarks/compile_models.py`` as a module."""
+    return load_benchmark_script("compile_models")

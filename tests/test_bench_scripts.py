@@ -6,24 +6,16 @@ Under ``tests/conftest.py`` Triton runs in its interpreter here, so the smoke ru
 the Triton kernels (interpreted), the reference, SDPA and FlexAttention (eager; its backward raises on CPU
 and must come back as a record with ``error``).
 """
-import importlib.util
 import json
 import os
 
 import pytest
 import torch
+from script_loader import load_benchmark_script as load_script
 
 from fusionblocks import bench
 
-BENCH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 IMPLS = {"triton", "reference", "sdpa", "flex"}
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", os.path.join(BENCH_DIR, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_quick(module, name, tmp_path, capsys):

@@ -3,8 +3,6 @@ against eager, for each model family (HEMF, HiFuse, HATR) at one block per stage
 compiling stays affordable on a 2-core CI machine. Whole models at full depth are checked and timed by
 ``benchmarks/compile_models.py`` (every registered model, eager vs compiled, results in benchmarks/results) and by
 ``fusionblocks bench --model NAME --backends auto compiled`` (the compiled-vs-eager anchor)."""
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -21,17 +19,6 @@ FAMILIES = {
 }
 
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "compile_models.py")
-
-
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("_compile_models_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # Inductor compiles a few hundred C++ kernels per family (about 5 minutes each on a 2-core CPU), so these run
 # with FUSIONBLOCKS_SLOW_TESTS=1; the attention ops the blocks call, including the decomposed decay that crashed
 # torch 2.14's inductor, are compiled with inductor in every run (tests/ops/test_inductor.py).
@@ -44,7 +31,7 @@ def script():
 # moved 3e-4.
 @pytest.mark.expensive
 @pytest.mark.parametrize("family", ["hemf", "hifuse", "hatr_conv2d"])
-def test_inductor_inference_and_training_step(family, script, one_thread, monkeypatch):
+def test_inductor_inference_and_training_step(family, compile_models_script, one_thread, monkeypatch):
     import torch._inductor.config as inductor_config
 
     monkeypatch.setattr(inductor_config, "compile_threads", 1, raising=False)  # no worker pool to start on a 2-core machine
@@ -52,6 +39,6 @@ def test_inductor_inference_and_training_step(family, script, one_thread, monkey
     model = FAMILIES[family]()
     x = torch.randn(4, 3, 64, 64)
     y = torch.tensor([0, 2, 1, 0])
-    res = script.check_model(family, model, x, y, backend="inductor", rounds=1)
+    res = compile_models_script.check_model(family, model, x, y, backend="inductor", rounds=1)
     assert res["error"] is None and res["ok"], res["error"]
     assert set(res["ms"]) == {(p, i) for p in ("fwd", "train") for i in ("eager", "compiled")}
