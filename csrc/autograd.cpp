@@ -154,11 +154,9 @@ struct WindowBody {
     variable_list saved{q, k, v, has_table ? *table : Tensor()};
     if (kProbs) saved.push_back(out[1]);
     ctx->save_for_backward(std::move(saved));
-    ctx->saved_data["h"] = h;
-    ctx->saved_data["w"] = w;
+    save_grid(ctx, h, w, scale);
     ctx->saved_data["ws"] = ws;
     ctx->saved_data["shift"] = shift;
-    ctx->saved_data["scale"] = scale;
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -211,10 +209,9 @@ struct backward_op_no_double_backward : Function<backward_op_no_double_backward>
 
 namespace {
 
+// a backward op's call (handle looked up once, by its kernel) under a node refusing double backward
 template <typename Sig, typename... A>
-T4 backward_op(const char* name, const A&... args) {
-  static_assert(sizeof...(A) > 0);
-  const auto handle = op<Sig>(name);
+T4 backward_op(const c10::TypedOperatorHandle<Sig>& handle, const A&... args) {
   const auto run = [&handle](const A&... a) { return handle.call(a...); };
   return as_t4(fusionblocks_C::backward_op_no_double_backward::apply(run, args...));
 }
@@ -244,27 +241,30 @@ TORCH_LIBRARY_IMPL(fusionblocks_C, Autograd, m) {
   });
   m.impl("decay_full_bwd", [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg,
                               const Tensor& out, const Tensor& lse, int64_t h, int64_t w, double scale) {
-    return backward_op<DecayFullBwdSig>("fusionblocks_C::decay_full_bwd", g, q, k, v, lg, out, lse, h, w, scale);
+    static const auto handle = op<DecayFullBwdSig>("fusionblocks_C::decay_full_bwd");
+    return backward_op(handle, g, q, k, v, lg, out, lse, h, w, scale);
   });
   m.impl("decay_dec_bwd", [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lg,
                              const Tensor& out, const Tensor& mid, const Tensor& lr, const Tensor& lc, int64_t h,
                              int64_t w, double scale) {
-    return backward_op<DecBwdSig>("fusionblocks_C::decay_dec_bwd", g, q, k, v, lg, out, mid, lr, lc, h, w, scale);
+    static const auto handle = op<DecBwdSig>("fusionblocks_C::decay_dec_bwd");
+    return backward_op(handle, g, q, k, v, lg, out, mid, lr, lc, h, w, scale);
   });
   m.impl("decay_dec_bwd_probs", [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
                                    const Tensor& lg, const Tensor& mid, const Tensor& pr, const Tensor& pc, int64_t h,
                                    int64_t w, double scale) {
-    return backward_op<DecBwdProbsSig>("fusionblocks_C::decay_dec_bwd_probs", g, q, k, v, lg, mid, pr, pc, h, w,
-                                       scale);
+    static const auto handle = op<DecBwdProbsSig>("fusionblocks_C::decay_dec_bwd_probs");
+    return backward_op(handle, g, q, k, v, lg, mid, pr, pc, h, w, scale);
   });
   m.impl("window_bwd", [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& table,
                           int64_t h, int64_t w, int64_t ws, int64_t shift, double scale) {
-    return backward_op<WinBwdSig>("fusionblocks_C::window_bwd", g, q, k, v, table, h, w, ws, shift, scale);
+    static const auto handle = op<WinBwdSig>("fusionblocks_C::window_bwd");
+    return backward_op(handle, g, q, k, v, table, h, w, ws, shift, scale);
   });
   m.impl("window_bwd_probs", [](const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& probs, const OptTensor& table, int64_t h, int64_t w, int64_t ws,
                                 int64_t shift, double scale) {
-    return backward_op<WinBwdProbsSig>("fusionblocks_C::window_bwd_probs", g, q, k, v, probs, table, h, w, ws, shift,
-                                       scale);
+    static const auto handle = op<WinBwdProbsSig>("fusionblocks_C::window_bwd_probs");
+    return backward_op(handle, g, q, k, v, probs, table, h, w, ws, shift, scale);
   });
 }

@@ -141,8 +141,21 @@ struct LineTiles {
     lw.assign(L, T(0));
     tok.resize(L);
   }
-  void set_tokens(const Lines& ln, int64_t l) {
-    for (int64_t i = 0; i < ln.len; ++i) tok[i] = ln.token(l, i);
+  int64_t base = 0, first = 0, la = 0;  // of the current line: its slice, its first token's row, row stride
+
+  // Starts line l of (batch, head) bh: its tokens, and the row stride of its operands (see line_fwd).
+  void start(const LinePass<T>& ps, int64_t bh, int64_t l) {
+    for (int64_t i = 0; i < ps.L; ++i) tok[i] = ps.ln.token(l, i);
+    base = bh * ps.n * ps.d;
+    first = base + tok[0] * ps.d;
+    la = ps.direct() ? ps.ln.tok_step * ps.d : ps.ld;
+  }
+  // The line's rows of src (token-major, d per token) as a tile-product operand of row stride la: in
+  // place, or gathered into tile.
+  const T* rows(const LinePass<T>& ps, const T* src, std::vector<T>& tile) const {
+    if (ps.direct()) return src + first;
+    gather<T>(src + base, tok.data(), ps.L, ps.d, tile.data(), ps.ld);
+    return tile.data();
   }
 };
 
@@ -157,22 +170,17 @@ struct LineTiles {
 template <typename T>
 void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
               T* out, T* lse, T* probs) {
-  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, base = bh * ps.n * d, t = bh * ps.ln.count + l;
+  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, t = bh * ps.ln.count + l;
   const TileMM<T>& tmm = ps.tmm;
-  s.set_tokens(ps.ln, l);
+  s.start(ps, bh, l);
   const int64_t* tok = s.tok.data();
+  const int64_t base = s.base, la = s.la;
   const bool direct = ps.direct();
-  const int64_t t0 = base + tok[0] * d, la = direct ? ps.ln.tok_step * d : ld;
-  if (!direct) {
-    gather<T>(q + base, tok, L, d, s.qw.data(), ld);
-    gather<T>(v + base, tok, L, d, s.vw.data(), ld);
-    if (!tmm.fast) gather<T>(k + base, tok, L, d, s.kw.data(), ld);
-  }
+  const T* qa = s.rows(ps, q, s.qw);
+  const T* va = s.rows(ps, v, s.vw);
+  const T* ka = tmm.fast ? nullptr : s.rows(ps, k, s.kw);  // the fast product takes K^T instead
   if (tmm.fast) gather_t<T>(k + base, tok, L, d, s.kt.data(), ls);
-  const T* qa = direct ? q + t0 : s.qw.data();
-  const T* ka = direct ? k + t0 : s.kw.data();
-  const T* va = direct ? v + t0 : s.vw.data();
-  T* oa = direct ? out + t0 : s.ow.data();
+  T* oa = direct ? out + s.first : s.ow.data();
   tmm(L, L, d, ps.scale, qa, la, 1, tmm.fast ? s.kt.data() : nullptr, ls, ka, la, s.p.data(), ls);
   // rows normalized before the product when the output is written in place or the probabilities saved;
   // otherwise each output row is scaled by 1 / sum as it is scattered
@@ -202,28 +210,22 @@ void line_fwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, con
 template <typename T>
 void line_bwd(const LinePass<T>& ps, LineTiles<T>& s, int64_t bh, int64_t l, const T* q, const T* k, const T* v,
               const T* dout, const T* lse, const T* probs, T* dq, T* dk, T* dv, bool accumulate, T* part) {
-  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, base = bh * ps.n * d, t = bh * ps.ln.count + l;
+  const int64_t L = ps.L, ls = ps.ls, ld = ps.ld, d = ps.d, t = bh * ps.ln.count + l;
   const int64_t head = bh % ps.nh;
   const TileMM<T>& tmm = ps.tmm;
-  s.set_tokens(ps.ln, l);
+  s.start(ps, bh, l);
   const int64_t* tok = s.tok.data();
+  const int64_t base = s.base, la = s.la;
   const bool direct = ps.direct();
-  const int64_t t0 = base + tok[0] * d, la = direct ? ps.ln.tok_step * d : ld;
-  if (!direct) {
-    gather<T>(q + base, tok, L, d, s.qw.data(), ld);
-    gather<T>(k + base, tok, L, d, s.kw.data(), ld);
-    gather<T>(dout + base, tok, L, d, s.gw.data(), ld);
-    if (!tmm.fast) gather<T>(v + base, tok, L, d, s.vw.data(), ld);
-  }
+  const T* qa = s.rows(ps, q, s.qw);
+  const T* ka = s.rows(ps, k, s.kw);
+  const T* ga = s.rows(ps, dout, s.gw);
+  const T* va = tmm.fast ? nullptr : s.rows(ps, v, s.vw);  // the fast product takes V^T instead
   if (tmm.fast) gather_t<T>(v + base, tok, L, d, s.vt.data(), ls);
-  const T* qa = direct ? q + t0 : s.qw.data();
-  const T* ka = direct ? k + t0 : s.kw.data();
-  const T* va = direct ? v + t0 : s.vw.data();
-  const T* ga = direct ? dout + t0 : s.gw.data();
   const bool dqk_direct = direct && !accumulate, dv_direct = direct && dv != dout;
-  T* dqa = dqk_direct ? dq + t0 : s.ow.data();  // ow is free in the backward
-  T* dka = dqk_direct ? dk + t0 : s.dkw.data();
-  T* dva = dv_direct ? dv + t0 : s.dvw.data();
+  T* dqa = dqk_direct ? dq + s.first : s.ow.data();  // ow is free in the backward
+  T* dka = dqk_direct ? dk + s.first : s.dkw.data();
+  T* dva = dv_direct ? dv + s.first : s.dvw.data();
   const int64_t lqk = dqk_direct ? la : ld, lv = dv_direct ? la : ld;
   if (probs) {
     for (int64_t i = 0; i < L; ++i) copy_row(probs + (t * L + i) * L, s.p.data() + i * ls, L);
