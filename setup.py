@@ -51,6 +51,32 @@ def _cuda_unconfigurable(torch):
     return None
 
 
+def _toolkit_root(cx, nvcc):
+    """The CUDA toolkit's root for ``nvcc``, with ``include/cuda_runtime.h`` under it, or ``None``.
+
+    torch guesses the root as the folder above ``nvcc``'s ``bin``; for a wrapper script (e.g.
+    ``/usr/local/bin/nvcc`` calling ``/usr/local/cuda-13.0/bin/nvcc``) that guess has no headers, so
+    nvcc itself is asked (``--dryrun`` prints its ``TOP``). ``CUDA_HOME``/``CUDA_PATH``, when set, win.
+    """
+    import subprocess
+
+    def has_headers(root):
+        return bool(root) and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or has_headers(cx.CUDA_HOME):
+        return cx.CUDA_HOME if has_headers(cx.CUDA_HOME) else None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
+                             timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            root = os.path.realpath(line.split("=", 1)[1].strip())
+            return root if has_headers(root) else None
+    return None
+
+
 def _extensions():
     if _flag("FUSIONBLOCKS_NO_EXT"):
         return [], {}
@@ -85,9 +111,16 @@ def _extensions():
         want_cuda = False
     elif want_cuda:
         why = _cuda_unconfigurable(torch)
+        root = _toolkit_root(cx, nvcc) if why is None else None
+        if why is None and root is None:
+            why = (f"the CUDA toolkit's headers (include/cuda_runtime.h) were not found for {nvcc} "
+                   f"(torch looked in {cx.CUDA_HOME}); set CUDA_HOME to the toolkit's folder")
         if why is not None:
             state["cuda_note"] = f"{how} but the CUDA build cannot be configured: {why}"
             want_cuda = False
+        elif root != cx.CUDA_HOME:
+            cx.CUDA_HOME = root  # torch's build reads this module global when it compiles and links
+            os.environ["CUDA_HOME"] = root
     if state["cuda_note"] is not None:
         _warn(state["cuda_note"], "building the CPU kernels only")
     if want_cuda:

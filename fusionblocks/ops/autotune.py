@@ -128,7 +128,7 @@ def tracing(tensors: Sequence[torch.Tensor] = ()) -> bool:
     if compiler is not None:
         if getattr(compiler, "is_compiling", lambda: False)():
             return True
-        if getattr(compiler, "is_exporting", lambda: False)():
+        if _export_flag():
             return True
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         return True
@@ -138,12 +138,26 @@ def tracing(tensors: Sequence[torch.Tensor] = ()) -> bool:
     return False
 
 
-def exporting() -> bool:
-    """True while torch.export or an ONNX exporter (dynamo or legacy) traces the program."""
+def _export_flag() -> bool:
+    """``torch.compiler.is_exporting()``, read from its flag where torch has one.
+
+    Dynamo replaced a traced call of ``is_exporting()`` by a constant ``True`` under any
+    ``torch.compile`` (pytorch/pytorch#176347; torch 2.11 does, 2.13 reads the flag): the choice
+    would take every compiled program for an export and fall back to the reference. The flag itself
+    (set by torch.export for the time it traces) reads right everywhere.
+    """
     compiler = getattr(torch, "compiler", None)
-    if compiler is not None and getattr(compiler, "is_exporting", lambda: False)():
-        return True
-    return bool(torch.onnx.is_in_onnx_export())
+    if compiler is None:
+        return False
+    flag = getattr(compiler, "_is_exporting_flag", None)
+    if isinstance(flag, bool):
+        return flag
+    return bool(getattr(compiler, "is_exporting", lambda: False)())
+
+
+def exporting() -> bool:
+    """True while torch.export or an ONNX exporter (dynamo or legacy) traces the program (not torch.compile)."""
+    return _export_flag() or bool(torch.onnx.is_in_onnx_export())
 
 
 def _threads() -> int:

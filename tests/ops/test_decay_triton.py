@@ -18,7 +18,7 @@ from golden_utils import block, make_input, official_state_dict, rel_err
 triton = pytest.importorskip("triton")
 
 import fusionblocks.ops.triton.decay as triton_decay  # noqa: E402
-from fusionblocks.ops.triton._common import triton_built_interpreted  # noqa: E402
+from fusionblocks.ops.triton._common import interpreter_defect, triton_built_interpreted  # noqa: E402
 
 HEAD_DIMS = (12, 16, 24, 32, 48, 64, 96, 128)
 GRIDS = ((5, 7), (9, 4), (13, 11), (1, 1), (1, 9))
@@ -29,6 +29,8 @@ MODES = ("full", "decomposed")
 def interpret(monkeypatch):
     if not triton_built_interpreted():
         pytest.skip("triton was imported without TRITON_INTERPRET=1: the interpreter cannot run in this process")
+    if interpreter_defect() is not None:
+        pytest.skip(interpreter_defect())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -225,6 +227,21 @@ def test_backend_reasons(interpret, monkeypatch):
     # the automatic choice never runs the interpreter, even with it enabled
     monkeypatch.delenv("FUSIONBLOCKS_BACKEND", raising=False)
     assert select("decay_attention", None, q, k, v, lg, **kw).name != "triton"
+
+
+def test_interpreter_defect_names_the_broken_releases(monkeypatch):
+    from fusionblocks.ops.triton import _common
+
+    why = interpreter_defect("3.6.0", "2.4.6")
+    assert "Triton 3.6.0" in why and "NumPy 2.4.6" in why and "numpy<2.4 or triton>=3.7" in why
+    assert interpreter_defect("3.6.0", "2.5.2") is not None and interpreter_defect("3.5.1", "2.4.0rc1") is not None
+    assert interpreter_defect("3.7.0", "2.4.6") is None and interpreter_defect("3.9.0", "2.5.2") is None
+    assert interpreter_defect("3.6.0", "2.3.5") is None and interpreter_defect("3.6.0", "1.26.4") is None
+    # where it holds, it is a reason the backend cannot run on CPU tensors (before any launch), not a crash
+    monkeypatch.setattr(_common, "_INTERPRETER_DEFECT", why)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 2, 12, 16)
+    assert why in explain("decay_attention", q, q, q, torch.zeros(2), hw=(3, 4), mode="full", scale=None)["triton"]
 
 
 # ---------------------------------------------------------------------------------------- GPU

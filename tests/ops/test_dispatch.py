@@ -301,6 +301,22 @@ def _graph_ops(fn, *args):
     return out, "\n".join(graphs)
 
 
+def test_exporting_is_false_under_torch_compile_and_true_under_export():
+    # torch 2.11's dynamo traced torch.compiler.is_exporting() as True under any torch.compile
+    # (pytorch/pytorch#176347): every compiled program then took the reference
+    def f(x):
+        return x + (1.0 if autotune.exporting() else 0.0)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return f(x)
+
+    torch._dynamo.reset()
+    assert autotune.exporting() is False
+    assert torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(1)).item() == 0.0
+    assert torch.export.export(M(), (torch.zeros(1),)).module()(torch.zeros(1)).item() == 1.0
+
+
 def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cache, monkeypatch):
     q = torch.randn(1, 2, 36, 8)
     lg = torch.tensor([-0.5, -1.0])

@@ -14,10 +14,13 @@ pytest.importorskip("triton")
 import fusionblocks.ops as ops  # noqa: E402
 from fusionblocks.ops import reference  # noqa: E402
 from fusionblocks.ops.triton import window as tw  # noqa: E402
+from fusionblocks.ops.triton._common import interpreter_defect  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() and not tw._interpreting() else "cpu"
 if DEV == "cpu" and not tw._interpreting():
     pytest.skip("no GPU and triton was imported without TRITON_INTERPRET=1", allow_module_level=True)
+if DEV == "cpu" and interpreter_defect() is not None:
+    pytest.skip(interpreter_defect(), allow_module_level=True)
 
 
 # dtype of the exact comparisons and their tolerance against the float64 reference

@@ -98,6 +98,35 @@ _GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INTERP_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
+def _release(version: str) -> tuple:
+    """``"3.6.0"`` -> ``(3, 6)`` (major, minor; anything unparsable counts as new)."""
+    try:
+        return tuple(int(p) for p in version.split(".")[:2])
+    except ValueError:
+        return (99, 0)
+
+
+def interpreter_defect(triton_version: Optional[str] = None, numpy_version: Optional[str] = None) -> Optional[str]:
+    """Why this Triton's interpreter cannot run the kernels with this NumPy, or ``None``.
+
+    Triton before 3.7 turns a runtime integer used as a loop bound (``range(0, N, BLOCK)``) into a
+    Python int with ``int()`` of a one-element array, which NumPy 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"; triton-lang/triton#9171, fixed in Triton 3.7.0).
+    Compiled GPU kernels are not affected.
+    """
+    import numpy
+
+    tv = triton_version or triton.__version__
+    nv = numpy_version or numpy.__version__
+    if _release(tv) < (3, 7) and _release(nv) >= (2, 4):
+        return (f"the interpreter of Triton {tv} cannot run these kernels with NumPy {nv} (triton-lang/triton#9171, "
+                "fixed in Triton 3.7): install numpy<2.4 or triton>=3.7")
+    return None
+
+
+_INTERPRETER_DEFECT = interpreter_defect()  # once: device_reasons stays plain Python for torch.compile's tracing
+
+
 def device_reasons(t: torch.Tensor, *, auto: bool, what: str = "this backend") -> List[str]:
     """Reasons a Triton kernel cannot run on ``t``'s device and dtype (empty: it can).
 
@@ -120,6 +149,8 @@ def device_reasons(t: torch.Tensor, *, auto: bool, what: str = "this backend") -
             reasons.append("CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)")
         elif not triton_built_interpreted():
             reasons.append("triton was imported before TRITON_INTERPRET=1 was set; set it before the first import of triton")
+        if _INTERPRETER_DEFECT is not None:
+            reasons.append(_INTERPRETER_DEFECT)
         if auto:
             reasons.append("the Triton interpreter is never chosen automatically (name backend='triton' to use it)")
         if t.dtype == torch.bfloat16:
