@@ -15,7 +15,8 @@ stage still leaves the others' results:
     the same command with ``FUSIONBLOCKS_NO_EXT=1`` (builds nothing).
 ``tests``
     ``python3 -m pytest -q -m gpu tests`` (bf16/fp16/fp32 parity at the papers' shapes, opcheck,
-    ``torch.compile`` with inductor). Dry run: the same selection, which skips without a GPU.
+    ``torch.compile`` with inductor), with ``-n 4`` where pytest-xdist is installed (Triton's first
+    compiles run on the host's cores). Dry run: one file of the same selection, which skips without a GPU.
 ``kernels``
     HiFuse-T window attention (batch 32; 56²/3 heads, 28²/6, 14²/12, 7²/24; D 32; window 7; shift 0
     and 3), HEMF decomposed decay (batch 32, 8 heads; 56²/28²/14²/7² with D 12/24/48/96) and full
@@ -323,7 +324,12 @@ def _env(dry: bool) -> Dict[str, str]:
     return env
 
 
-def stage_command(stage: str, out: str, dry: bool, py: str) -> List[str]:
+TEST_WORKERS = 4
+"""pytest-xdist workers for the GPU tests where that python has xdist (the GPU image does): the tests stage
+is bound by Triton's first compiles of every kernel configuration, which run on the host's cores."""
+
+
+def stage_command(stage: str, out: str, dry: bool, py: str, xdist: bool = False) -> List[str]:
     if stage == "build":
         arch = shlex.quote(os.environ.get("TORCH_CUDA_ARCH_LIST") or "9.0")  # H100/H200 unless told otherwise
         flags = "FUSIONBLOCKS_NO_EXT=1" if dry else f"FUSIONBLOCKS_CUDA=1 TORCH_CUDA_ARCH_LIST={arch} MAX_JOBS=16"
@@ -334,20 +340,28 @@ def stage_command(stage: str, out: str, dry: bool, py: str) -> List[str]:
         return ["bash", "-c", script]
     if stage == "tests":
         target = ["tests/ops/test_window_triton.py"] if dry else ["tests"]  # dry: the selection's code path, quickly
-        return [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", *target]
+        workers = ["-n", str(TEST_WORKERS)] if xdist and not dry else []
+        return [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", *workers, *target]
     return [py, os.path.abspath(__file__), out, "--stage", stage] + (["--dry-run"] if dry else [])
 
 
 def run_stage(stage: str, out: str, dry: bool, py: str, cap: int, quick: bool = False) -> dict:
     log = os.path.join(out, "logs", f"{stage}.log")
-    cmd = ["timeout", "-k", "15", str(cap)] + stage_command(stage, out, dry, py) + (["--quick"] if quick and stage in ("kernels", "models") else [])
+
+    def importable(module):
+        return subprocess.run([py, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+    if stage == "tests" and not importable("pytest"):
+        with open(log, "w") as f:
+            f.write("pytest is not installed for this python: GPU tests not run\n")
+        return dict(stage=stage, status="skipped: pytest not installed", rc=None, seconds=0.0, cap=cap)
+    xdist = stage == "tests" and not dry and importable("xdist")
+    cmd = (["timeout", "-k", "15", str(cap)] + stage_command(stage, out, dry, py, xdist)
+           + (["--quick"] if quick and stage in ("kernels", "models") else []))
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write(f"$ {' '.join(shlex.quote(c) for c in cmd)}\n")
         f.flush()
-        if stage == "tests" and subprocess.run([py, "-c", "import pytest"], capture_output=True).returncode:
-            f.write("pytest is not installed for this python: GPU tests not run\n")
-            return dict(stage=stage, status="skipped: pytest not installed", rc=None, seconds=0.0, cap=cap)
         rc = subprocess.run(cmd, cwd=ROOT, env=_env(dry), stdout=f, stderr=subprocess.STDOUT).returncode
     seconds = time.perf_counter() - t0
     if rc in (124, 137):

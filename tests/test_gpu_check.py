@@ -108,3 +108,14 @@ def test_hbm_peak_table_and_flop_convention():
 def test_usage_error_without_outdir():
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_gpu_tests_use_xdist_workers_only_on_the_real_run():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import gpu_check
+
+    real = gpu_check.stage_command("tests", "/o", False, "python3", xdist=True)
+    assert real[:3] == ["python3", "-m", "pytest"] and real[-1] == "tests"
+    assert real[real.index("-n") + 1] == str(gpu_check.TEST_WORKERS) and real[real.index("-m", 3) + 1] == "gpu"
+    assert "-n" not in gpu_check.stage_command("tests", "/o", False, "python3", xdist=False)
+    assert "-n" not in gpu_check.stage_command("tests", "/o", True, "python3", xdist=True)
