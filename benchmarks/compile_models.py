@@ -8,8 +8,9 @@ same function), one process, one input batch:
    outputs compared.
 2. **Training step**: the compiled model's first forward + cross-entropy + backward (its compile time), then
    the same step eager from the same parameters; loss and every parameter's gradient compared.
-3. **Speed**, steady state: after one more warm-up call of each, eager and compiled in interleaved rounds (one
-   call of each per round, so load on the machine hits both alike), median per call: inference, and a
+3. **Speed**, steady state: after a warm-up and a sizing call of each, eager and compiled in interleaved rounds
+   (``fusionblocks.bench.time_interleaved_ms``: one call of each per round, the order rotating, so load on the
+   machine hits both alike), median per call: inference, and a
    training step (forward, loss, backward, AdamW step, as ``fusionblocks bench --model`` times it).
 
 The eager side is the library's default (``backend=None``: the automatic kernel choice), or the backend forced
@@ -31,7 +32,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -184,14 +184,11 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
 
         for pass_, make in (("fwd", fwd), ("train", train)):
             calls = {"eager": make(model), "compiled": make(compiled)}
-            for run in calls.values():  # warm-up
-                run()
-            times: Dict[str, List[float]] = {impl: [] for impl in calls}
-            for _ in range(rounds):
-                for impl, run in calls.items():
-                    times[impl].append(_timed(run))
-            for impl in calls:
-                res["ms"][(pass_, impl)] = 1e3 * statistics.median(times[impl])  # type: ignore[index]
+            # one call per round (budget 0), the order rotating from round to round; median over the rounds
+            for impl, ms in bench.time_interleaved_ms(calls, budget_s=0.0, rounds=rounds).items():
+                if isinstance(ms, Exception):
+                    raise ms
+                res["ms"][(pass_, impl)] = ms  # type: ignore[index]
         res["ok"] = not failures
     except Exception as e:  # a crash in dynamo/inductor is the finding: record it, go on with the next model
         res["error"] = bench.error_text(e)
