@@ -6,6 +6,7 @@
 #include <tuple>
 
 #include "isa.h"
+#include "saved_probs.h"
 
 namespace fusionblocks {
 namespace cpu {
@@ -70,20 +71,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dec_fwd_train(const Tensor& q, const 
   return active_kernels().decay_dec_fwd_train(q, k, v, lg, h, w, scale);
 }
 
-void check_probs(const Tensor& p, const Tensor& q, int64_t lines, int64_t len, const char* name) {
-  TORCH_CHECK(p.dim() == 5 && p.size(0) == q.size(0) && p.size(1) == q.size(1) && p.size(2) == lines &&
-                  p.size(3) == len && p.size(4) == len,
-              "decay_attention(cpp): expected ", name, " of shape (B, heads, ", lines, ", ", len, ", ", len,
-              ") = (", q.size(0), ", ", q.size(1), ", ", lines, ", ", len, ", ", len, "), got ", p.sizes());
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> dec_bwd_probs(const Tensor& grad, const Tensor& q, const Tensor& k,
                                                          const Tensor& v, const Tensor& lg, const Tensor& mid,
                                                          const Tensor& p_row, const Tensor& p_col, int64_t h,
                                                          int64_t w, double scale) {
   check_inputs(q, k, v, lg, h, w);
-  check_probs(p_row, q, h, w, "p_row");
-  check_probs(p_col, q, w, h, "p_col");
+  check_saved_probs(p_row, q, h, w, "decay_attention", "p_row", "(B, heads, H, W, W)");
+  check_saved_probs(p_col, q, w, h, "decay_attention", "p_col", "(B, heads, W, H, H)");
   return active_kernels().decay_dec_bwd_probs(grad, q, k, v, lg, mid, p_row, p_col, h, w, scale);
 }
 

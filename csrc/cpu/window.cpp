@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "isa.h"
+#include "saved_probs.h"
 
 namespace fusionblocks {
 namespace cpu {
@@ -61,10 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd_probs(const Tensor& grad, 
                                                             int64_t ws, int64_t shift, double scale) {
   check_inputs(q, k, v, table, h, w, ws, shift);
   const int64_t nwin = (h / ws) * (w / ws), len = ws * ws;
-  TORCH_CHECK(probs.dim() == 5 && probs.size(0) == q.size(0) && probs.size(1) == q.size(1) &&
-                  probs.size(2) == nwin && probs.size(3) == len && probs.size(4) == len,
-              "window_attention(cpp): expected probs of shape (B, heads, windows, ws*ws, ws*ws) = (", q.size(0), ", ",
-              q.size(1), ", ", nwin, ", ", len, ", ", len, "), got ", probs.sizes());
+  check_saved_probs(probs, q, nwin, len, "window_attention", "probs", "(B, heads, windows, ws*ws, ws*ws)");
   return active_kernels().window_bwd_probs(grad, q, k, v, probs, table, h, w, ws, shift, scale);
 }
 
