@@ -66,8 +66,8 @@ def _toolkit_root(cx, nvcc):
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or has_headers(cx.CUDA_HOME):
         return cx.CUDA_HOME if has_headers(cx.CUDA_HOME) else None
     try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True,
-                             timeout=60).stderr
+        r = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
+        out = r.stderr + r.stdout  # nvcc prints its "#$ " lines on stderr
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
