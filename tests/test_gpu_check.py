@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from script_loader import load_benchmark_script
 
 from fusionblocks import bench
 
@@ -90,8 +91,7 @@ def test_records_written_without_jsonschema_and_said_so(dry_run):
 
 
 def test_hbm_peak_table_and_flop_convention():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_check
+    gpu_check = load_benchmark_script("gpu_check")
 
     assert gpu_check.hbm_peak("NVIDIA H200") == 4800.0
     assert gpu_check.hbm_peak("NVIDIA H100 80GB HBM3") == 3350.0
@@ -111,8 +111,7 @@ def test_usage_error_without_outdir():
 
 
 def test_gpu_tests_use_xdist_workers_only_on_the_real_run():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import gpu_check
+    gpu_check = load_benchmark_script("gpu_check")
 
     real = gpu_check.stage_command("tests", "/o", False, "python3", xdist=True)
     assert real[:3] == ["python3", "-m", "pytest"] and real[-1] == "tests"
