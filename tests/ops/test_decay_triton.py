@@ -18,7 +18,7 @@ from golden_utils import block, make_input, official_state_dict, rel_err
 triton = pytest.importorskip("triton")
 
 import fusionblocks.ops.triton.decay as triton_decay  # noqa: E402
-from fusionblocks.ops.triton._common import interpreter_defect, triton_built_interpreted  # noqa: E402
+from fusionblocks.ops.triton._common import TUNING_DEFAULTS, interpreter_defect, triton_built_interpreted, tuned, tuning  # noqa: E402
 
 HEAD_DIMS = (12, 16, 24, 32, 48, 64, 96, 128)
 GRIDS = ((5, 7), (9, 4), (13, 11), (1, 1), (1, 9))
@@ -269,6 +269,24 @@ def test_gpu_matches_reference(monkeypatch, hw, d, mode, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("max_tokens", [64, 0], ids=["fused", "split"])
+@pytest.mark.parametrize("hw,d", [((56, 56), 12), ((7, 7), 96)])
+def test_gpu_fused_and_split_backward_within_the_flash_rule(monkeypatch, max_tokens, hw, d):
+    """HEMF's first and last stage in bfloat16 through both backward kernels (the GPU run times them side by side)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, lg = _inputs(2, 8, hw, d, torch.bfloat16, device="cuda")
+    lg = lg.detach().float().requires_grad_()
+    go = torch.randn(q.shape, dtype=torch.bfloat16, device="cuda")
+    exact = _run("reference", *[t.detach().double().requires_grad_() for t in (q, k, v, lg)], hw, "decomposed", go.double())
+    low = _run("reference", q, k, v, lg, hw, "decomposed", go)
+    with tuned(decay_fused_backward_max_tokens=max_tokens):
+        fast = _run("triton", q, k, v, lg, hw, "decomposed", go)
+    for name, f, lo, ex in zip(("out", "dq", "dk", "dv", "dlog_gamma"), fast, low, exact):
+        err, ref_err = (f.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err, f"{name} {hw} d={d} max_tokens={max_tokens}: error {err:.3g} > 2 x {ref_err:.3g}"
+
+
+@pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v, lg = _inputs(2, 4, (14, 14), 32, torch.bfloat16, device="cuda")
@@ -317,13 +335,14 @@ def test_decomposed_op_counts_the_row_output_gradient(interpret):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode,hw,d", [("full", (13, 11), 24), ("full", (7, 5), 96)])
+@pytest.mark.parametrize("mode,hw,d", [("full", (13, 11), 24), ("full", (7, 5), 96), ("decomposed", (13, 11), 24),
+                                       ("decomposed", (7, 5), 96)])
 def test_float32_through_the_gpu_bfloat16_tiles(interpret, monkeypatch, mode, hw, d):
     """The GPU's 16-bit tile configurations (128x64 forward, 64x64 backward, ...) never run on CPU otherwise:
     run float32 through them under the interpreter, tight against the float64 reference. They include
     query blocks larger (128x64 forward) and smaller (32x64 backward at head dim 96) than key blocks, and
     lines longer than one block (the interpreter's own tiles are square)."""
-    real = triton_decay._config
+    real, real_fused = triton_decay._config, triton_decay._fused_config
     seen = []
 
     def gpu_tiles(n, dd, backward, dtype=None, **kw):
@@ -331,7 +350,14 @@ def test_float32_through_the_gpu_bfloat16_tiles(interpret, monkeypatch, mode, hw
         seen.append((backward, cfg["BLOCK_M"], cfg["BLOCK_N"]))
         return cfg
 
+    def gpu_fused_tiles(n, dd, dtype=None, **kw):
+        cfg = real_fused(n, dd, torch.bfloat16, interpreted=False)
+        if cfg is not None:
+            seen.append(("fused", cfg["BLOCK_N"], cfg["BLOCK_D"]))
+        return cfg
+
     monkeypatch.setattr(triton_decay, "_config", gpu_tiles)
+    monkeypatch.setattr(triton_decay, "_fused_config", gpu_fused_tiles)
     q, k, v, lg = _inputs(1, 2, hw, d, torch.float32)
     go = torch.randn(q.shape)
     got = _run("triton", q, k, v, lg, hw, mode, go)
@@ -339,8 +365,10 @@ def test_float32_through_the_gpu_bfloat16_tiles(interpret, monkeypatch, mode, hw
     want = _run("reference", *up, hw, mode, go.double())
     if mode == "full" and d <= 64:
         assert (False, 128, 64) in seen  # the 128x64 forward tile ran, over more than one query block
-    if d > 64:
+    if d > 64 and mode == "full":
         assert (True, 32, 64) in seen  # backward query blocks smaller than key blocks
+    if mode == "decomposed":
+        assert any(s[0] == "fused" for s in seen)  # the GPU's fused single-tile backward tiles
     for name, a, e in zip(("out", "dq", "dk", "dv", "dlog_gamma"), got, want):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} {mode} {hw} d={d}: {m}")
@@ -398,3 +426,110 @@ def test_configs_fit_the_shared_memory_of_smaller_gpus(limit_kb):
     small = triton_decay._config(3136, 128, True, torch.float32, interpreted=False, shared_limit=64 * 1024)
     assert small != big
     assert triton_decay.shared_estimate(big, torch.float32, "dkdv") > 64 * 1024 >= triton_decay.shared_estimate(small, torch.float32, "dkdv")
+
+
+# ------------------------------------------------------------- the fused and the split backward
+
+
+class _CountingKernel:
+    """Stands in for a kernel: records each launch under ``name``, then launches the real one."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append(self.name)
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    log = []
+    for name in ("_decay_bwd_fused_kernel", "_decay_bwd_dkdv_kernel", "_decay_bwd_dq_kernel"):
+        monkeypatch.setattr(triton_decay, name, _CountingKernel(getattr(triton_decay, name), name, log))
+    return log
+
+
+@pytest.mark.parametrize("max_tokens", [64, 0], ids=["fused", "split"])
+@pytest.mark.parametrize("mode,hw,d", [("decomposed", (5, 7), 24), ("decomposed", (9, 70), 12), ("full", (7, 9), 16),
+                                       ("full", (3, 5), 96)])
+def test_fused_and_split_backward_match_the_reference(interpret, launches, max_tokens, mode, hw, d):
+    """Both backward paths in float64 against the reference, with log_gamma's gradient and the row pass
+    accumulating onto the column pass: the fused kernel takes every line of at most 64 tokens (the
+    70-token rows of 9x70 stay split while its 9-token columns fuse), the split kernels every line
+    when the tuning knob is 0."""
+    with tuned(decay_fused_backward_max_tokens=max_tokens):
+        _compare_f64(hw, d, mode, b=2, nh=2)
+    lines = (hw[0] * hw[1],) if mode == "full" else hw
+    fused = sum(max_tokens and n <= 64 for n in lines)
+    assert launches.count("_decay_bwd_fused_kernel") == fused
+    assert launches.count("_decay_bwd_dq_kernel") == launches.count("_decay_bwd_dkdv_kernel") == len(lines) - fused
+
+
+def test_fused_backward_float16_flash_rule(interpret, launches):
+    """The fused kernel's 16-bit casts (P and dS as dot operands) keep float16 within the flash rule."""
+    hw, d = (6, 7), 32
+    q, k, v, lg = _inputs(2, 2, hw, d, torch.float16)
+    go = torch.randn(q.shape, dtype=torch.float16)
+    fast = _run("triton", q, k, v, lg, hw, "decomposed", go)
+    assert launches == ["_decay_bwd_fused_kernel"] * 2
+    low = _run("reference", q, k, v, lg, hw, "decomposed", go)
+    up = [t.detach().double().requires_grad_() for t in (q, k, v, lg)]
+    exact = _run("reference", *up, hw, "decomposed", go.double())
+    for name, f, lo, ex in zip(("out", "dq", "dk", "dv", "dlog_gamma"), fast, low, exact):
+        err, ref_err = (f.double() - ex).abs().max().item(), (lo.double() - ex).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6, f"{name}: {err:.3g} > 2 x {ref_err:.3g}"
+
+
+def test_fused_config_rules():
+    """HEMF's lines take the fused backward; tiles that would spill, lines over 64 tokens and tiles over a
+    smaller GPU's shared memory do not (they run split)."""
+    cfg = triton_decay._fused_config
+    for n, d in ((56, 12), (28, 24), (14, 48), (7, 96)):  # HEMF stages 1-4
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            c = cfg(n, d, dtype, interpreted=False)
+            assert c is not None and c["num_stages"] == 1, (n, d, dtype)
+            assert triton_decay.shared_estimate(c, dtype, "fused") <= triton_decay.SM90_MAX_SHARED
+    assert cfg(65, 12, torch.bfloat16, interpreted=False) is None  # 128-token tile
+    assert cfg(65, 12, torch.bfloat16, interpreted=True) is None
+    assert cfg(56, 64, torch.bfloat16, interpreted=False) is None  # 64x64: spills on sm_90
+    assert cfg(56, 32, torch.bfloat16, interpreted=False) is not None
+    assert cfg(56, 32, torch.float32, interpreted=False) is None  # float32 64x32 spills
+    assert cfg(30, 64, torch.float32, interpreted=False) is not None
+    assert cfg(56, 12, torch.bfloat16, interpreted=False, shared_limit=8 * 1024) is None
+    assert triton_decay._config(56, 12, True, torch.bfloat16, interpreted=False, shared_limit=8 * 1024)  # split still fits
+
+
+def test_tuned_overrides_and_restores():
+    assert tuning("decay_fused_backward_max_tokens") == TUNING_DEFAULTS["decay_fused_backward_max_tokens"]
+    with tuned(decay_fused_backward_max_tokens=0, window_backward_programs_per_sm=8):
+        assert tuning("decay_fused_backward_max_tokens") == 0
+        assert tuning("window_backward_programs_per_sm") == 8
+    assert tuning("window_backward_programs_per_sm") == TUNING_DEFAULTS["window_backward_programs_per_sm"]
+    with pytest.raises(ValueError, match="unknown Triton tuning value.*decay_fused_max"):
+        with tuned(decay_fused_max=3):
+            pass
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="non-negative integers"):
+            with tuned(decay_fused_backward_max_tokens=bad):
+                pass
+    with pytest.raises(ValueError, match="at least 1"):
+        with tuned(window_backward_programs_per_sm=0):
+            pass
+    with pytest.raises(ValueError, match="power of two"):
+        with tuned(window_backward_num_warps=6):
+            pass
+    assert dict(triton_decay_tuning()) == TUNING_DEFAULTS
+    with pytest.raises(RuntimeError):
+        with tuned(window_backward_num_warps=4):
+            raise RuntimeError("inside")
+    assert dict(triton_decay_tuning()) == TUNING_DEFAULTS
+
+
+def triton_decay_tuning():
+    return {k: tuning(k) for k in TUNING_DEFAULTS}

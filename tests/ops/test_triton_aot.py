@@ -93,7 +93,7 @@ def test_specs_cover_every_kernel_dtype_and_flag():
     assert len({_common.spec_key(s) for s in specs}) == len(specs)
     kernels = {(s["kernel"], s["dtype"]) for s in specs}
     names = ("_window_fwd_kernel", "_window_bwd_kernel", "_decay_fwd_kernel", "_decay_delta_kernel",
-             "_decay_bwd_dkdv_kernel", "_decay_bwd_dq_kernel")
+             "_decay_bwd_dkdv_kernel", "_decay_bwd_dq_kernel", "_decay_bwd_fused_kernel")
     assert kernels == {(k, d) for k in names for d in ("float32", "float16", "bfloat16")}
     wfwd = [s["constexprs"] for s in specs if s["kernel"] == "_window_fwd_kernel"]
     assert {(c["HAS_BIAS"], c["SHIFT"] > 0, c["STORE_LSE"]) for c in wfwd} >= {(True, True, True), (False, False, False), (True, True, False)}
@@ -101,6 +101,9 @@ def test_specs_cover_every_kernel_dtype_and_flag():
     assert {c["BLOCK_D"] for c in wfwd} == {16, 32, 64, 128}
     dq = [s["constexprs"] for s in specs if s["kernel"] == "_decay_bwd_dq_kernel"]
     assert {(c["ACCUM_DQ"], c["WITH_DLG"]) for c in dq} >= {(True, True), (False, False)}
+    fused = [s["constexprs"] for s in specs if s["kernel"] == "_decay_bwd_fused_kernel"]
+    assert {(c["ACCUM"], c["WITH_DLG"]) for c in fused} >= {(True, True), (False, False)}
+    assert {c["BLOCK_N"] for c in fused} == {16, 32, 64}
 
 
 def test_every_launch_config_is_a_spec():
@@ -124,8 +127,14 @@ def test_every_launch_config_is_a_spec():
                     fake = dict(kernel=kernel, dtype=name, num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3), constexprs=cfg)
                     assert tiles(fake) in have, (kernel, dtype, d, ws)
             for n in (1, 7, 17, 49, 56, 196, 3136):
-                for kernel, bwd in (("_decay_fwd_kernel", False), ("_decay_bwd_dq_kernel", True), ("_decay_bwd_dkdv_kernel", True)):
-                    cfg = decay._config(n, d, bwd, dtype, interpreted=False)
+                for kernel, bwd in (("_decay_fwd_kernel", False), ("_decay_bwd_dq_kernel", True), ("_decay_bwd_dkdv_kernel", True),
+                                    ("_decay_bwd_fused_kernel", True)):
+                    if kernel == "_decay_bwd_fused_kernel":
+                        cfg = decay._fused_config(n, d, dtype, interpreted=False)
+                        if cfg is None:
+                            continue
+                    else:
+                        cfg = decay._config(n, d, bwd, dtype, interpreted=False)
                     fake = dict(kernel=kernel, dtype=name, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                                 constexprs=dict(cfg, PREC=decay._precision(dtype)))
                     assert tiles(fake) in have, (kernel, dtype, d, n)
@@ -147,7 +156,8 @@ def test_shared_memory_within_the_launchers_estimate(sm90):
     import torch
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv"}
+    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv",
+             "_decay_bwd_fused_kernel": "fused"}
     under, checked = [], 0
     for r in sm90.values():
         if not r["ok"] or r["kernel"] == "_decay_delta_kernel":
@@ -171,7 +181,8 @@ def test_configs_chosen_for_smaller_gpus_fit_their_shared_memory(arch):
     limit = _common.shared_bytes_of_capability(arch)
     assert limit < _common.SM90_MAX_SHARED
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv"}
+    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv",
+             "_decay_bwd_fused_kernel": "fused"}
     specs = _common.all_compile_specs(arch=arch)
     assert specs
     for s in specs:

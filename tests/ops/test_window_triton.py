@@ -194,6 +194,25 @@ def test_bias_grad_reduction_independent_of_windows_per_program(wpp):
     _assert_exact((out, dq, dk, dv, dtab), want)
 
 
+@pytest.mark.parametrize("values", [dict(window_backward_programs_per_sm=1), dict(window_backward_programs_per_sm=16),
+                                    dict(window_backward_num_warps=4)], ids=str)
+def test_backward_tuning_values_change_no_result(values):
+    """gpu_check times the backward under other tuning values (``_common.tuned``); each must give the reference's gradients."""
+    from fusionblocks.ops.triton._common import tuned
+
+    b, nh, h, w, ws, d = 2, 2, 8, 12, 4, 12
+    with tuned(**values):
+        if "window_backward_programs_per_sm" in values:  # CPU: the value is the whole program target
+            per = max(1, values["window_backward_programs_per_sm"] // nh)
+            assert tw._windows_per_program(b * 6, nh, torch.device("cpu")) == -(-b * 6 // per)
+        q, k, v, table = _inputs(b, nh, h, w, ws, d, EXACT)
+        scale = d ** -0.5
+        out, lse = tw._fwd_launch(q, k, v, table, h, w, ws, 2, scale)
+        grad = torch.randn_like(q)
+        got = (out,) + tuple(tw._bwd_launch(grad, q, k, v, out, lse, table, h, w, ws, 2, scale))
+    _assert_exact(got, _ref64(q, k, v, table, grad, hw=(h, w), window_size=ws, shift=2, scale=None))
+
+
 @pytest.mark.parametrize("name", ["hifuse.global_layer", "hifuse.global_layer_merge", "hifuse.global_layer_7x7"])
 def test_hifuse_golden_global_layers_through_the_module(name):
     """The official HiFuse BasicLayer fixtures (W-MSA + SW-MSA, incl. the shifted 7x7 stage 4) with this backend."""

@@ -14,8 +14,9 @@ round) as reasons the backend cannot run, before a launch fails.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 import triton
@@ -25,7 +26,8 @@ from triton.runtime.jit import JITFunction
 
 from .._gpu import SHARED_BYTES_BY_CAPABILITY, max_shared_bytes, shared_bytes_of_capability  # noqa: F401 (re-exported)
 
-__all__ = ["LazyKernel", "lazy_jit", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of"]
+__all__ = ["LazyKernel", "lazy_jit", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of",
+           "TUNING_DEFAULTS", "tuning", "tuned"]
 
 
 def interpreting() -> bool:
@@ -82,6 +84,58 @@ def lazy_jit(fn: Callable) -> LazyKernel:
     of a kernel"; a lazy one is built on first launch to match them.
     """
     return LazyKernel(fn)
+
+
+TUNING_DEFAULTS: Dict[str, int] = {
+    # decay backward: lines of up to this many tokens (padded) take the fused single-tile kernel (0: never)
+    "decay_fused_backward_max_tokens": 64,
+    # window backward: programs per streaming multiprocessor (sets the windows each program walks)
+    "window_backward_programs_per_sm": 4,
+    # window backward: warps per program (0: the launcher's choice, window._num_warps)
+    "window_backward_num_warps": 0,
+}
+"""The launchers' tuning values that only a GPU benchmark can settle (issue 12's performance items).
+
+The defaults are what every launch uses; :func:`tuned` overrides them for a block of code so that
+``benchmarks/gpu_check.py`` can time the alternatives side by side in one process. They change
+speed, never results beyond rounding: every value runs the same arithmetic (the fused and split
+decay backward are both tested against the reference)."""
+
+_tuning: Dict[str, int] = dict(TUNING_DEFAULTS)
+
+
+def tuning(name: str) -> int:
+    """The current value of tuning knob ``name`` (see :data:`TUNING_DEFAULTS`)."""
+    return _tuning[name]
+
+
+@contextlib.contextmanager
+def tuned(**values: int) -> Iterator[None]:
+    """Run the Triton launchers inside the block with other tuning values, e.g.
+    ``with tuned(decay_fused_backward_max_tokens=0):`` (the split decay backward everywhere).
+
+    For benchmarks: the values hold for every launch in the block, backward passes included, so the
+    block must contain the backward too. Unknown names and values that are not non-negative integers
+    raise ``ValueError`` before anything changes.
+    """
+    unknown = sorted(set(values) - set(TUNING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown Triton tuning value(s) {', '.join(unknown)}; known: {', '.join(TUNING_DEFAULTS)}")
+    bad = {k: v for k, v in values.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+    if bad:
+        raise ValueError(f"Triton tuning values must be non-negative integers, got {bad}")
+    if values.get("window_backward_programs_per_sm") == 0:
+        raise ValueError("window_backward_programs_per_sm must be at least 1")
+    if values.get("window_backward_num_warps", 0) not in (0, 1, 2, 4, 8, 16):
+        raise ValueError(f"window_backward_num_warps must be 0 (the launcher's choice) or a power of two up to 16, "
+                         f"got {values['window_backward_num_warps']}")
+    saved = dict(_tuning)
+    _tuning.update(values)
+    try:
+        yield
+    finally:
+        _tuning.clear()
+        _tuning.update(saved)
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -278,7 +332,7 @@ def all_compile_specs(quick: bool = False, all_flags: bool = False, arch: int = 
     limit = shared_bytes_of_capability(arch)
     seen, specs = set(), []
     for spec in window.compile_specs(all_flags, limit) + decay.compile_specs(all_flags, limit):
-        flags = [v for k, v in spec["constexprs"].items() if k in ("HAS_BIAS", "ACCUM_DK", "ACCUM_DQ", "WITH_DLG")]
+        flags = [v for k, v in spec["constexprs"].items() if k in ("HAS_BIAS", "ACCUM_DK", "ACCUM_DQ", "ACCUM", "WITH_DLG")]
         if quick and (spec["dtype"] == "float16" or not all(flags) or spec["constexprs"].get("SHIFT", 1) == 0):
             continue
         key = spec_key(spec)

@@ -13,7 +13,9 @@ One set of kernels serves both modes. A *line* is a run of ``N_CTX`` tokens at t
   row pass's output.
 
 Lines are addressed through strides, so the column pass needs no transpose and inputs of any
-layout are read in place. Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
+layout are read in place. The backward of a line that fits one tile (up to 64 tokens: every
+decomposed line of HEMF, and full attention on maps up to 8x8) is one fused kernel that computes
+the probabilities once for dQ, dK and dV; longer lines use a dK/dV kernel and a dQ kernel. Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
 ``torch.ops.fusionblocks.decay_attention_decomposed`` (``torch.library.custom_op`` with fake and
 autograd registrations), and as the ``"triton"`` backend of ``fusionblocks.ops.decay_attention``.
 """
@@ -25,7 +27,7 @@ import triton.language as tl
 
 from ..dispatch import register_backend
 from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
-                      triton_built_interpreted, triton_ptr_type)
+                      triton_built_interpreted, triton_ptr_type, tuning)
 
 __all__ = ["decay_attention_triton", "SUPPORTED_MAX_HEAD_DIM"]
 
@@ -275,6 +277,72 @@ def _decay_bwd_dq_kernel(
         tl.store(DLG + pid.to(tl.int64) * NUM_M + start_m, tl.sum(pd_dp - p_dp * pd_sum, 0))
 
 
+@lazy_jit
+def _decay_bwd_fused_kernel(
+    Q, K, V, LG, SCALE, DO, LSE, DELTA, DQ, DK, DV, DLG,
+    sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sdob, sdoh, sdon, sdod,
+    sdqb, sdqh, sdqn, sdqd,
+    sdkb, sdkh, sdkn, sdkd,
+    sdvb, sdvh, sdvn, sdvd,
+    NH, NLINES, N_CTX, N_TOT, LINE_OFF, TOK_STEP,
+    W: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, ACCUM: tl.constexpr, WITH_DLG: tl.constexpr,
+):
+    # one program per (batch, head, line), the whole line in one tile: the scores, probabilities and dP
+    # are computed once for dQ, dK and dV (the split kernels compute them twice) and q, k, v, dO read once
+    pid = tl.program_id(0)
+    bh = pid // NLINES
+    line = pid % NLINES
+    b = (bh // NH).to(tl.int64)
+    h = (bh % NH).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = offs < N_CTX
+    mask_nd = mask[:, None] & (offs_d < D)[None, :]
+    tok = line.to(tl.int64) * LINE_OFF + offs.to(tl.int64) * TOK_STEP  # int64: tokens x strides can pass 2**31
+    y = offs // W
+    x = offs % W
+
+    q = tl.load(Q + b * sqb + h * sqh + tok[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_nd, other=0.0)
+    k = tl.load(K + b * skb + h * skh + tok[:, None] * skn + offs_d[None, :] * skd, mask=mask_nd, other=0.0)
+    v = tl.load(V + b * svb + h * svh + tok[:, None] * svn + offs_d[None, :] * svd, mask=mask_nd, other=0.0)
+    do = tl.load(DO + b * sdob + h * sdoh + tok[:, None] * sdon + offs_d[None, :] * sdod, mask=mask_nd, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * N_TOT + tok, mask=mask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_TOT + tok, mask=mask, other=0.0)
+    lg = tl.load(LG + h).to(ACC)
+    scale = tl.load(SCALE).to(ACC)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * scale
+    dist = (tl.abs(y[:, None] - y[None, :]) + tl.abs(x[:, None] - x[None, :])).to(ACC)
+    s = s + lg * dist
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(mask[:, None] & mask[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
+    ds = p * (dp - delta[:, None])
+    dv = tl.dot(tl.trans(p.to(DO.dtype.element_ty)), do, input_precision=PREC, out_dtype=ACC)
+    ds16 = ds.to(Q.dtype.element_ty)
+    dk = tl.dot(tl.trans(ds16), q, input_precision=PREC, out_dtype=ACC) * scale
+    dq = tl.dot(ds16, k, input_precision=PREC, out_dtype=ACC) * scale
+
+    dq_ptrs = DQ + b * sdqb + h * sdqh + tok[:, None] * sdqn + offs_d[None, :] * sdqd
+    dk_ptrs = DK + b * sdkb + h * sdkh + tok[:, None] * sdkn + offs_d[None, :] * sdkd
+    if ACCUM:
+        dq += tl.load(dq_ptrs, mask=mask_nd, other=0.0).to(ACC)
+        dk += tl.load(dk_ptrs, mask=mask_nd, other=0.0).to(ACC)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=mask_nd)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask_nd)
+    tl.store(DV + b * sdvb + h * sdvh + tok[:, None] * sdvn + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty),
+             mask=mask_nd)
+    if WITH_DLG:
+        # sum_ij dS_ij dist_ij with each row's delta recomputed from P and dP (see _decay_bwd_dq_kernel)
+        pd = p * dist
+        row = tl.sum(pd * dp, 1) - tl.sum(p * dp, 1) * tl.sum(pd, 1)
+        tl.store(DLG + pid.to(tl.int64), tl.sum(row, 0))
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 
@@ -293,25 +361,30 @@ def _lines(h: int, w: int, kind: str) -> Tuple[int, int, int, int, int]:
 
 
 def shared_estimate(cfg: dict, dtype: torch.dtype, kernel: str = "fwd") -> int:
-    """Upper bound on the shared memory (bytes per block) of decay kernel ``kernel`` (``fwd``, ``dq``, ``dkdv``) with ``cfg``.
+    """Upper bound on the shared memory (bytes per block) of decay kernel ``kernel`` (``fwd``, ``dq``, ``dkdv``,
+    ``fused``) with ``cfg``.
 
     The tiles each kernel keeps for its whole loop (fwd: Q; dq: Q, dO; dkdv: K, V), the tiles its
     loop loads, buffered ``num_stages - 1`` times (fwd, dq: K, V; dkdv: Q, dO, plus Q's transpose),
-    the probability tile as a dot operand and one float32 tile of layout-conversion scratch.
+    the probability tile as a dot operand and one float32 tile of layout-conversion scratch; the
+    fused backward (one tile, no loop) keeps Q, K, V, dO, P and dS.
     Calibrated as an upper bound on cross-compiles for sm_80 and sm_90;
     ``tests/ops/test_triton_aot.py`` checks it against every configuration it compiles.
     """
     e = torch.empty((), dtype=dtype).element_size()
-    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
+    bm = cfg.get("BLOCK_M", bn)
     buffers = max(cfg.get("num_stages", 3) - 1, 1)
-    if kernel == "fwd":
+    if kernel == "fused":  # q, k, v, dO and the dS operand; no loop, nothing buffered
+        tiles = 4 * bn * bd + bn * bn
+    elif kernel == "fwd":
         tiles = bm * bd + buffers * 2 * bn * bd
     elif kernel == "dq":
         tiles = 2 * bm * bd + buffers * 2 * bn * bd
     elif kernel == "dkdv":
         tiles = 2 * bn * bd + buffers * 2 * bm * bd + bm * bd
     else:
-        raise ValueError(f"unknown decay kernel {kernel!r}; expected 'fwd', 'dq' or 'dkdv'")
+        raise ValueError(f"unknown decay kernel {kernel!r}; expected 'fwd', 'dq', 'dkdv' or 'fused'")
     return e * (tiles + bm * bn) + 4 * bm * bn
 
 
@@ -378,6 +451,39 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
     return _fit_shared(cfg, dtype, backward, SM90_MAX_SHARED if shared_limit is None else shared_limit)
 
 
+FUSED_MAX_TOKENS = 64
+"""Longest line (tokens, padded to a power of two) the fused single-tile backward takes; longer lines
+use the split dK/dV and dQ kernels."""
+
+
+def _fused_config(n_ctx: int, d: int, dtype: torch.dtype = torch.bfloat16, interpreted: Optional[bool] = None,
+                  shared_limit: Optional[int] = None) -> Optional[dict]:
+    """Tile and launch options of the fused backward for lines of ``n_ctx`` tokens, or ``None`` where it does not apply.
+
+    One program holds a whole line: the line (padded to a power of two) must be at most
+    :data:`FUSED_MAX_TOKENS` tokens, its tiles must stay in registers and fit ``shared_limit`` (bytes
+    per block; ``None``: sm_90's). A pure function of its arguments, like :func:`_config`.
+
+    Register limits from sm_90 cross-compiles (Triton 3.9, flags on): 16-bit tiles of up to 2048
+    tokens x head-dim elements compile without spills at 8 warps (64x32: 212 registers; 64x64: 26
+    spills, 32x128: 14); float32 (IEEE dots) the same except 64x32 (14 spills): at 64 tokens only
+    head dims up to 16. HEMF's four stages (56/28/14/7-token lines, head dims 12/24/48/96: tiles
+    64x16, 32x32, 16x64, 16x128) all qualify.
+    """
+    bn, bd = next_pow2(n_ctx), next_pow2(d)
+    if bn > FUSED_MAX_TOKENS:
+        return None
+    if triton_built_interpreted() if interpreted is None else interpreted:
+        return dict(BLOCK_N=bn, BLOCK_D=bd)
+    wide = dtype in (torch.float32, torch.float64)
+    if bn * bd > (1024 if wide and bn >= 64 else 2048):
+        return None
+    cfg = dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=8 if bn * bd >= (512 if wide else 1024) else 4, num_stages=1)
+    if shared_estimate(cfg, dtype, "fused") > (SM90_MAX_SHARED if shared_limit is None else shared_limit):
+        return None
+    return cfg
+
+
 def _precision(dtype: torch.dtype) -> str:
     """IEEE dots for float32/float64 (no TF32); 16-bit operands ignore the setting."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
@@ -423,12 +529,26 @@ def _delta(o, do, h, w) -> torch.Tensor:
 
 
 def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumulate, with_dlg):
-    """One pass's gradients: writes ``dv``, writes or adds ``dq``/``dk``; returns the ``log_gamma`` partials."""
+    """One pass's gradients: writes ``dv``, writes or adds ``dq``/``dk``; returns the ``log_gamma`` partials.
+
+    Lines that fit one tile (:func:`_fused_config`, at most ``tuning("decay_fused_backward_max_tokens")``
+    tokens) take the fused kernel, one launch; longer ones the dK/dV kernel and then the dQ kernel."""
     b, nh, _, d = q.shape
     nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
-    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype, shared_limit=_shared_limit(q.device))
     acc, prec = acc_dtype_of(q.dtype), _precision(q.dtype)
     common = (nh, nlines, n_ctx, h * w, line_off, step)
+    fused = None
+    if n_ctx <= tuning("decay_fused_backward_max_tokens"):
+        fused = _fused_config(n_ctx, d, q.dtype, shared_limit=_shared_limit(q.device))
+    if fused is not None:
+        dlg = torch.empty((b, nh, nlines) if with_dlg else (1,), dtype=_acc_torch(q.dtype), device=q.device)
+        _decay_bwd_fused_kernel[(b * nh * nlines,)](
+            q, k, v, lg, sc, do, lse, delta, dq, dk, dv, dlg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq), *_strides(dk), *_strides(dv),
+            *common, W=wd, D=d, ACC=acc, PREC=prec, ACCUM=accumulate, WITH_DLG=with_dlg, **fused,
+        )
+        return dlg.sum(dim=(0, 2)) if with_dlg else None
+    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype, shared_limit=_shared_limit(q.device))
     num_n = triton.cdiv(n_ctx, cfg["BLOCK_N"])
     _decay_bwd_dkdv_kernel[(b * nh * nlines * num_n,)](
         q, k, v, lg, sc, do, lse, delta, dk, dv,
@@ -465,8 +585,10 @@ def compile_specs(all_flags: bool = False, shared_limit: Optional[int] = None) -
     decomposed: ``H`` or ``W``; only its power-of-two cap matters) through :func:`_config` and
     :func:`_delta_config` and keeps one spec per distinct configuration and kernel; ``D`` changes only
     masks within a ``BLOCK_D`` tile, so each spec compiles the largest ``d`` of its group. Backward
-    flags: ``ACCUM_DK``/``ACCUM_DQ`` (off in full mode and the column pass, on in the row pass) and
-    ``WITH_DLG`` both on and both off (``all_flags``: every combination). ``shared_limit``: the
+    flags: ``ACCUM_DK``/``ACCUM_DQ``/``ACCUM`` (off in full mode and the column pass, on in the row
+    pass) and ``WITH_DLG`` both on and both off (``all_flags``: every combination). The split backward
+    kernels are listed for every line length (``tuned(decay_fused_backward_max_tokens=0)`` runs them on
+    short lines too), the fused one where :func:`_fused_config` takes the line. ``shared_limit``: the
     configurations chosen for a GPU with that much shared memory per block (default sm_90's).
     """
     flag_sets = [(True, True), (False, False)] + ([(True, False), (False, True)] if all_flags else [])
@@ -484,9 +606,12 @@ def compile_specs(all_flags: bool = False, shared_limit: Optional[int] = None) -
                 add("_decay_fwd_kernel", dtype, d, n_ctx,
                     _config(n_ctx, d, False, dtype, interpreted=False, shared_limit=shared_limit), {})
                 bwd = _config(n_ctx, d, True, dtype, interpreted=False, shared_limit=shared_limit)
+                fused = _fused_config(n_ctx, d, dtype, interpreted=False, shared_limit=shared_limit)
                 for accum, dlg in flag_sets:
                     add("_decay_bwd_dkdv_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DK=accum))
                     add("_decay_bwd_dq_kernel", dtype, d, n_ctx, bwd, dict(ACCUM_DQ=accum, WITH_DLG=dlg))
+                    if fused is not None:
+                        add("_decay_bwd_fused_kernel", dtype, d, n_ctx, fused, dict(ACCUM=accum, WITH_DLG=dlg))
                 add("_decay_delta_kernel", dtype, d, n_ctx, _delta_config(n_ctx, d), {})
     specs = []
     for (kernel, dtype, _, _), g in groups.items():

@@ -36,7 +36,7 @@ import triton.language as tl
 from ..dispatch import register_backend
 from ..reference import relative_position_index
 from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
-                      triton_built_interpreted, triton_ptr_type)
+                      triton_built_interpreted, triton_ptr_type, tuning)
 
 __all__ = ["window_attention_triton", "check_window_triton", "MIN_WINDOW", "MAX_WINDOW", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
 
@@ -325,10 +325,13 @@ def _fwd_launch(q, k, v, table, h, w, ws, shift, scale, store_lse: bool = True):
 
 
 def _windows_per_program(n_windows: int, heads: int, device: torch.device) -> int:
+    """Windows each backward program walks: about ``tuning("window_backward_programs_per_sm")`` programs per SM
+    (fewer windows per program: more programs in flight, more bias-gradient partials to sum)."""
+    per_sm = tuning("window_backward_programs_per_sm")
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
-        target = 4
+        target = per_sm
     chunks = max(1, target // heads)
     return max(1, triton.cdiv(n_windows, chunks))
 
@@ -339,6 +342,8 @@ def _bwd_launch(do, q, k, v, out, lse, table, h, w, ws, shift, scale, wpp: Optio
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
     cfg = _config(q.dtype, d, ws, backward=True)
+    if tuning("window_backward_num_warps"):
+        cfg["num_warps"] = tuning("window_backward_num_warps")
     n_windows = b * (h // ws) * (w // ws)
     wpp = wpp or _windows_per_program(n_windows, nh, q.device)
     chunks = triton.cdiv(n_windows, wpp)
