@@ -24,12 +24,15 @@ stage still leaves the others' results:
     ``cuda`` for windows, ``reference``, ``sdpa`` with a materialized bias, ``flex`` = compiled
     FlexAttention). Each record carries ``tflops``, ``gbps``, ``hbm_share`` and ``io_mb``; then the
     determinism check: every backward run twice on the same inputs and compared bit for bit, and its
-    gradients' largest error against the float64 reference.
+    gradients' largest error against the float64 reference; then the tuning variants (:data:`VARIANTS`:
+    the split decay backward where the fused one is the default, the window backward at more programs
+    per SM and at 4 warps), fwd+bwd next to the default re-timed, as ``triton[<variant>]`` records.
 ``models``
     Training-step img/s and peak memory of ``hifuse_tiny`` and ``hemf`` at 224², batch 32, bf16
     autocast, once per backend (``reference``, ``triton``, ``cuda``), via ``fusionblocks.bench.run_model``.
 
-Writes (8 files at most): ``summary.md`` (stages, status, times, tables, what to try next),
+Writes (8 files at most): ``summary.md`` (stages, status, times, tables, the variants against the
+defaults, what to try next),
 ``kernels.json`` and ``models.json`` (``fusionblocks.bench`` records: each names device, torch and
 triton), ``determinism.json`` and ``logs/<stage>.log``.
 
@@ -78,14 +81,23 @@ HBM_PEAK_GBPS = {
     "T4": 320.0,
 }
 
-# things the benchmark decides (issue 12's performance items), listed in the summary
+# issue 12's performance items that only a GPU can settle, timed by the kernels stage as tuning variants of the
+# triton backend (fusionblocks.ops.triton._common.tuned) next to the defaults: op -> [(label, tuning values)]
+VARIANTS = {
+    "decay_attention_decomposed": [("split backward", dict(decay_fused_backward_max_tokens=0))],
+    "decay_attention_full": [("split backward", dict(decay_fused_backward_max_tokens=0))],
+    "window_attention": [("8 programs/SM", dict(window_backward_programs_per_sm=8)),
+                         ("16 programs/SM", dict(window_backward_programs_per_sm=16)),
+                         ("4 warps", dict(window_backward_num_warps=4))],
+}
+VARIANT_GAIN = 1.05
+"""A variant this much faster than the default (fwd+bwd) is flagged in the summary as a candidate default."""
+
+# things the benchmark decides (issue 12's performance items) that are not tuning variants, listed in the summary
 TO_TRY = [
-    "window backward occupancy: one 255-register CTA per SM and 12 windows per program at HiFuse stage 1 "
-    "(try fewer windows per program, `_windows_per_program`, and num_warps 4 vs 8 in `window._config`)",
-    "decomposed decay backward: a single-tile fused kernel for lines of n <= 64 tokens instead of the separate "
-    "dK/dV and dQ kernels (HEMF stages 2-4 are 28, 14 and 7 tokens a line)",
     "the decay kernels' 16-bit tiles (128x64 forward, 64x64 backward) and stages against smaller tiles at 7² and 14²",
-    "already in (not measured yet): the window bias gathered once per call, H/W (window) and W (decay) as "
+    "already in (not measured yet): the fused single-tile decay backward for lines of up to 64 tokens (its split "
+    "form is timed as a variant), the window bias gathered once per call, H/W (window) and W (decay) as "
     "compile-time constants, 1-D grids, int64 token offsets: compare against the previous commit if a case regressed",
 ]
 
@@ -110,6 +122,26 @@ def full_shapes(dry: bool) -> List[dict]:
     if dry:
         return [dict(B=1, heads=1, H=3, W=4, D=16)]
     return [dict(B=32, heads=8, H=s, W=s, D=d) for s, d in ((56, 12), (28, 24))]
+
+
+def _lines(op: str, s: dict) -> List[int]:
+    """Tokens per attention line of a decay case (the fused backward takes lines of up to 64)."""
+    return [s["H"] * s["W"]] if op == "decay_attention_full" else [s["H"], s["W"]]
+
+
+def variant_cases(ops: Dict[str, List[dict]], dry: bool) -> List[tuple]:
+    """``(op, shape, label, values)`` of every tuning variant worth timing: the window variants on the shifted
+    shapes (the backward's structure does not depend on the shift), the split decay backward where a line
+    is short enough for the fused one (the default) to apply."""
+    cases = []
+    for op, shapes in ops.items():
+        for shape in shapes:
+            if op == "window_attention" and not dry and shape["shift"] == 0:
+                continue
+            if op.startswith("decay") and min(_lines(op, shape)) > 64:
+                continue
+            cases += [(op, shape, label, values) for label, values in VARIANTS.get(op, [])]
+    return cases
 
 
 def op_shapes(dry: bool) -> Dict[str, List[dict]]:
@@ -229,10 +261,62 @@ def stage_kernels(out: str, dry: bool, quick: bool = False) -> int:
 
     phase(main, ["triton", "cuda", "reference", "sdpa"])
     determinism(out, dry, ops)
+    variants(records, ops, main, device, dname, peak, budget, dry)
+    _write_records(records, path)
     if not dry:
         phase(torch.float32, ["triton", "cuda", "reference", "sdpa"])
     phase(main, ["flex"])
     return 0
+
+
+def variant_impl(label: str) -> str:
+    return f"triton[{label}]"
+
+
+def variants(records: List[dict], ops: Dict[str, List[dict]], dtype, device: str, dname: str, peak, budget: float,
+             dry: bool) -> None:
+    """fwd+bwd of the triton backend under each tuning variant, the default re-timed first for each shape, as
+    records named ``triton[default]`` and ``triton[<label>]`` (with ``max_abs_err``: a variant changes speed only)."""
+    from fusionblocks import bench
+    from fusionblocks.ops.triton._common import tuned
+
+    by_shape: Dict[tuple, List[tuple]] = {}
+    for op, shape, label, values in variant_cases(ops, dry):
+        by_shape.setdefault((op, bench.shape_str(shape)), []).append((shape, label, values))
+    for (op, _), todo in by_shape.items():
+        shape = todo[0][0]
+        t0 = time.perf_counter()
+        for label, values in [("default", {})] + [(lb, v) for _, lb, v in todo]:
+            with tuned(**values):  # the backward runs inside the block too
+                res = bench.run_case(bench.OPS[op], shape, dtype, device, impls=["triton"], passes=("fwd+bwd",),
+                                     budget_s=budget, smoke=dry, check=True, device_label=dname, rotate=1 if dry else 3)
+            for r in res.records:
+                r["impl"] = variant_impl(label)
+            add_throughput(res.records, peak)
+            records.extend(res.records)
+        print(f"variants {op} {bench.shape_str(shape)}: {len(todo)} + default, {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def variant_rows(kernels: List[dict]) -> List[str]:
+    """Markdown rows: each variant's fwd+bwd time against the default's from the same shape."""
+    from fusionblocks import bench
+
+    default = {(r["op"], bench.shape_str(r["shape"]), r["dtype"]): r for r in kernels if r["impl"] == variant_impl("default")}
+    rows = []
+    for r in kernels:
+        if not (r["impl"].startswith("triton[") and r["impl"] != variant_impl("default")):
+            continue
+        base = default.get((r["op"], bench.shape_str(r["shape"]), r["dtype"]))
+        if base is None or not base.get("ms") or not r.get("ms"):
+            ratio, note = None, r.get("error") or (base or {}).get("error") or "no time"
+        else:
+            ratio = base["ms"] / r["ms"]
+            note = "**faster: candidate default**" if ratio >= VARIANT_GAIN else ""
+        cells = [r["op"], bench.shape_str(r["shape"]), r["dtype"], r["impl"][len("triton["):-1],
+                 f"{base['ms']:.3f}" if base and base.get("ms") else "n/a", f"{r['ms']:.3f}" if r.get("ms") else "n/a",
+                 f"{ratio:.2f}x" if ratio else "n/a", f"{r['max_abs_err']:.2g}" if r.get("max_abs_err") is not None else "n/a", note]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return rows
 
 
 def _grads(fn, x: dict, keys, go) -> List:
@@ -426,6 +510,8 @@ def write_summary(out: str, stages: List[dict], dry: bool, total: float) -> str:
               "once (fwd), plus q, k, v, o, dO read and dq, dk, dv written (fwd+bwd). HBM share = bytes/time over "
               + (f"the datasheet peak of this device, {peak:.0f} GB/s (assumed, not measured)." if peak else
                  "a datasheet peak; this device is not in `HBM_PEAK_GBPS`, so no share is given."), ""]
+    tuning_records = [r for r in kernels if r["impl"].startswith("triton[")]
+    kernels = [r for r in kernels if not r["impl"].startswith("triton[")]
     if kernels:
         lines.append(bench.format_markdown(kernels, [(op, f"{impl} ({dt})", why) for op, impl, dt, why in k_skip],
                                            extra_columns=[("TFLOP/s", "tflops"), ("GB/s", "gbps"), ("HBM share", "hbm_share"),
@@ -444,6 +530,16 @@ def write_summary(out: str, stages: List[dict], dry: bool, total: float) -> str:
             errs = ", ".join(f"{k} {v:.2g} ({r['grad_scale'][k]:.2g})" for k, v in r["max_abs_err_vs_float64"].items())
             lines.append(f"| {r['op']} | {r['impl']} | {bench.shape_str(r['shape'])} | {r['dtype']} | "
                          f"{'yes' if r['bitwise_identical'] else '**no**'} | {r['max_abs_diff_between_runs']:.3g} | {errs} |")
+    else:
+        lines.append("Not run (see the kernels stage).")
+    lines += ["", "## Tuning variants (fwd+bwd of the triton backend; the default re-timed next to each)", "",
+              "Each variant is a value of `fusionblocks.ops.triton._common.tuned` (defaults: `TUNING_DEFAULTS`). "
+              f"`default / variant` over {VARIANT_GAIN:.2f}x marks a candidate default: change `TUNING_DEFAULTS` "
+              "(or the launcher's rule) where it wins on the shapes that matter, and re-run.", ""]
+    rows = variant_rows(tuning_records)
+    if rows:
+        lines += ["| op | shape | dtype | variant | default ms | variant ms | default / variant | max abs err | |",
+                  "|---|---|---|---|---|---|---|---|---|"] + rows
     else:
         lines.append("Not run (see the kernels stage).")
     setting = "batch 2, 32², fp32 on CPU" if dry else "batch 32, 224², bf16 autocast"

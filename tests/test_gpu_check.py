@@ -82,6 +82,37 @@ def test_determinism_is_checked_and_reported(dry_run):
     assert "To try next" in summary
 
 
+def test_tuning_variants_timed_next_to_the_default(dry_run):
+    """Issue 12's GPU-only performance items as tuning variants: each one and the default re-timed, fwd+bwd,
+    correct (max_abs_err against the spec), tabulated default / variant in the summary."""
+    _, out = dry_run
+    gpu_check = load_benchmark_script("gpu_check")
+    kernels = json.loads((out / "kernels.json").read_text())
+    tuned = [r for r in kernels if r["impl"].startswith("triton[")]
+    want = {(op, f"triton[{label}]") for op in ("window_attention", "decay_attention_full")
+            for label, _ in [("default", {})] + gpu_check.VARIANTS[op]}
+    assert {(r["op"], r["impl"]) for r in tuned} == want
+    for r in tuned:
+        assert r["pass"] == "fwd+bwd" and r["ms"] > 0 and r["max_abs_err"] < 1e-4, r
+    summary = (out / "summary.md").read_text()
+    section = summary.split("## Tuning variants", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and "default ms" not in ln]
+    assert len(rows) == len(want) - 2, section  # one row per variant, against its op's default
+    assert all("x |" in ln for ln in rows), section
+    # the main tables keep to the backends and anchors
+    main = summary.split("## Kernels", 1)[1].split("## Determinism", 1)[0]
+    assert "triton[" not in main
+
+
+def test_variant_cases_skip_what_a_variant_cannot_change():
+    gpu_check = load_benchmark_script("gpu_check")
+    cases = gpu_check.variant_cases(gpu_check.op_shapes(dry=False), dry=False)
+    ops = {op for op, *_ in cases}
+    assert ops == {"window_attention", "decay_attention_decomposed"}  # full decay at 56² and 28²: no line fits one tile
+    assert all(s["shift"] == 3 for op, s, *_ in cases if op == "window_attention")
+    assert len([c for c in cases if c[0] == "decay_attention_decomposed"]) == 4  # HEMF's four stages
+
+
 def test_records_written_without_jsonschema_and_said_so(dry_run):
     # the records themselves are validated here (test_records_are_valid_with_throughput_and_versions)
     _, out = dry_run
