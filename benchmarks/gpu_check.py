@@ -59,8 +59,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # the checkout's fusionblocks, built in place
 STAGES = ("build", "tests", "kernels", "models")
-# seconds per stage on the GPU machine (sum 7.8 min; a cold machine compiles every Triton kernel once) and in a dry run
-CAPS = {"build": 120, "tests": 80, "kernels": 200, "models": 70}
+# seconds per stage on the GPU machine (sum 8.2 min; a cold machine compiles every Triton kernel once) and in a dry run;
+# the kernels stage's order (bf16, determinism, tuning variants, fp32, flex) puts what a time-out may cut last
+CAPS = {"build": 120, "tests": 80, "kernels": 220, "models": 70}
 DRY_CAPS = {"build": 300, "tests": 300, "kernels": 600, "models": 600}  # a shared 2-core CPU can be slow
 
 HBM_PEAK_GBPS = {
@@ -225,8 +226,9 @@ def _write_records(records: List[dict], path: str) -> None:
 def stage_kernels(out: str, dry: bool, quick: bool = False) -> int:
     """Every kernel case, records written after each; FlexAttention's compiles (slowest) come last.
 
-    Order: bf16 (dry run: fp32) for every op and contender but ``flex``; the determinism check; fp32
-    (parity; its ``max_abs_err`` column); ``flex`` bf16. A time-out keeps what finished.
+    Order: bf16 (dry run: fp32) for every op and contender but ``flex``; the determinism check; the
+    tuning variants (:func:`variants`); fp32 (parity; its ``max_abs_err`` column); ``flex`` bf16. A
+    time-out keeps what finished.
     """
     import torch
 
@@ -261,8 +263,7 @@ def stage_kernels(out: str, dry: bool, quick: bool = False) -> int:
 
     phase(main, ["triton", "cuda", "reference", "sdpa"])
     determinism(out, dry, ops)
-    variants(records, ops, main, device, dname, peak, budget, dry)
-    _write_records(records, path)
+    variants(records, ops, main, device, dname, peak, budget, dry, save=lambda: _write_records(records, path))
     if not dry:
         phase(torch.float32, ["triton", "cuda", "reference", "sdpa"])
     phase(main, ["flex"])
@@ -274,9 +275,10 @@ def variant_impl(label: str) -> str:
 
 
 def variants(records: List[dict], ops: Dict[str, List[dict]], dtype, device: str, dname: str, peak, budget: float,
-             dry: bool) -> None:
+             dry: bool, save) -> None:
     """fwd+bwd of the triton backend under each tuning variant, the default re-timed first for each shape, as
-    records named ``triton[default]`` and ``triton[<label>]`` (with ``max_abs_err``: a variant changes speed only)."""
+    records named ``triton[default]`` and ``triton[<label>]`` (with ``max_abs_err``: a variant changes speed only),
+    appended to ``records``; ``save()`` after each shape."""
     from fusionblocks import bench
     from fusionblocks.ops.triton._common import tuned
 
@@ -294,6 +296,7 @@ def variants(records: List[dict], ops: Dict[str, List[dict]], dtype, device: str
                 r["impl"] = variant_impl(label)
             add_throughput(res.records, peak)
             records.extend(res.records)
+        save()
         print(f"variants {op} {bench.shape_str(shape)}: {len(todo)} + default, {time.perf_counter() - t0:.1f} s", flush=True)
 
 

@@ -15,7 +15,8 @@ One set of kernels serves both modes. A *line* is a run of ``N_CTX`` tokens at t
 Lines are addressed through strides, so the column pass needs no transpose and inputs of any
 layout are read in place. The backward of a line that fits one tile (up to 64 tokens: every
 decomposed line of HEMF, and full attention on maps up to 8x8) is one fused kernel that computes
-the probabilities once for dQ, dK and dV; longer lines use a dK/dV kernel and a dQ kernel. Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
+the probabilities once for dQ, dK and dV; longer lines use a dK/dV kernel and a dQ kernel.
+Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
 ``torch.ops.fusionblocks.decay_attention_decomposed`` (``torch.library.custom_op`` with fake and
 autograd registrations), and as the ``"triton"`` backend of ``fusionblocks.ops.decay_attention``.
 """
