@@ -289,9 +289,16 @@ def variants(records: List[dict], ops: Dict[str, List[dict]], dtype, device: str
         shape = todo[0][0]
         t0 = time.perf_counter()
         for label, values in [("default", {})] + [(lb, v) for _, lb, v in todo]:
-            with tuned(**values):  # the backward runs inside the block too
-                res = bench.run_case(bench.OPS[op], shape, dtype, device, impls=["triton"], passes=("fwd+bwd",),
-                                     budget_s=budget, smoke=dry, check=True, device_label=dname, rotate=1 if dry else 3)
+            try:
+                with tuned(**values):  # the backward runs inside the block too
+                    res = bench.run_case(bench.OPS[op], shape, dtype, device, impls=["triton"], passes=("fwd+bwd",),
+                                         budget_s=budget, smoke=dry, check=True, device_label=dname,
+                                         rotate=1 if dry else 3)
+            except Exception as e:  # one variant failing (inputs, OOM) must not cost the stage's later phases
+                traceback.print_exc()
+                records.append(bench.make_record(op, variant_impl(label), shape, dtype, "fwd+bwd", None, None, dname,
+                                                 error=bench.error_text(e)))
+                continue
             for r in res.records:
                 r["impl"] = variant_impl(label)
             add_throughput(res.records, peak)

@@ -113,6 +113,33 @@ def test_variant_cases_skip_what_a_variant_cannot_change():
     assert len([c for c in cases if c[0] == "decay_attention_decomposed"]) == 4  # HEMF's four stages
 
 
+def test_a_failing_variant_is_recorded_and_the_others_still_run(monkeypatch):
+    gpu_check = load_benchmark_script("gpu_check")
+    from fusionblocks.ops.triton._common import tuning
+
+    seen = []
+
+    def fake_run_case(op_bench, shape, dtype, device, **kw):
+        value = tuning("window_backward_programs_per_sm")
+        seen.append(value)
+        if value == 8:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        rec = bench.make_record(op_bench.name, "triton", shape, dtype, "fwd+bwd", 2.0 if value == 4 else 1.0, 1.0, "CPU test")
+        return bench.BenchResult([rec], [])
+
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    ops = {"window_attention": gpu_check.window_shapes(dry=True)}
+    records, saves = [], []
+    gpu_check.variants(records, ops, "float32", "cpu", "CPU test", None, 0.01, True, save=lambda: saves.append(len(records)))
+    assert seen == [4, 8, 16, 4]  # default, 8 and 16 programs/SM, 4 warps (programs per SM back at its default)
+    by_impl = {r["impl"]: r for r in records}
+    assert set(by_impl) == {"triton[default]", "triton[8 programs/SM]", "triton[16 programs/SM]", "triton[4 warps]"}
+    assert by_impl["triton[8 programs/SM]"]["ms"] is None and "out of memory" in by_impl["triton[8 programs/SM]"]["error"]
+    assert saves == [4]
+    rows = gpu_check.variant_rows(records)
+    assert len(rows) == 3 and "2.00x" in rows[1] and "candidate default" in rows[1] and "out of memory" in rows[0]
+
+
 def test_records_written_without_jsonschema_and_said_so(dry_run):
     # the records themselves are validated here (test_records_are_valid_with_throughput_and_versions)
     _, out = dry_run
