@@ -456,15 +456,15 @@ def launches(monkeypatch):
 
 
 @pytest.mark.parametrize("max_tokens", [64, 0], ids=["fused", "split"])
-@pytest.mark.parametrize("mode,hw,d,b", [("decomposed", (5, 7), 24, 2), ("decomposed", (3, 70), 12, 1), ("full", (7, 9), 16, 2),
-                                         ("full", (3, 5), 96, 2)])
-def test_fused_and_split_backward_match_the_reference(interpret, launches, max_tokens, mode, hw, d, b):
+@pytest.mark.parametrize("mode,hw,d,b,nh", [("decomposed", (5, 7), 24, 2, 2), ("decomposed", (3, 70), 12, 1, 1),
+                                            ("full", (7, 9), 16, 2, 2), ("full", (3, 5), 96, 2, 2)])
+def test_fused_and_split_backward_match_the_reference(interpret, launches, max_tokens, mode, hw, d, b, nh):
     """Both backward paths in float64 against the reference, with log_gamma's gradient and the row pass
     accumulating onto the column pass: the fused kernel takes every line of at most 64 tokens (the
     70-token rows of 3x70 stay split while its 3-token columns fuse), the split kernels every line
     when the tuning knob is 0."""
     with tuned(decay_fused_backward_max_tokens=max_tokens):
-        _compare_f64(hw, d, mode, b=b, nh=2)
+        _compare_f64(hw, d, mode, b=b, nh=nh)
     lines = (hw[0] * hw[1],) if mode == "full" else hw
     fused = sum(max_tokens and n <= 64 for n in lines)
     assert launches.count("_decay_bwd_fused_kernel") == fused
