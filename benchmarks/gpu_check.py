@@ -126,7 +126,7 @@ def full_shapes(dry: bool) -> List[dict]:
 
 
 def _lines(op: str, s: dict) -> List[int]:
-    """Tokens per attention line of a decay case (the fused backward takes lines of up to 64)."""
+    """Tokens per attention line of a decay case (the fused backward takes the short ones)."""
     return [s["H"] * s["W"]] if op == "decay_attention_full" else [s["H"], s["W"]]
 
 
@@ -134,12 +134,15 @@ def variant_cases(ops: Dict[str, List[dict]], dry: bool) -> List[tuple]:
     """``(op, shape, label, values)`` of every tuning variant worth timing: the window variants on the shifted
     shapes (the backward's structure does not depend on the shift), the split decay backward where a line
     is short enough for the fused one (the default) to apply."""
+    from fusionblocks.ops.triton._common import TUNING_DEFAULTS
+
+    fused_max = TUNING_DEFAULTS["decay_fused_backward_max_tokens"]
     cases = []
     for op, shapes in ops.items():
         for shape in shapes:
             if op == "window_attention" and not dry and shape["shift"] == 0:
                 continue
-            if op.startswith("decay") and min(_lines(op, shape)) > 64:
+            if op.startswith("decay") and min(_lines(op, shape)) > fused_max:
                 continue
             cases += [(op, shape, label, values) for label, values in VARIANTS.get(op, [])]
     return cases

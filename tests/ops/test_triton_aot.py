@@ -43,6 +43,11 @@ TRITON_RELEASE = ".".join(triton.__version__.split(".")[:2])
 CALIBRATED = TRITON_RELEASE == SPILLS_CALIBRATED_WITH
 
 
+DECAY_ROLES = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv",
+               "_decay_bwd_fused_kernel": "fused"}
+"""Each decay kernel (but the delta kernel) and its ``kernel`` name in ``decay.shared_estimate``."""
+
+
 def _spills_only_where_calibrated(report):
     """Skip, with ``report``, unless this Triton is the release the spill counts were calibrated with."""
     if not CALIBRATED:
@@ -156,8 +161,6 @@ def test_shared_memory_within_the_launchers_estimate(sm90):
     import torch
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv",
-             "_decay_bwd_fused_kernel": "fused"}
     under, checked = [], 0
     for r in sm90.values():
         if not r["ok"] or r["kernel"] == "_decay_delta_kernel":
@@ -166,7 +169,7 @@ def test_shared_memory_within_the_launchers_estimate(sm90):
         if r["kernel"].startswith("_window"):
             est = window.shared_estimate(dtype, c["D"], c["WS"], r["kernel"] == "_window_bwd_kernel")
         else:
-            est = decay.shared_estimate(dict(c, num_stages=r["num_stages"]), dtype, roles[r["kernel"]])
+            est = decay.shared_estimate(dict(c, num_stages=r["num_stages"]), dtype, DECAY_ROLES[r["kernel"]])
         checked += 1
         if r["shared"] > est:
             under.append(f"{_name(r)}: {r['shared']} bytes > estimate {est}")
@@ -181,14 +184,12 @@ def test_configs_chosen_for_smaller_gpus_fit_their_shared_memory(arch):
     limit = _common.shared_bytes_of_capability(arch)
     assert limit < _common.SM90_MAX_SHARED
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    roles = {"_decay_fwd_kernel": "fwd", "_decay_bwd_dq_kernel": "dq", "_decay_bwd_dkdv_kernel": "dkdv",
-             "_decay_bwd_fused_kernel": "fused"}
     specs = _common.all_compile_specs(arch=arch)
     assert specs
     for s in specs:
         c, dtype = s["constexprs"], dtypes[s["dtype"]]
-        if s["kernel"] in roles:
-            assert decay.shared_estimate(dict(c, num_stages=s["num_stages"]), dtype, roles[s["kernel"]]) <= limit, _name(s)
+        if s["kernel"] in DECAY_ROLES:
+            assert decay.shared_estimate(dict(c, num_stages=s["num_stages"]), dtype, DECAY_ROLES[s["kernel"]]) <= limit, _name(s)
         elif s["kernel"].startswith("_window"):
             assert window.shared_estimate(dtype, c["D"], c["WS"], s["kernel"] == "_window_bwd_kernel") <= limit, _name(s)
     # what does not fit is refused with a reason naming the limit, not launched

@@ -538,9 +538,10 @@ def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumu
     nlines, n_ctx, wd, line_off, step = _lines(h, w, kind)
     acc, prec = acc_dtype_of(q.dtype), _precision(q.dtype)
     common = (nh, nlines, n_ctx, h * w, line_off, step)
+    limit = _shared_limit(q.device)
     fused = None
     if n_ctx <= tuning("decay_fused_backward_max_tokens"):
-        fused = _fused_config(n_ctx, d, q.dtype, shared_limit=_shared_limit(q.device))
+        fused = _fused_config(n_ctx, d, q.dtype, shared_limit=limit)
     if fused is not None:
         dlg = torch.empty((b, nh, nlines) if with_dlg else (1,), dtype=_acc_torch(q.dtype), device=q.device)
         _decay_bwd_fused_kernel[(b * nh * nlines,)](
@@ -549,7 +550,7 @@ def _bwd_pass(q, k, v, lg, sc, do, lse, delta, dq, dk, dv, h, w, kind, *, accumu
             *common, W=wd, D=d, ACC=acc, PREC=prec, ACCUM=accumulate, WITH_DLG=with_dlg, **fused,
         )
         return dlg.sum(dim=(0, 2)) if with_dlg else None
-    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype, shared_limit=_shared_limit(q.device))
+    cfg = _config(n_ctx, d, backward=True, dtype=q.dtype, shared_limit=limit)
     num_n = triton.cdiv(n_ctx, cfg["BLOCK_N"])
     _decay_bwd_dkdv_kernel[(b * nh * nlines * num_n,)](
         q, k, v, lg, sc, do, lse, delta, dk, dv,
