@@ -21,8 +21,24 @@ if "FUSIONBLOCKS_CACHE_DIR" not in os.environ:
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`-n N`) the workers share the cores: each gets its share of torch's threads instead of all of
+# them (N workers x all cores would oversubscribe the machine). Tests that need more threads set them themselves.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 
 EXPENSIVE_ENV = "FUSIONBLOCKS_SLOW_TESTS"
+
+MAX_AUTO_WORKERS = 8
+"""``-n auto`` takes one worker per core up to this many: every worker imports torch and builds whole models, and
+with ``--dist loadfile`` the longest test files bound the wall time long before that."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
