@@ -31,14 +31,14 @@ if _WORKERS > 1:
 EXPENSIVE_ENV = "FUSIONBLOCKS_SLOW_TESTS"
 
 MAX_AUTO_WORKERS = 8
-"""``-n auto`` takes one worker per core up to this many: every worker imports torch and builds whole models, and
-with ``--dist loadfile`` the longest test files bound the wall time long before that."""
+"""``-n auto`` takes xdist's own count (one worker per core) up to this many: every worker imports torch and builds
+whole models, and with ``--dist loadfile`` the longest test files bound the wall time long before that."""
 
 
-@pytest.hookimpl(optionalhook=True)
+@pytest.hookimpl(optionalhook=True, hookwrapper=True)
 def pytest_xdist_auto_num_workers(config):
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_AUTO_WORKERS))
+    outcome = yield
+    outcome.force_result(min(outcome.get_result(), MAX_AUTO_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):
