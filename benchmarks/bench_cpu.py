@@ -24,8 +24,10 @@ Run (writes ``benchmarks/results/cpu_kernels-<device>-<isa>-<N>thread(s).json`` 
     python benchmarks/bench_cpu.py --isa avx2 --threads 1
     python benchmarks/bench_cpu.py --isa avx2 --threads 2
 
-``--isa`` takes several variants (default: every one this machine runs, one file each). Smoke run (tiny
-shapes; writes to a temporary folder unless ``--out-dir`` is given)::
+``--isa`` takes several variants (default: every one this machine runs), one file each; they are timed in the
+same interleaved rounds (the reference once, then ``cpp`` under each variant), so the variants compare side by
+side with each other as well as with the reference. Smoke run (tiny shapes; writes to a temporary folder unless
+``--out-dir`` is given)::
 
     python benchmarks/bench_cpu.py --quick
 """
@@ -143,29 +145,50 @@ def io_mb(shape: dict, pass_: str) -> float:
     return tensor_mb * (8 if pass_ == "fwd+bwd" else 4)
 
 
-def run_isa(isa: str, cases: Dict[str, List[dict]], *, passes: Sequence[str], impls: Sequence[str], rounds: int,
-            budget_s: float, device: str, log=print) -> List[dict]:
-    """The records of every case with the cpp kernels forced to ``isa``."""
-    records = []
-    with cpp.use_isa(isa):
-        for op, op_shapes in cases.items():
-            for shape in op_shapes:
-                x = make_inputs(op, shape)
-                fns = {impl: call(op, shape, impl) for impl in impls}
-                with torch.no_grad():
-                    want = call(op, shape, "reference")(x)
-                    err = {impl: float((fn(x) - want).abs().max()) for impl, fn in fns.items()}
-                rec_shape = dict(shape, isa=isa)
-                for p in passes:
-                    ms = interleaved_ms({impl: runner(fn, x, p) for impl, fn in fns.items()}, rounds, budget_s)
+def in_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the cpp kernels forced to variant ``isa`` for the call (its backward included)."""
+    def call_in_isa():
+        with cpp.use_isa(isa):
+            return fn()
+    return call_in_isa
+
+
+def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Sequence[str], impls: Sequence[str],
+             rounds: int, budget_s: float, device: str, log=print) -> Dict[str, List[dict]]:
+    """The records of every case, by cpp variant: the reference and ``cpp`` under each variant in ``isas`` take
+    turns in the same interleaved rounds, so each variant's times and the reference's come from the same
+    rounds (every variant's records carry the one reference time, with ``isa`` naming the variant)."""
+    out: Dict[str, List[dict]] = {isa: [] for isa in isas}
+
+    def label(impl: str, isa: str) -> str:
+        return f"cpp@{isa}" if impl == "cpp" else impl
+
+    for op, op_shapes in cases.items():
+        for shape in op_shapes:
+            x = make_inputs(op, shape)
+            fns = {impl: call(op, shape, impl) for impl in impls}
+            variants = {label(impl, isa): (impl, isa) for isa in isas for impl in impls}
+            with torch.no_grad():
+                want = call(op, shape, "reference")(x)
+                err = {}
+                for name, (impl, isa) in variants.items():
+                    with cpp.use_isa(isa):
+                        err[name] = float((fns[impl](x) - want).abs().max())
+            for p in passes:
+                ms = interleaved_ms({name: in_isa(isa, runner(fns[impl], x, p)) for name, (impl, isa) in variants.items()},
+                                    rounds, budget_s)
+                for isa in isas:
                     for impl in impls:
-                        mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
-                        records.append(bench.make_record(op, impl, rec_shape, torch.float32, p, ms[impl], mem, device,
-                                                         io_mb=io_mb(shape, p), max_abs_err=err[impl]))
-                    if "reference" in ms and "cpp" in ms:
-                        log(f"{isa:8s} {op:27s} {bench.shape_str(shape):42s} {p:8s} reference {ms['reference']:9.3f} ms"
-                            f"  cpp {ms['cpp']:9.3f} ms  x{ms['reference'] / ms['cpp']:.2f}")
-    return records
+                        with cpp.use_isa(isa):
+                            mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
+                        name = label(impl, isa)
+                        out[isa].append(bench.make_record(op, impl, dict(shape, isa=isa), torch.float32, p, ms[name],
+                                                          mem, device, io_mb=io_mb(shape, p), max_abs_err=err[name]))
+                if "reference" in ms:
+                    log(f"{op:27s} {bench.shape_str(shape):42s} {p:8s} reference {ms['reference']:9.3f} ms  " + "  ".join(
+                        f"{isa} {ms[f'cpp@{isa}']:9.3f} ms x{ms['reference'] / ms[f'cpp@{isa}']:.2f}"
+                        for isa in isas if f"cpp@{isa}" in ms))
+    return out
 
 
 def load_average() -> Optional[float]:
@@ -219,17 +242,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = bench.device_name(torch.device("cpu"))
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix=f"bench_{NAME}_") if args.quick else RESULTS_DIR)
     command = " ".join(["python benchmarks/bench_cpu.py", *(sys.argv[1:] if argv is None else argv)])
+    load_before = load_average()
+    by_isa = run_isas(isas, cases, passes=args.passes, impls=args.impls, rounds=rounds, budget_s=budget, device=device)
+    load_after = load_average()
     for isa in isas:
-        load_before = load_average()
-        records = run_isa(isa, cases, passes=args.passes, impls=args.impls, rounds=rounds, budget_s=budget,
-                          device=device)
-        load_after = load_average()
         note = f"cpp variant {isa} · {threads} thread(s) on {os.cpu_count()} cores · {rounds} interleaved rounds"
+        if len(isas) > 1:
+            note += f" (in the same rounds as the {', '.join(i for i in isas if i != isa)} variant(s))"
         if load_before is not None and load_after is not None:
             note += f" · 1-min load average {load_before:.1f} before, {load_after:.1f} after"
         suffix = f"-{isa}-{threads}thread" + ("s" if threads != 1 else "")
         path = os.path.join(out_dir, f"{NAME}-{bench.device_slug(device)}{suffix}.json")
-        md = bench.write_results(records, path, extra_columns=COLUMNS, title=f"{NAME}: `{command}` · {note}",
+        md = bench.write_results(by_isa[isa], path, extra_columns=COLUMNS, title=f"{NAME}: `{command}` · {note}",
                                  pivot="cpp" if "cpp" in args.impls and "reference" in args.impls else None)
         print(f"wrote {path} and {md}")
     return 0
