@@ -19,6 +19,8 @@
 #include <optional>
 #include <tuple>
 
+#include "cpu/isa.h"
+
 namespace {
 
 using at::Tensor;
@@ -57,6 +59,20 @@ variable_list as_list(const T4& t) { return {std::get<0>(t), std::get<1>(t), std
 T2 as_t2(const variable_list& l) { return {l[0], l[1]}; }
 T4 as_t4(const variable_list& l) { return {l[0], l[1], l[2], l[3]}; }
 
+// The CPU kernel variant the forward ran in (csrc/cpu/isa.h), so that the backward runs in the same one: the
+// automatic backend choice measures forward and backward of one variant, and sets it for the forward's call only.
+void save_isa(AutogradContext* ctx, const Tensor& q) {
+  if (q.device().is_cpu()) ctx->saved_data["isa"] = static_cast<int64_t>(fusionblocks::cpu::active_isa());
+}
+
+struct ForwardIsa {
+  explicit ForwardIsa(AutogradContext* ctx) {
+    const auto it = ctx->saved_data.find("isa");
+    if (it != ctx->saved_data.end()) guard.emplace(static_cast<fusionblocks::cpu::Isa>(it->second.toInt()));
+  }
+  std::optional<fusionblocks::cpu::ThreadIsaGuard> guard;
+};
+
 // outputs[1:] are saved state, not results
 void only_first_differentiable(AutogradContext* ctx, const variable_list& outputs) {
   ctx->mark_non_differentiable(variable_list(outputs.begin() + 1, outputs.end()));
@@ -82,9 +98,11 @@ struct DecayFullBody {
     only_first_differentiable(ctx, out);
     ctx->save_for_backward({q, k, v, lg, out[0], out[1]});
     save_grid(ctx, h, w, scale);
+    save_isa(ctx, q);
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const ForwardIsa isa(ctx);
     static const auto bwd = op<DecayFullBwdSig>("fusionblocks_C::decay_full_bwd");
     const variable_list s = ctx->get_saved_variables();
     auto [dq, dk, dv, dlg] = bwd.call(grad_or_zeros(grads[0], s[4]), s[0], s[1], s[2], s[3], s[4], s[5],
@@ -111,9 +129,11 @@ struct DecayDecBody {
       ctx->save_for_backward({q, k, v, lg, out[0], out[1], out[2], out[3]});
     }
     save_grid(ctx, h, w, scale);
+    save_isa(ctx, q);
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const ForwardIsa isa(ctx);
     const variable_list s = ctx->get_saved_variables();
     const int64_t h = ctx->saved_data["h"].toInt(), w = ctx->saved_data["w"].toInt();
     const double scale = ctx->saved_data["scale"].toDouble();
@@ -155,11 +175,13 @@ struct WindowBody {
     if (kProbs) saved.push_back(out[1]);
     ctx->save_for_backward(std::move(saved));
     save_grid(ctx, h, w, scale);
+    save_isa(ctx, q);
     ctx->saved_data["ws"] = ws;
     ctx->saved_data["shift"] = shift;
     return out;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const ForwardIsa isa(ctx);
     const variable_list s = ctx->get_saved_variables();
     const OptTensor table = s[3].defined() ? OptTensor(s[3]) : std::nullopt;
     const int64_t h = ctx->saved_data["h"].toInt(), w = ctx->saved_data["w"].toInt();

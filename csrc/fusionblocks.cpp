@@ -78,6 +78,20 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   });
 }
 
+PyObject* set_thread_cpu_isa(PyObject*, PyObject* arg) {
+  return guarded([arg]() -> PyObject* {
+    std::optional<fusionblocks::cpu::Isa> isa;
+    if (arg != Py_None) {
+      const char* name = PyUnicode_AsUTF8(arg);
+      if (name == nullptr) return nullptr;
+      isa = fusionblocks::cpu::parse_isa(name);
+    }
+    const auto prev = fusionblocks::cpu::set_thread_isa(isa);
+    if (!prev.has_value()) Py_RETURN_NONE;
+    return PyUnicode_FromString(fusionblocks::cpu::isa_name(*prev));
+  });
+}
+
 PyObject* cpu_isas(PyObject*, PyObject*) {
   return guarded([]() -> PyObject* {
     const auto names = fusionblocks::cpu::supported_isas();
@@ -101,6 +115,9 @@ PyObject* cpu_isa_unsupported_reason(PyObject*, PyObject* arg) {
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Name of the CPU kernel variant the next call uses."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Force a CPU kernel variant by name, or None for the automatic choice."},
+    {"set_thread_cpu_isa", set_thread_cpu_isa, METH_O,
+     "Set the calling thread's CPU kernel variant (below the forced one and FUSIONBLOCKS_CPU_ISA) by name, or "
+     "None to clear it; returns the previous one."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "Names of the CPU kernel variants this machine runs, best first."},
     {"cpu_isa_unsupported_reason", cpu_isa_unsupported_reason, METH_O,
      "Why this machine cannot run a CPU kernel variant ('' when it can)."},

@@ -70,9 +70,10 @@ def collect_info(device: Optional[str] = None) -> dict:
         reasons = dispatch.explain(op, *args, **kw)
         try:
             choice = dispatch.choose(op, *args, **kw)
-            auto, why = choice.backend, {"how": choice.how, "why": choice.why, "times_ms": choice.times_ms}
+            auto, why = choice.backend, {"how": choice.how, "why": choice.why, "times_ms": choice.times_ms,
+                                         "variant": choice.variant}
         except dispatch.BackendUnavailable as e:
-            auto, why = None, {"how": "none", "why": str(e).splitlines()[0], "times_ms": None}
+            auto, why = None, {"how": "none", "why": str(e).splitlines()[0], "times_ms": None, "variant": None}
         ops[label] = {
             "example": {"shape": list(args[0].shape), "dtype": str(args[0].dtype).replace("torch.", ""),
                         **{k: v for k, v in kw.items() if v is not None}},
@@ -117,8 +118,9 @@ def format_info(info: dict) -> str:
     for label, op in info["ops"].items():
         ex = op["example"]
         lines.append("")
-        lines.append(f"{label}: example {tuple(ex['shape'])} {ex['dtype']}; auto picks {op['auto'] or 'nothing'}")
         c = op["choice"]
+        picked = f"{op['auto']}[{c['variant']}]" if op["auto"] and c["variant"] else op["auto"] or "nothing"
+        lines.append(f"{label}: example {tuple(ex['shape'])} {ex['dtype']}; auto picks {picked}")
         times = ", ".join(f"{n} {t:.3f} ms" for n, t in (c["times_ms"] or {}).items())
         lines.append(f"  why: {c['how']}: {c['why']}" + (f" [{times}]" if times else ""))
         for name, b in op["backends"].items():

@@ -13,8 +13,10 @@ namespace fusionblocks {
 namespace cpu {
 namespace {
 
-// -1: automatic (environment, then the best variant); otherwise the forced Isa
+// -1: automatic (environment, then the thread's variant, then the best one); otherwise the forced Isa
 std::atomic<int> forced{-1};
+// -1: none; otherwise the Isa chosen for this thread's calls (set_thread_isa)
+thread_local int thread_choice = -1;
 
 const Kernels* table(Isa isa) {
   switch (isa) {
@@ -89,22 +91,32 @@ Isa parse_isa(const std::string& name) {
   return isa;
 }
 
+namespace {
+void check_supported(Isa isa) {
+  const std::string why = isa_unsupported_reason(isa);
+  TORCH_CHECK(why.empty(), "fusionblocks cpp kernels: cannot use the ", isa_name(isa), " variant: ", why,
+              "; this machine runs: ", c10::Join(", ", supported_isas()));
+}
+}  // namespace
+
 void set_active_isa(std::optional<Isa> isa) {
-  if (isa.has_value()) {
-    const std::string why = isa_unsupported_reason(*isa);
-    TORCH_CHECK(why.empty(), "fusionblocks cpp kernels: cannot use the ", isa_name(*isa), " variant: ", why,
-                "; this machine runs: ", c10::Join(", ", supported_isas()));
-    forced.store(static_cast<int>(*isa));
-  } else {
-    forced.store(-1);
-  }
+  if (isa.has_value()) check_supported(*isa);
+  forced.store(isa.has_value() ? static_cast<int>(*isa) : -1);
+}
+
+std::optional<Isa> set_thread_isa(std::optional<Isa> isa) {
+  if (isa.has_value()) check_supported(*isa);
+  const int prev = thread_choice;
+  thread_choice = isa.has_value() ? static_cast<int>(*isa) : -1;
+  return prev >= 0 ? std::optional<Isa>(static_cast<Isa>(prev)) : std::nullopt;
 }
 
 Isa active_isa() {
   const int f = forced.load(std::memory_order_relaxed);
   if (f >= 0) return static_cast<Isa>(f);
   const char* env = std::getenv("FUSIONBLOCKS_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return best_isa();
+  if (env == nullptr || *env == '\0' || std::string(env) == "auto")
+    return thread_choice >= 0 ? static_cast<Isa>(thread_choice) : best_isa();
   Isa isa = Isa::Default;
   TORCH_CHECK_VALUE(lookup_isa(env, &isa), "fusionblocks cpp kernels: FUSIONBLOCKS_CPU_ISA=", env,
                     " is not a CPU ISA variant; expected one of auto, avx512, avx2, default");

@@ -5,8 +5,10 @@
 // out a table of entry points; the ops in decay.cpp and window.cpp check their inputs and call the
 // table of the active variant. The active variant is, in this order: the one forced with
 // set_active_isa() (fusionblocks.ops.cpp.set_isa), the one named by the environment variable
-// FUSIONBLOCKS_CPU_ISA (read at every call: auto, avx512, avx2 or default), or the best one this CPU
-// runs. Asking for a variant the CPU (or this build) cannot run is an error, never a silent fallback.
+// FUSIONBLOCKS_CPU_ISA (read at every call: auto, avx512, avx2 or default), the one chosen for the
+// calling thread with set_thread_isa() (the automatic backend choice's measured variant for a call,
+// fusionblocks.ops.cpp.call_isa), or the best one this CPU runs. Asking for a variant the CPU (or this
+// build) cannot run is an error, never a silent fallback.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -81,9 +83,25 @@ std::vector<std::string> supported_isas();
 Isa parse_isa(const std::string& name);
 // Forces a variant (checked to be supported) or, with std::nullopt, goes back to the automatic choice.
 void set_active_isa(std::optional<Isa> isa);
+// The calling thread's variant (checked to be supported), below the forced one and the environment
+// variable; std::nullopt clears it. Returns the thread's previous one.
+std::optional<Isa> set_thread_isa(std::optional<Isa> isa);
 // The variant the next kernel call uses (errors when FUSIONBLOCKS_CPU_ISA asks for one this CPU lacks).
 Isa active_isa();
 const Kernels& active_kernels();
+
+// Runs a scope in `isa` as the calling thread's variant (the autograd nodes' backward uses the variant
+// its forward ran in), restoring the thread's previous one.
+class ThreadIsaGuard {
+ public:
+  explicit ThreadIsaGuard(Isa isa) : prev_(set_thread_isa(isa)) {}
+  ~ThreadIsaGuard() { set_thread_isa(prev_); }
+  ThreadIsaGuard(const ThreadIsaGuard&) = delete;
+  ThreadIsaGuard& operator=(const ThreadIsaGuard&) = delete;
+
+ private:
+  std::optional<Isa> prev_;
+};
 
 }  // namespace cpu
 }  // namespace fusionblocks

@@ -92,7 +92,7 @@ def _backend_impls(op: str, call: Callable[[dict, Optional[str]], torch.Tensor],
 
         def chosen(x: dict) -> str:
             c = _dispatch.choose(op, *args(x), **kwargs(x))
-            return f"{c.backend} ({c.how})"
+            return f"{c.label} ({c.how})"
 
         impls = [Impl(name, functools.partial(call, backend=name), r) for name, r in reasons.items()]
         return impls + [Impl(AUTO, functools.partial(call, backend=None), chosen=chosen)]

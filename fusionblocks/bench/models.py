@@ -36,19 +36,19 @@ def _forced_backend(name: Optional[str]):
 
 @contextlib.contextmanager
 def _record_dispatch(seen: set):
-    """Collect ``(op, backend)`` for every dispatched op call."""
-    original = _dispatch.select
+    """Collect ``(op, backend)`` for every dispatched op call (the backend with its variant, ``cpp[avx2]``)."""
+    original = _dispatch._choice
 
-    def select(op, backend, *args, **kwargs):
-        chosen = original(op, backend, *args, **kwargs)
-        seen.add((op, chosen.name))
-        return chosen
+    def choice(op, backend, args, kwargs):
+        chosen, c = original(op, backend, args, kwargs)
+        seen.add((op, c.label))
+        return chosen, c
 
-    _dispatch.select = select
+    _dispatch._choice = choice
     try:
         yield
     finally:
-        _dispatch.select = original
+        _dispatch._choice = original
 
 
 def _first_reason(e: Exception, backend: str) -> str:

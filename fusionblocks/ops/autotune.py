@@ -11,11 +11,12 @@ faster, so the automatic choice never makes a call slower than the reference:
    the device, the intra-op thread count, and whether a backward will follow (grad enabled and an input
    requires grad: a training step pays the backward too, so it is timed too).
 3. Measured (CPU, eager, not while ``torch.compile`` traces or ``torch.export`` exports): every candidate
-   runs the same inputs (copies of the call's own), one warm-up call each, then interleaved rounds in a
-   rotating order (forward, or forward+backward when a backward will follow) until a budget of
-   :data:`BUDGET_MS` ms (at least 2, at most 15 rounds). A fast path wins only if its median time is below
-   ``1 - MARGIN`` of the reference's median and its best time below the reference's best; otherwise (tie,
-   noise, a failure) the reference stays.
+   (a backend with variants of its own, the ``cpp`` kernels' instruction sets, once per variant; the call
+   then runs in the fastest) runs the same inputs (copies of the call's own), one warm-up call each, then
+   interleaved rounds in a rotating order (forward, or forward+backward when a backward will follow) until
+   a budget of :data:`BUDGET_MS` ms (at least 2, at most 15 rounds). A fast path wins only if its median
+   time is below ``1 - MARGIN`` of the reference's median and its best time below the reference's best;
+   otherwise (tie, noise, a failure) the reference stays.
 4. Otherwise (tracing, exporting, measuring off, or a device that is not measured): :data:`RULES`,
    conditions calibrated by the benchmark under which a fast path wins, else the reference on CPU; on
    CUDA the highest-priority backend (the fused GPU kernels). Rule answers are deterministic, so a trace
@@ -52,7 +53,7 @@ TUNE_MODES = ("on", "memory", "off")
 BUDGET_MS = 40.0
 MIN_ROUNDS, MAX_ROUNDS = 2, 15
 MARGIN = 0.05  # a fast path must be at least 5 % faster than the reference to replace it
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a choice names the backend's variant
 MEASURED_DEVICES = ("cpu",)
 
 __all__ = ["Choice", "Rule", "RULES", "decide", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
@@ -65,7 +66,9 @@ class Choice:
     ``how``: ``"only candidate"``, ``"measured"`` (this process timed it), ``"cached"`` (an earlier
     measurement on this machine), ``"rule"`` (:data:`RULES` or the device default), or, from
     :func:`fusionblocks.ops.choose`, ``"named"`` / ``"environment"`` when the caller forced a backend.
-    ``times_ms``: median ms per candidate when measured; ``why``: one readable sentence.
+    ``times_ms``: median ms per candidate when measured (a backend with variants once per variant,
+    ``"cpp[avx2]"``); ``why``: one readable sentence; ``variant``: the backend's variant that runs the call
+    (the fastest measured; ``None``: the backend's own default, as in a rule or a forced choice).
     """
 
     op: str
@@ -76,9 +79,15 @@ class Choice:
     times_ms: Optional[Dict[str, float]] = None
     rounds: int = 0
     candidates: List[str] = field(default_factory=list)
+    variant: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """The backend and, where one was chosen, its variant: ``"cpp[avx2]"``."""
+        return f"{self.backend}[{self.variant}]" if self.variant else self.backend
 
     def __str__(self) -> str:
-        return f"{self.op}: {self.backend} ({self.how}; {self.why})"
+        return f"{self.op}: {self.label} ({self.how}; {self.why})"
 
 
 @dataclass(frozen=True)
@@ -354,7 +363,7 @@ def _clone(a, grad: bool):
     return a
 
 
-def _timer(backend, args: tuple, kwargs: dict, grad: bool) -> Callable[[], float]:
+def _timer(backend, variant: Optional[str], args: tuple, kwargs: dict, grad: bool) -> Callable[[], float]:
     inputs = tuple(_clone(a, grad) for a in args)
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     cache: dict = {}
@@ -363,29 +372,43 @@ def _timer(backend, args: tuple, kwargs: dict, grad: bool) -> Callable[[], float
         for t in leaves:
             t.grad = None
         t0 = time.perf_counter()
-        if grad:
-            out = backend.fn(*inputs, **kwargs)
-            if "g" not in cache:
-                cache["g"] = torch.ones_like(out)
-            out.backward(cache["g"])
-        else:
-            with torch.no_grad():
-                backend.fn(*inputs, **kwargs)
+        with backend.scope(variant):
+            if grad:
+                out = backend.fn(*inputs, **kwargs)
+                if "g" not in cache:
+                    cache["g"] = torch.ones_like(out)
+                out.backward(cache["g"])
+            else:
+                with torch.no_grad():
+                    backend.fn(*inputs, **kwargs)
         return time.perf_counter() - t0
 
     return once
 
 
+def _contenders(candidates: list) -> Dict[str, tuple]:
+    """``label -> (backend, variant)``: each backend once, or once per variant where it has several."""
+    out: Dict[str, tuple] = {}
+    for b in candidates:
+        variants = b.variants() if b.in_variant is not None else []
+        if len(variants) > 1:
+            out.update({f"{b.name}[{v}]": (b, v) for v in variants})
+        else:
+            out[b.name] = (b, None)
+    return out
+
+
 def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, key: str) -> Choice:
     names = [b.name for b in candidates]
+    contenders = _contenders(candidates)
     timers, failed = {}, {}
-    for b in candidates:
+    for label, (b, variant) in contenders.items():
         try:
-            t = _timer(b, args, kwargs, grad)
+            t = _timer(b, variant, args, kwargs, grad)
             t()  # warm-up: first-call costs (allocations, lazy init) stay out
-            timers[b.name] = t
+            timers[label] = t
         except Exception as e:  # a backend that fails here is not chosen; the reason is kept
-            failed[b.name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            failed[label] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not timers:
         raise RuntimeError(f"{op}: every backend failed while measuring: {failed}")
     samples: Dict[str, List[float]] = {n: [] for n in timers}
@@ -416,7 +439,9 @@ def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, k
         why = f"{pass_}: fastest median of {rounds} rounds"
     if failed:
         why += "; failed while measuring: " + "; ".join(f"{n}: {r}" for n, r in failed.items())
-    return Choice(op, winner, "measured", why, key, {n: round(v, 4) for n, v in med.items()}, rounds, names)
+    backend, variant = contenders[winner]
+    return Choice(op, backend.name, "measured", why, key, {n: round(v, 4) for n, v in med.items()}, rounds, names,
+                  variant)
 
 
 def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
@@ -436,7 +461,9 @@ def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
     known = _memo.get(key)
     if known is None and mode == "on" and (_disk is not None or not traced):  # no file I/O inside a trace
         entry = load_cache().get(key)
-        if entry is not None and entry.get("backend") in names:
+        if entry is not None and entry.get("backend") in names and (
+                entry.get("variant") is None
+                or entry["variant"] in next(b for b in candidates if b.name == entry["backend"]).variants()):
             known = Choice(**{**entry, "how": "cached"})
             known.candidates = names
     if known is not None and known.backend in names:

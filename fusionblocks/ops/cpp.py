@@ -23,6 +23,10 @@ manager, or the environment variable ``FUSIONBLOCKS_CPU_ISA=auto|avx512|avx2|def
 call) forces one, so each variant can be tested and benchmarked on the machine at hand;
 :func:`current_isa` names the variant the next call uses and :func:`supported_isas` those this machine
 runs. Asking for a variant the CPU lacks is an error naming what it lacks, never a silent fallback.
+The widest variant is not always the fastest (on an AMD EPYC with AVX-512, the avx2 variant ran HEMF's
+decomposed decay up to 1.35x faster, the full decay up to 10 % slower): the automatic backend choice times the
+``cpp`` backend in every variant this machine runs (:func:`isa_variants`) and runs each call class in the
+fastest (:func:`call_isa`, for that call and its backward; a forced variant wins over it).
 
 The ops are ``torch.ops.fusionblocks_C.{decay_full,decay_dec,window}_{fwd,bwd}`` (and the training
 forms ``{decay_dec,window}_fwd_train`` / ``{decay_dec,window}_bwd_probs``) with TORCH_LIBRARY
@@ -68,7 +72,8 @@ ISA_ENV = "FUSIONBLOCKS_CPU_ISA"
 
 __all__ = [
     "available", "LOAD_ERROR", "BUILD_HINT", "COMPUTE_DTYPES", "ISAS", "ISA_ENV", "supported_isas", "current_isa",
-    "set_isa", "use_isa", "isa_unsupported_reason", "decay_attention_cpp", "window_attention_cpp",
+    "set_isa", "use_isa", "call_isa", "isa_variants", "isa_unsupported_reason", "decay_attention_cpp",
+    "window_attention_cpp",
 ]
 
 
@@ -140,6 +145,34 @@ def use_isa(name: Optional[str]) -> Iterator[str]:
         yield current_isa()
     finally:
         set_isa(previous)
+
+
+@contextlib.contextmanager
+def call_isa(name: Optional[str]) -> Iterator[None]:
+    """Context manager: this thread's ``cpp`` calls inside the block (and the backward of each, wherever it runs)
+    use variant ``name`` (``None``: the automatic one). It is what the automatic backend choice sets for the
+    variant it measured fastest for a call; :func:`set_isa` and ``FUSIONBLOCKS_CPU_ISA`` take precedence over it.
+    Other threads are not affected. Raises like :func:`set_isa` for a variant this CPU cannot run."""
+    _require_extension()
+    if name is not None:
+        _check_isa_name(name)
+        name = name.lower()
+    previous = _C.set_thread_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_thread_cpu_isa(previous)
+
+
+def isa_variants() -> List[str]:
+    """The variants the automatic backend choice times against each other for a call: every variant this machine
+    runs, or only the one in use where :func:`set_isa` or ``FUSIONBLOCKS_CPU_ISA`` forces one (``[]`` without
+    the extension)."""
+    if _C is None:
+        return []
+    if _forced_isa is not None or os.environ.get(ISA_ENV, "auto").lower() not in ("", "auto"):
+        return [current_isa()]
+    return supported_isas()
 
 
 def _isa_reasons() -> List[str]:
@@ -240,7 +273,8 @@ def check_window_cpp(q, k, v, bias_table, *, hw, window_size, shift, scale, auto
     return _common_reasons("cpp window_attention", (q, k, v, bias_table))
 
 
-@register_backend("decay_attention", "cpp", priority=10, check=check_decay_cpp)
+@register_backend("decay_attention", "cpp", priority=10, check=check_decay_cpp, variants=isa_variants,
+                  in_variant=call_isa)
 def decay_attention_cpp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, *,
     hw: Tuple[int, int], mode: str = "full", scale: float,
@@ -271,7 +305,8 @@ def decay_attention_cpp(
     return out.to(q.dtype)
 
 
-@register_backend("window_attention", "cpp", priority=10, check=check_window_cpp)
+@register_backend("window_attention", "cpp", priority=10, check=check_window_cpp, variants=isa_variants,
+                  in_variant=call_isa)
 def window_attention_cpp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor], *,
     hw: Tuple[int, int], window_size: int, shift: int = 0, scale: float,

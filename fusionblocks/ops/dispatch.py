@@ -6,7 +6,9 @@ call (an empty list means it can). A named backend (or the environment variable 
 runs if it can and raises :class:`BackendUnavailable` listing every candidate's reasons if it cannot.
 ``backend=None`` picks among the backends that can run with :func:`fusionblocks.ops.autotune.decide`:
 the reference unless a fast path is measured (once per call class, cached per machine) or known by a
-benchmark-calibrated rule to be faster; :func:`choose` says what was picked and why.
+benchmark-calibrated rule to be faster; :func:`choose` says what was picked and why. A backend with
+variants of its own (the ``cpp`` kernels' instruction sets) is measured in each, and the call runs in the
+fastest.
 
 Backends live in provider modules, imported once by :func:`load_backends` (``import fusionblocks.ops``
 calls it, so nothing is imported while ``torch.compile`` traces a call); a missing Triton or an unbuilt
@@ -14,10 +16,13 @@ extension does not fail the import: its import error becomes the reason that bac
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
+
+import torch
 
 from . import autotune
 from .autotune import Choice
@@ -39,14 +44,26 @@ class BackendUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
+    """One backend of one op. ``variants()`` names the backend's own variants that the automatic choice times
+    against each other (e.g. the ``cpp`` kernels' instruction sets; ``[]``: none), and ``in_variant(name)`` is
+    the context in which a call (and its backward) runs variant ``name``."""
+
     op: str
     name: str
     fn: Callable
     check: Callable[..., List[str]]
     priority: int
+    variants: Callable[[], List[str]] = lambda: []
+    in_variant: Optional[Callable[[str], ContextManager]] = None
 
     def reasons(self, *args, auto: bool = False, **kwargs) -> List[str]:
         return list(self.check(*args, auto=auto, **kwargs))
+
+    def scope(self, variant: Optional[str]) -> ContextManager:
+        """The context that runs ``variant`` (nothing to set for ``None``)."""
+        if variant is None or self.in_variant is None:
+            return contextlib.nullcontext()
+        return self.in_variant(variant)
 
 
 _REGISTRY: Dict[str, Dict[str, Backend]] = {}
@@ -55,18 +72,24 @@ _provider_errors: Dict[str, str] = {}
 _providers_loaded = False
 
 
-def register_backend(op: str, name: str, *, priority: int, check: Optional[Callable[..., List[str]]] = None):
+def register_backend(op: str, name: str, *, priority: int, check: Optional[Callable[..., List[str]]] = None,
+                     variants: Optional[Callable[[], List[str]]] = None,
+                     in_variant: Optional[Callable[[str], ContextManager]] = None):
     """Decorator: register ``fn`` as backend ``name`` of ``op``.
 
     ``check(*args, auto, **kwargs)`` receives the op's arguments (already validated) plus
     ``auto=True`` when the choice is automatic, and returns the reasons it cannot run.
-    Higher ``priority`` wins in automatic choice.
+    Higher ``priority`` wins in automatic choice. ``variants()`` and ``in_variant(name)`` (both or neither):
+    the backend's variants, which the automatic choice measures each on its own (see :class:`Backend`).
     """
     if name not in BACKENDS:
         raise ValueError(f"register_backend: unknown backend {name!r}; expected one of {list(BACKENDS)}")
+    if (variants is None) != (in_variant is None):
+        raise ValueError(f"register_backend: {op} {name}: variants and in_variant go together")
 
     def deco(fn: Callable) -> Callable:
-        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check or (lambda *a, **k: []), priority)
+        _REGISTRY.setdefault(op, {})[name] = Backend(op, name, fn, check or (lambda *a, **k: []), priority,
+                                                     variants or (lambda: []), in_variant)
         return fn
 
     return deco
@@ -180,5 +203,13 @@ def choose(op: str, *args, backend: Optional[str] = None, **kwargs) -> Choice:
 
 
 def dispatch(op: str, backend: Optional[str], *args, **kwargs):
-    """Run ``op`` on the chosen backend (under ``torch.export`` / ONNX export an automatic choice is the reference)."""
-    return select(op, backend, *args, **kwargs).fn(*args, **kwargs)
+    """Run ``op`` on the chosen backend, in the variant the automatic choice measured fastest where it has
+    variants (under ``torch.export`` / ONNX export an automatic choice is the reference). A traced call
+    (``torch.compile``, export) runs the backend's default variant: the variant is a setting of the calling
+    thread, which a compiled graph does not hold."""
+    chosen, choice = _choice(op, backend, args, kwargs)
+    variant = choice.variant
+    if variant is not None and autotune.tracing([a for a in args if isinstance(a, torch.Tensor)]):
+        variant = None
+    with chosen.scope(variant):
+        return chosen.fn(*args, **kwargs)

@@ -444,6 +444,103 @@ def test_isa_environment_variable(monkeypatch):
             decay_attention(q, k, v, lg, hw=(3, 3), backend="cpp")
 
 
+@needs_ext
+def test_call_isa_is_per_thread_and_below_the_forced_variant(monkeypatch):
+    import threading
+
+    monkeypatch.delenv(cpp.ISA_ENV, raising=False)
+    best = cpp.supported_isas()[0]
+    assert cpp.isa_variants() == cpp.supported_isas()
+    seen = []
+    with cpp.call_isa("default"):
+        assert cpp.current_isa() == "default"
+        other = threading.Thread(target=lambda: seen.append(cpp.current_isa()))
+        other.start()
+        other.join()
+        with cpp.call_isa(None):
+            assert cpp.current_isa() == best
+        assert cpp.current_isa() == "default"  # nested blocks restore the outer one
+        with cpp.use_isa(best):  # a forced variant wins over the thread's
+            assert cpp.current_isa() == best and cpp.isa_variants() == [best]
+        monkeypatch.setenv(cpp.ISA_ENV, best)  # so does the environment variable
+        assert cpp.current_isa() == best and cpp.isa_variants() == [best]
+        monkeypatch.delenv(cpp.ISA_ENV)
+    assert seen == [best]  # another thread keeps the automatic variant
+    assert cpp.current_isa() == best
+    with pytest.raises(ValueError, match="unknown CPU ISA variant 'sse4'"):
+        with cpp.call_isa("sse4"):
+            pass
+    for name in cpp.ISAS:
+        why = cpp.isa_unsupported_reason(name)
+        if why:
+            with pytest.raises(RuntimeError, match=f"cannot use the {name} variant: {why}"):
+                with cpp.call_isa(name):
+                    pass
+    assert cpp.current_isa() == best
+
+
+def _variant_grads(fn, inputs, g, fwd_isa, bwd_isa):
+    """Gradients of ``fn`` with its forward run in variant ``fwd_isa`` and ``backward`` called in ``bwd_isa``."""
+    xs = [t.detach().requires_grad_() for t in inputs]
+    with cpp.call_isa(fwd_isa):
+        out = fn(*xs)
+    with cpp.call_isa(bwd_isa):
+        return torch.autograd.grad(out, xs, g)
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["decay_full", "decay_decomposed", "window"])
+def test_the_backward_runs_in_the_variant_of_its_forward(op, monkeypatch):
+    """The automatic choice sets a variant for the forward's call only; the backward, called later and outside
+    it, must run in the same variant (the one that was measured), which the gradients show bit for bit."""
+    monkeypatch.delenv(cpp.ISA_ENV, raising=False)
+    names = cpp.supported_isas()
+    if len(names) < 2:
+        pytest.skip(f"this machine runs one cpp variant only ({names})")
+    wide, narrow = names[0], "default"
+    if op == "window":
+        q, k, v = _qkv(2, 3, 14 * 21, 20, torch.float32)
+        t = 0.1 * torch.randn(13 * 13, 3)
+        inputs, fn = (q, k, v, t), lambda *a: window_attention(*a, hw=(14, 21), window_size=7, shift=3, backend="cpp")
+    else:
+        mode = "full" if op == "decay_full" else "decomposed"
+        inputs = _decay_case(mode, (9, 13), 2, 3, 20, torch.float32)
+        fn = lambda *a: decay_attention(*a, hw=(9, 13), mode=mode, backend="cpp")  # noqa: E731
+    with torch.no_grad():
+        g = torch.randn_like(fn(*inputs))
+    in_narrow = _variant_grads(fn, inputs, g, narrow, narrow)
+    in_wide = _variant_grads(fn, inputs, g, wide, wide)
+    if all(torch.equal(a, b) for a, b in zip(in_narrow, in_wide)):
+        pytest.skip(f"the {wide} and {narrow} variants give bitwise equal gradients here: nothing to tell apart")
+    for a, b in zip(_variant_grads(fn, inputs, g, narrow, wide), in_narrow):
+        assert torch.equal(a, b)
+    for a, b in zip(_variant_grads(fn, inputs, g, wide, narrow), in_wide):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_the_automatic_choice_measures_every_variant(monkeypatch, tmp_path):
+    from fusionblocks.ops import autotune, choose
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(autotune.ENV_TUNE, "memory")
+    monkeypatch.delenv(cpp.ISA_ENV, raising=False)
+    monkeypatch.setattr(autotune, "_memo", {})
+    q, k, v, lg = _decay_case("decomposed", (12, 10), 2, 4, 16, torch.float32, lg_grad=False)
+    with torch.no_grad():
+        c = choose("decay_attention", q, k, v, lg, hw=(12, 10), mode="decomposed")
+    names = cpp.supported_isas()
+    want = {"reference"} | ({f"cpp[{n}]" for n in names} if len(names) > 1 else {"cpp"})
+    assert c.how == "measured" and set(c.times_ms) == want
+    if c.backend == "cpp" and len(names) > 1:
+        assert c.variant in names and str(c).startswith(f"decay_attention: cpp[{c.variant}] (measured")
+        assert c.times_ms[c.label] == min(c.times_ms[f"cpp[{n}]"] for n in names)
+    monkeypatch.setattr(autotune, "_memo", {})
+    with cpp.use_isa("default"), torch.no_grad():  # a forced variant: the cpp backend is timed in it alone
+        c = choose("decay_attention", q, k, v, lg, hw=(12, 10), mode="decomposed")
+    assert set(c.times_ms) == {"reference", "cpp"} and c.variant is None
+
+
 # ---------------------------------------------------------------- dispatch, opcheck, compile
 
 

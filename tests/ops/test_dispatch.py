@@ -1,4 +1,5 @@
 """The dispatch layer: automatic choice, forced backends, reasons, the environment override."""
+import contextlib
 import os
 
 import pytest
@@ -175,6 +176,65 @@ def test_a_faster_path_is_chosen_and_the_choice_is_made_once(fresh_cache):
     assert dispatch._choice(op, "reference", (x,), dict(n=3))[1].how == "named"
 
 
+def _fake_op_with_variants(name, ref_s, variant_s, calls):
+    """A registered op whose 'cpp' backend has variants (like the cpp kernels' ISAs), each sleeping its own time;
+    ``calls`` gets the variant each call ran in."""
+    import time
+
+    active = [None]
+
+    @contextlib.contextmanager
+    def in_variant(v):
+        prev, active[0] = active[0], v
+        try:
+            yield
+        finally:
+            active[0] = prev
+
+    def fast(x, *, n):
+        calls.append(active[0])
+        time.sleep(variant_s.get(active[0], 0.0))
+        return x * n
+
+    dispatch.register_backend(name, "reference", priority=0)(lambda x, *, n: (time.sleep(ref_s), x * n)[1])
+    dispatch.register_backend(name, "cpp", priority=10, variants=lambda: list(variant_s), in_variant=in_variant)(fast)
+    return name
+
+
+def test_a_backend_with_variants_is_measured_in_each_and_runs_in_the_fastest(fresh_cache):
+    calls = []
+    op = _fake_op_with_variants("_tune_variants", ref_s=0.008, variant_s={"wide": 0.004, "narrow": 0.0}, calls=calls)
+    x = torch.ones(4)
+    assert dispatch.dispatch(op, None, x, n=2).tolist() == [2.0] * 4
+    c = dispatch._choice(op, None, (x,), dict(n=2))[1]
+    assert (c.backend, c.variant, c.how, c.label) == ("cpp", "narrow", "measured", "cpp[narrow]")
+    assert set(c.times_ms) == {"reference", "cpp[wide]", "cpp[narrow]"} and c.candidates == ["cpp", "reference"]
+    assert str(c).startswith(f"{op}: cpp[narrow] (measured; fwd: ")
+    assert {"wide", "narrow"} <= set(calls)
+    del calls[:]
+    dispatch.dispatch(op, None, x, n=2)
+    assert calls == ["narrow"]  # the remembered answer runs in its variant
+    del calls[:]
+    dispatch.dispatch(op, "cpp", x, n=2)
+    assert calls == [None]  # a named backend runs its own default
+    # the cache keeps the variant; a cached variant the backend no longer offers is measured again
+    autotune._memo.clear()
+    autotune._disk = None
+    cached = dispatch._choice(op, None, (x,), dict(n=2))[1]
+    assert (cached.how, cached.variant) == ("cached", "narrow")
+    autotune._memo.clear()
+    autotune._disk = None
+    dispatch.register_backend(op, "cpp", priority=10, variants=lambda: ["wide"],
+                              in_variant=lambda v: contextlib.nullcontext())(lambda x, *, n: x * n)
+    again = dispatch._choice(op, None, (x,), dict(n=2))[1]
+    assert again.how == "measured" and again.variant is None and set(again.times_ms) == {"reference", "cpp"}
+
+
+def test_register_backend_wants_variants_and_their_scope_together():
+    with pytest.raises(ValueError, match="variants and in_variant go together"):
+        dispatch.register_backend("_variants_alone", "cpp", priority=1, variants=lambda: ["a"])
+
+
 def test_call_classes_separate_grad_threads_and_shapes(fresh_cache, one_thread):
     x = torch.ones(2, 3, 4, 5)
     base = autotune.call_class("op", (x,), dict(hw=(4, 5), scale=0.1), grad=False)
@@ -336,4 +396,12 @@ def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cac
         autotune._memo[key] = autotune.Choice("decay_attention", "cpp", "measured", "test", key)
         out, g3 = _graph_ops(fn, q)
         assert "fusionblocks_C.decay_dec_fwd" in g3
+        assert (out - ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed", backend="reference")).abs().max() < 1e-5
+        # a known choice with a variant (the cpp kernels' instruction set): the variant is the calling thread's
+        # setting, which a graph does not hold, so the trace runs the default one and makes no graph break
+        variant = ops.cpp.supported_isas()[-1]
+        autotune._memo[key] = autotune.Choice("decay_attention", "cpp", "measured", "test", key, variant=variant)
+        torch._dynamo.reset()
+        out, g4 = _graph_ops(fn, q)
+        assert "fusionblocks_C.decay_dec_fwd" in g4
         assert (out - ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed", backend="reference")).abs().max() < 1e-5
