@@ -26,7 +26,9 @@ Run (writes ``benchmarks/results/cpu_kernels-<device>-<isa>-<N>thread(s).json`` 
 
 ``--isa`` takes several variants (default: every one this machine runs), one file each; they are timed in the
 same interleaved rounds (the reference once, then ``cpp`` under each variant), so the variants compare side by
-side with each other as well as with the reference. Smoke run (tiny shapes; writes to a temporary folder unless
+side with each other as well as with the reference. ``--impls reference cpp auto`` adds the automatic choice
+(``backend=None``, as users get it: the variant it measured fastest, not a forced one) to the same rounds; its
+records carry ``chosen``, e.g. ``cpp[avx2]``. Smoke run (tiny shapes; writes to a temporary folder unless
 ``--out-dir`` is given)::
 
     python benchmarks/bench_cpu.py --quick
@@ -34,6 +36,7 @@ side with each other as well as with the reference. Smoke run (tiny shapes; writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -42,10 +45,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fusionblocks import bench
+from fusionblocks.ops import choose as choose_backend
 from fusionblocks.ops import cpp, decay_attention, reference, window_attention
 
 NAME = "cpu_kernels"
 IMPLS = ("reference", "cpp")
+AUTO = "auto"  # backend=None: what users get (--impls ... auto); the record's ``chosen`` names its pick
 PASSES = ("fwd", "fwd+bwd")
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -102,13 +107,24 @@ def make_inputs(op: str, shape: dict, seed: int = 0) -> dict:
 
 
 def call(op: str, shape: dict, backend: str) -> Callable[[dict], torch.Tensor]:
-    """The op at this shape on one backend, as a function of the inputs."""
+    """The op at this shape on one backend (``auto``: ``backend=None``), as a function of the inputs."""
     hw = (shape["H"], shape["W"])
+    backend = None if backend == AUTO else backend
     if op.startswith("decay"):
         mode = "full" if op.endswith("full") else "decomposed"
         return lambda x: decay_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, mode=mode, backend=backend)
     return lambda x: window_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, window_size=shape["ws"],
                                       shift=shape["shift"], backend=backend)
+
+
+def choose(op: str, shape: dict, x: dict):
+    """The automatic choice for this case in the current grad mode (:func:`fusionblocks.ops.choose`)."""
+    hw = (shape["H"], shape["W"])
+    if op.startswith("decay"):
+        mode = "full" if op.endswith("full") else "decomposed"
+        return choose_backend("decay_attention", x["q"], x["k"], x["v"], x["p"], hw=hw, mode=mode)
+    return choose_backend("window_attention", x["q"], x["k"], x["v"], x["p"], hw=hw, window_size=shape["ws"],
+                          shift=shape["shift"])
 
 
 def runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable[[], object]:
@@ -163,6 +179,9 @@ def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Seque
     def label(impl: str, isa: str) -> str:
         return f"cpp@{isa}" if impl == "cpp" else impl
 
+    def forced(impl: str, isa: str):
+        return cpp.use_isa(isa) if impl == "cpp" else contextlib.nullcontext()
+
     for op, op_shapes in cases.items():
         for shape in op_shapes:
             x = make_inputs(op, shape)
@@ -172,22 +191,28 @@ def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Seque
                 want = call(op, shape, "reference")(x)
                 err = {}
                 for name, (impl, isa) in variants.items():
-                    with cpp.use_isa(isa):
+                    with forced(impl, isa):
                         err[name] = float((fns[impl](x) - want).abs().max())
             for p in passes:
-                ms = interleaved_ms({name: in_isa(isa, runner(fns[impl], x, p)) for name, (impl, isa) in variants.items()},
-                                    rounds, budget_s)
+                chosen = {}
+                if AUTO in impls:  # the automatic choice for this pass's call class (measured now if not known)
+                    with (contextlib.nullcontext() if p == "fwd+bwd" else torch.no_grad()):
+                        chosen = {"chosen": choose(op, shape, x).label}
+                ms = interleaved_ms({name: (in_isa(isa, runner(fns[impl], x, p)) if impl == "cpp" else runner(fns[impl], x, p))
+                                     for name, (impl, isa) in variants.items()}, rounds, budget_s)
                 for isa in isas:
                     for impl in impls:
-                        with cpp.use_isa(isa):
+                        with forced(impl, isa):
                             mem = bench.peak_mem_mb(runner(fns[impl], x, p), "cpu", list(x.values()))
                         name = label(impl, isa)
                         out[isa].append(bench.make_record(op, impl, dict(shape, isa=isa), torch.float32, p, ms[name],
-                                                          mem, device, io_mb=io_mb(shape, p), max_abs_err=err[name]))
+                                                          mem, device, io_mb=io_mb(shape, p), max_abs_err=err[name],
+                                                          **(chosen if impl == AUTO else {})))
                 if "reference" in ms:
                     log(f"{op:27s} {bench.shape_str(shape):42s} {p:8s} reference {ms['reference']:9.3f} ms  " + "  ".join(
                         f"{isa} {ms[f'cpp@{isa}']:9.3f} ms x{ms['reference'] / ms[f'cpp@{isa}']:.2f}"
-                        for isa in isas if f"cpp@{isa}" in ms))
+                        for isa in isas if f"cpp@{isa}" in ms)
+                        + (f"  auto -> {chosen['chosen']} {ms[AUTO]:9.3f} ms x{ms['reference'] / ms[AUTO]:.2f}" if chosen else ""))
     return out
 
 
@@ -210,7 +235,9 @@ def parser() -> argparse.ArgumentParser:
                    help="only these ops (default: every op of the set)")
     p.add_argument("--batch", type=int, default=2, help="batch of the model shapes (default 2)")
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + (AUTO,),
+                   help="implementations to time (default reference cpp; auto = the automatic choice, backend=None, "
+                        "timed as users get it, not forced to a variant)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per case (default 15; --quick 2)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds per implementation and case, over all rounds (default 3; --quick 0.05)")

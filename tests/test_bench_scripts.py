@@ -158,6 +158,32 @@ def test_cpu_script_quick(tmp_path, capsys, one_thread):
         assert f"cpp variant {isa} · 1 thread(s) on" in md and "wrote" in out
 
 
+def test_cpu_script_times_every_variant_and_auto_in_the_same_rounds(tmp_path, one_thread, monkeypatch):
+    mod = load_script("bench_cpu")
+    if not cpp_can_run():
+        pytest.skip("the cpp kernels are not built here")
+    from fusionblocks.ops import autotune, cpp
+
+    monkeypatch.setenv(autotune.ENV_TUNE, "memory")
+    monkeypatch.setattr(autotune, "_memo", {})
+    isas = cpp.supported_isas()
+    assert mod.main(["--quick", "--threads", "1", "--impls", "reference", "cpp", "auto", "--out-dir", str(tmp_path)]) == 0
+    slug = bench.device_slug(torch.device("cpu"))
+    files = {isa: json.loads((tmp_path / f"cpu_kernels-{slug}-{isa}-1thread.json").read_text()) for isa in isas}
+    shared = {}
+    for isa, records in files.items():
+        assert {r["impl"] for r in records} == {"reference", "cpp", "auto"}
+        for r in records:
+            assert r["shape"]["isa"] == isa and r["ms"] > 0
+            if r["impl"] == "auto":
+                assert r["chosen"] == "reference" or r["chosen"] in ("cpp", *(f"cpp[{i}]" for i in isas)), r["chosen"]
+            else:
+                assert "chosen" not in r
+            if r["impl"] != "cpp":  # timed once, in the same rounds as every variant: one time in every file
+                key = (r["op"], bench.shape_str({k: v for k, v in r["shape"].items() if k != "isa"}), r["pass"], r["impl"])
+                assert shared.setdefault(key, r["ms"]) == r["ms"]
+
+
 def test_cpu_script_times_the_model_shapes():
     mod = load_script("bench_cpu")
     shapes = mod.shapes(False)

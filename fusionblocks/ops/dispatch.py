@@ -204,12 +204,10 @@ def choose(op: str, *args, backend: Optional[str] = None, **kwargs) -> Choice:
 
 def dispatch(op: str, backend: Optional[str], *args, **kwargs):
     """Run ``op`` on the chosen backend, in the variant the automatic choice measured fastest where it has
-    variants (under ``torch.export`` / ONNX export an automatic choice is the reference). A traced call
-    (``torch.compile``, export) runs the backend's default variant: the variant is a setting of the calling
+    variants (under ``torch.export`` / ONNX export an automatic choice is the reference). A call that
+    ``torch.compile`` traces runs the backend's default variant: the variant is a setting of the calling
     thread, which a compiled graph does not hold."""
     chosen, choice = _choice(op, backend, args, kwargs)
-    variant = choice.variant
-    if variant is not None and autotune.tracing([a for a in args if isinstance(a, torch.Tensor)]):
-        variant = None
+    variant = None if torch.compiler.is_compiling() else choice.variant  # dynamo cannot trace the setting
     with chosen.scope(variant):
         return chosen.fn(*args, **kwargs)
