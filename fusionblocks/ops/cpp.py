@@ -24,7 +24,7 @@ call) forces one, so each variant can be tested and benchmarked on the machine a
 :func:`current_isa` names the variant the next call uses and :func:`supported_isas` those this machine
 runs. Asking for a variant the CPU lacks is an error naming what it lacks, never a silent fallback.
 The widest variant is not always the fastest (on an AMD EPYC with AVX-512, the avx2 variant ran HEMF's
-decomposed decay up to 1.35x faster, the full decay up to 10 % slower): the automatic backend choice times the
+decomposed decay up to 1.37x faster, the full decay up to 10 % slower): the automatic backend choice times the
 ``cpp`` backend in every variant this machine runs (:func:`isa_variants`) and runs each call class in the
 fastest (:func:`call_isa`, for that call and its backward; a forced variant wins over it).
 
