@@ -390,7 +390,7 @@ def _contenders(candidates: list) -> Dict[str, tuple]:
     """``label -> (backend, variant)``: each backend once, or once per variant where it has several."""
     out: Dict[str, tuple] = {}
     for b in candidates:
-        variants = b.variants() if b.in_variant is not None else []
+        variants = b.variants()
         if len(variants) > 1:
             out.update({f"{b.name}[{v}]": (b, v) for v in variants})
         else:
