@@ -167,8 +167,8 @@ def call_isa(name: Optional[str]) -> Iterator[None]:
 def isa_variants() -> List[str]:
     """The variants the automatic backend choice times against each other for a call: every variant this machine
     runs, or only the one in use where :func:`set_isa` or ``FUSIONBLOCKS_CPU_ISA`` forces one (``[]`` without
-    the extension)."""
-    if _C is None:
+    the extension, or with one built from older sources that cannot set a thread's variant: rebuild it)."""
+    if _C is None or not hasattr(_C, "set_thread_cpu_isa"):
         return []
     if _forced_isa is not None or os.environ.get(ISA_ENV, "auto").lower() not in ("", "auto"):
         return [current_isa()]

@@ -539,6 +539,13 @@ def test_the_automatic_choice_measures_every_variant(monkeypatch, tmp_path):
     with cpp.use_isa("default"), torch.no_grad():  # a forced variant: the cpp backend is timed in it alone
         c = choose("decay_attention", q, k, v, lg, hw=(12, 10), mode="decomposed")
     assert set(c.times_ms) == {"reference", "cpp"} and c.variant is None
+    # an extension built from older sources (no per-thread variant): cpp is timed once, in its default variant
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.delattr(cpp._C, "set_thread_cpu_isa")
+    assert cpp.isa_variants() == []
+    with torch.no_grad():
+        c = choose("decay_attention", q, k, v, lg, hw=(12, 10), mode="decomposed")
+    assert set(c.times_ms) == {"reference", "cpp"} and c.variant is None and "failed" not in c.why
 
 
 # ---------------------------------------------------------------- dispatch, opcheck, compile
