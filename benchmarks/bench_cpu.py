@@ -106,25 +106,32 @@ def make_inputs(op: str, shape: dict, seed: int = 0) -> dict:
     return x
 
 
+def op_call(op: str, shape: dict, x: dict):
+    """``(public op, args, kwargs)`` of this case on inputs ``x``."""
+    hw = (shape["H"], shape["W"])
+    args = (x["q"], x["k"], x["v"], x["p"])
+    if op.startswith("decay"):
+        return "decay_attention", args, dict(hw=hw, mode="full" if op.endswith("full") else "decomposed")
+    return "window_attention", args, dict(hw=hw, window_size=shape["ws"], shift=shape["shift"])
+
+
+PUBLIC_OPS = {"decay_attention": decay_attention, "window_attention": window_attention}
+
+
 def call(op: str, shape: dict, backend: str) -> Callable[[dict], torch.Tensor]:
     """The op at this shape on one backend (``auto``: ``backend=None``), as a function of the inputs."""
-    hw = (shape["H"], shape["W"])
     backend = None if backend == AUTO else backend
-    if op.startswith("decay"):
-        mode = "full" if op.endswith("full") else "decomposed"
-        return lambda x: decay_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, mode=mode, backend=backend)
-    return lambda x: window_attention(x["q"], x["k"], x["v"], x["p"], hw=hw, window_size=shape["ws"],
-                                      shift=shape["shift"], backend=backend)
+
+    def fn(x: dict) -> torch.Tensor:
+        name, args, kwargs = op_call(op, shape, x)
+        return PUBLIC_OPS[name](*args, **kwargs, backend=backend)
+    return fn
 
 
 def choose(op: str, shape: dict, x: dict):
     """The automatic choice for this case in the current grad mode (:func:`fusionblocks.ops.choose`)."""
-    hw = (shape["H"], shape["W"])
-    if op.startswith("decay"):
-        mode = "full" if op.endswith("full") else "decomposed"
-        return choose_backend("decay_attention", x["q"], x["k"], x["v"], x["p"], hw=hw, mode=mode)
-    return choose_backend("window_attention", x["q"], x["k"], x["v"], x["p"], hw=hw, window_size=shape["ws"],
-                          shift=shape["shift"])
+    name, args, kwargs = op_call(op, shape, x)
+    return choose_backend(name, *args, **kwargs)
 
 
 def runner(fn: Callable[[dict], torch.Tensor], x: dict, pass_: str) -> Callable[[], object]:
@@ -161,14 +168,6 @@ def io_mb(shape: dict, pass_: str) -> float:
     return tensor_mb * (8 if pass_ == "fwd+bwd" else 4)
 
 
-def in_isa(isa: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the cpp kernels forced to variant ``isa`` for the call (its backward included)."""
-    def call_in_isa():
-        with cpp.use_isa(isa):
-            return fn()
-    return call_in_isa
-
-
 def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Sequence[str], impls: Sequence[str],
              rounds: int, budget_s: float, device: str, log=print) -> Dict[str, List[dict]]:
     """The records of every case, by cpp variant: the reference and ``cpp`` under each variant in ``isas`` take
@@ -180,7 +179,14 @@ def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Seque
         return f"cpp@{isa}" if impl == "cpp" else impl
 
     def forced(impl: str, isa: str):
+        """cpp forced to ``isa`` (its backward included); the other implementations as they are."""
         return cpp.use_isa(isa) if impl == "cpp" else contextlib.nullcontext()
+
+    def timed(impl: str, isa: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def call_forced():
+            with forced(impl, isa):
+                return fn()
+        return call_forced
 
     for op, op_shapes in cases.items():
         for shape in op_shapes:
@@ -198,8 +204,8 @@ def run_isas(isas: Sequence[str], cases: Dict[str, List[dict]], *, passes: Seque
                 if AUTO in impls:  # the automatic choice for this pass's call class (measured now if not known)
                     with (contextlib.nullcontext() if p == "fwd+bwd" else torch.no_grad()):
                         chosen = {"chosen": choose(op, shape, x).label}
-                ms = interleaved_ms({name: (in_isa(isa, runner(fns[impl], x, p)) if impl == "cpp" else runner(fns[impl], x, p))
-                                     for name, (impl, isa) in variants.items()}, rounds, budget_s)
+                ms = interleaved_ms({name: timed(impl, isa, runner(fns[impl], x, p)) for name, (impl, isa) in variants.items()},
+                                    rounds, budget_s)
                 for isa in isas:
                     for impl in impls:
                         with forced(impl, isa):
