@@ -42,3 +42,39 @@ def test_inductor_inference_and_training_step(family, compile_models_script, one
     res = compile_models_script.check_model(family, model, x, y, backend="inductor", rounds=1)
     assert res["error"] is None and res["ok"], res["error"]
     assert set(res["ms"]) == {(p, i) for p in ("fwd", "train") for i in ("eager", "compiled")}
+
+
+@pytest.mark.parametrize("family", ["hemf", "hifuse"])
+def test_a_new_batch_size_compiles_once_more_and_keeps_the_kernels(family, one_thread, monkeypatch, tmp_path):
+    """``torch.compile(model)``: a second batch size recompiles once with the batch as a symbol, and later batch
+    sizes reuse that graph. The automatic backend choice used to pin the batch (a recompile for every batch size,
+    until dynamo's limit) and failed on any other symbolic size (``dynamic=True``)."""
+    from fusionblocks.ops import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(autotune.ENV_TUNE, "memory")
+    monkeypatch.setattr(autotune, "_memo", {})
+    # every class measured to cpp (where it can run), so the graphs are known in advance; timing is not the subject
+    monkeypatch.setattr(autotune, "_measure", lambda op, cands, args, kw, grad, key: autotune.Choice(
+        op, "cpp" if "cpp" in [b.name for b in cands] else "reference", "measured", "test", key))
+    kernel = {"hemf": "fusionblocks_C.decay_dec_fwd", "hifuse": "fusionblocks_C.window_fwd"}[family]
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=capture)
+    with torch.no_grad():
+        for batch in (3, 5):  # eager calls: the automatic choice measures each class
+            model(torch.randn(batch, 3, 64, 64))
+        if not any(c.backend == "cpp" for c in autotune._memo.values()):
+            pytest.skip("the cpp extension is not built here")
+        for batch in (3, 5, 6, 9):
+            x = torch.randn(batch, 3, 64, 64)
+            assert (compiled(x) - model(x)).abs().max() < 1e-4
+    assert len(graphs) == 2
+    assert all(kernel in g for g in graphs)

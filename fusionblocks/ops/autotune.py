@@ -6,10 +6,12 @@ faster, so the automatic choice never makes a call slower than the reference:
 
 1. One candidate: it.
 2. Known answer: the choice made earlier for the same **call class** in this process, or stored in the
-   per-machine cache on disk. A call class is the op, its tensors' shapes (batch rounded up to a power of
-   two), dtypes and contiguity, its integer/string options (``hw``, ``mode``, ``window_size``, ``shift``),
-   the device, the intra-op thread count, and whether a backward will follow (grad enabled and an input
-   requires grad: a training step pays the backward too, so it is timed too).
+   per-machine cache on disk (read once per class, then held in this process). A call class is the op, its
+   tensors' shapes (batch rounded up to a power of two), dtypes and contiguity, its integer/string options
+   (``hw``, ``mode``, ``window_size``, ``shift``), the device, the intra-op thread count, and whether a
+   backward will follow (grad enabled and an input requires grad: a training step pays the backward too, so
+   it is timed too). :func:`recall` is this step alone, for the dispatcher's every call: a class met before
+   costs one dictionary lookup (its key's text is built once per class).
 3. Measured (CPU, eager, not while ``torch.compile`` traces or ``torch.export`` exports): every candidate
    (a backend with variants of its own, the ``cpp`` kernels' instruction sets, once per variant; the call
    then runs in the fastest) runs the same inputs (copies of the call's own), one warm-up call each, then
@@ -21,7 +23,10 @@ faster, so the automatic choice never makes a call slower than the reference:
    conditions calibrated by the benchmark under which a fast path wins, else the reference on CPU; on
    CUDA the highest-priority backend (the fused GPU kernels). Rule answers are deterministic, so a trace
    never depends on timing; an eager call of the same class before compiling puts the measured answer in
-   the cache, and the trace then uses it.
+   the cache, and the trace then uses it. A trace with dynamic sizes (``torch.compile(dynamic=True)``, or
+   the recompile after a new batch size) writes each size it holds symbolic as :data:`ANY_SIZE` in the
+   class, without a guard that would pin it, and takes the backend known here for every class it covers
+   where they all agree (else the rule).
 
 The cache file lives in ``$FUSIONBLOCKS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusionblocks``, else
 ``~/.cache/fusionblocks``), one JSON file per machine key (CPU model, torch version, fusionblocks version,
@@ -35,9 +40,12 @@ answers in this process only), ``off`` (never measure, no cache: the rule answer
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import operator
 import os
+import re
 import statistics
 import tempfile
 import threading
@@ -46,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import has_static_value
 
 ENV_TUNE = "FUSIONBLOCKS_AUTOTUNE"
 ENV_CACHE_DIR = "FUSIONBLOCKS_CACHE_DIR"
@@ -56,7 +65,7 @@ MARGIN = 0.05  # a fast path must be at least 5 % faster than the reference to r
 CACHE_FORMAT = 2  # 2: a choice names the backend's variant
 MEASURED_DEVICES = ("cpu",)
 
-__all__ = ["Choice", "Rule", "RULES", "decide", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
+__all__ = ["Choice", "Rule", "RULES", "decide", "recall", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
 
 
 @dataclass
@@ -177,31 +186,86 @@ if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_resul
     _threads = torch.compiler.assume_constant_result(_threads)  # read at trace time, a constant in the graph
 
 
+ANY_SIZE = "*"  # a size the trace leaves symbolic (torch.compile with dynamic shapes) in a call class
+
+
+def _size(n):
+    """Inside a trace: ``n`` as a number, or :data:`ANY_SIZE` where a dynamic-shape trace holds it as a symbol
+    that can take more than one value. Dynamo shows both as an ``int``; asking which installs no guard, so the
+    graph stays dynamic in that size."""
+    return operator.index(n) if has_static_value(n) else ANY_SIZE
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def call_class(op: str, args: tuple, kwargs: dict, grad: bool) -> str:
-    """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads."""
-    parts = [op]
+def _class_of(op: str, args: tuple, kwargs: dict, grad: bool) -> tuple:
+    """The call class as plain values (what :func:`call_class` writes out): cheap to build and to hash."""
+    compiling = torch.compiler.is_compiling()
+    tensors = []
+    dev = None
     for a in args:
         if isinstance(a, torch.Tensor):
-            shape = list(a.shape)
-            if a.dim() >= 3:
-                shape[0] = _bucket(shape[0])
-            c = "" if a.is_contiguous() else ",strided"
-            parts.append(f"{'x'.join(map(str, shape))}:{str(a.dtype).replace('torch.', '')}{c}")
+            shape = tuple(a.shape)
+            if compiling:
+                shape = tuple([_size(n) for n in shape])
+            if len(shape) >= 3 and shape[0] != ANY_SIZE:
+                shape = (_bucket(shape[0]),) + shape[1:]
+            if dev is None:
+                dev = a.device.type
+            tensors.append((shape, a.dtype, a.is_contiguous()))
         elif a is None:
-            parts.append("none")
+            tensors.append(None)
+    options = []
     for k in sorted(kwargs):
         v = kwargs[k]
-        if isinstance(v, (bool, int, str)) or (isinstance(v, tuple) and all(isinstance(x, int) for x in v)):
-            parts.append(f"{k}={v}")
-    dev = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-    parts.append(f"device={dev.type}")
-    parts.append(f"threads={_threads()}")
+        if isinstance(v, (bool, str)) or (isinstance(v, int) and not compiling):
+            options.append((k, v))
+        elif isinstance(v, int):
+            options.append((k, _size(v)))
+        elif isinstance(v, tuple) and all([isinstance(x, int) for x in v]):
+            options.append((k, tuple([_size(x) for x in v]) if compiling else v))
+    return op, tuple(tensors), tuple(options), dev or "cpu", _threads(), grad
+
+
+def _text(v) -> str:
+    """An option's value as the cache has always written it (a tuple of ints as Python prints it), with
+    :data:`ANY_SIZE` written bare."""
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(str, v)) + ("," if len(v) == 1 else "") + ")"
+    return str(v)
+
+
+def _render(cls: tuple) -> str:
+    op, tensors, options, dev, threads, grad = cls
+    parts = [op]
+    for t in tensors:
+        if t is None:
+            parts.append("none")
+            continue
+        shape, dtype, contiguous = t
+        strided = "" if contiguous else ",strided"
+        parts.append(f"{'x'.join(map(str, shape))}:{str(dtype).replace('torch.', '')}{strided}")
+    parts.extend(f"{k}={_text(v)}" for k, v in options)
+    parts.append(f"device={dev}")
+    parts.append(f"threads={threads}")
     parts.append("grad" if grad else "nograd")
     return " ".join(parts)
+
+
+_render_known = functools.lru_cache(maxsize=4096)(_render)  # an eager call's key without formatting it again
+
+
+def call_class(op: str, args: tuple, kwargs: dict, grad: bool) -> str:
+    """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads."""
+    cls = _class_of(op, args, kwargs, grad)
+    if torch.compiler.is_compiling():  # dynamo traces plain code only (and a traced size may be symbolic)
+        return _render(cls)
+    try:
+        return _render_known(cls)
+    except TypeError:  # a symbolic size (an export's fake tensors) cannot be hashed
+        return _render(cls)
 
 
 # ------------------------------------------------------------------------------------------ the disk cache
@@ -444,8 +508,43 @@ def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, k
                   variant)
 
 
-def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
-    """The automatic choice among ``candidates`` (backends that can run this validated call); see the module doc."""
+def grad_follows(args: tuple) -> bool:
+    """Whether a backward will follow this call (grad enabled and an input tensor requires grad)."""
+    return torch.is_grad_enabled() and any([isinstance(a, torch.Tensor) and a.requires_grad for a in args])
+
+
+def recall(key: str) -> Optional[Choice]:
+    """The answer this process already holds for call class ``key`` (:func:`call_class`), or ``None`` (not known
+    yet, or exporting, where the reference runs): what :func:`decide` would return, found without asking every
+    backend whether it can run the call. The caller still checks that the recalled backend can run it."""
+    if exporting():
+        return None
+    return _memo.get(key)
+
+
+def _same_at_every_size(key: str, names: tuple) -> Optional[tuple]:
+    """For a call class with sizes a dynamic-shape trace holds symbolic (:data:`ANY_SIZE`): ``(backend, variant,
+    classes)`` where every answer known here for a class that matches ``key`` at some sizes (``classes`` of them)
+    names the same backend, one of ``names`` (``variant``: theirs where they agree on it, else ``None``);
+    ``None`` where none is known or the backends differ."""
+    parts = key.split(ANY_SIZE)
+    pattern = re.compile(r"\d+".join(re.escape(p) for p in parts) + r"\Z")
+    known = [(e.get("backend"), e.get("variant")) for k, e in (_disk or {}).items() if pattern.match(k)]
+    known += [(c.backend, c.variant) for k, c in _memo.items() if pattern.match(k)]
+    backends, variants = {b for b, _ in known}, {v for _, v in known}
+    if len(backends) != 1 or not backends <= set(names):
+        return None
+    return backends.pop(), variants.pop() if len(variants) == 1 else None, len(known)
+
+
+if hasattr(torch, "compiler") and hasattr(torch.compiler, "assume_constant_result"):
+    # evaluated once while tracing, its answer a constant of the graph: no guard on the answers known here
+    _same_at_every_size = torch.compiler.assume_constant_result(_same_at_every_size)
+
+
+def decide(op: str, candidates: list, args: tuple, kwargs: dict, key: Optional[str] = None) -> Choice:
+    """The automatic choice among ``candidates`` (backends that can run this validated call); see the module doc.
+    ``key``: the call's class where the caller has it (inside a trace, taken before the backends' checks)."""
     names = [b.name for b in candidates]
     if "reference" in names and exporting():
         return Choice(op, "reference", "rule", "exporting (torch.export / ONNX): an exported program holds standard "
@@ -453,23 +552,32 @@ def decide(op: str, candidates: list, args: tuple, kwargs: dict) -> Choice:
     if len(candidates) == 1:
         return Choice(op, names[0], "only candidate", "the only backend that can run this call", candidates=names)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    grad = grad_follows(args)
+    key = call_class(op, args, kwargs, grad) if key is None else key
+    known = _memo.get(key)
+    if known is not None and known.backend in names:
+        return known
     device = tensors[0].device if tensors else torch.device("cpu")
-    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    key = call_class(op, args, kwargs, grad)
     mode = tune_mode()
     traced = tracing(tensors)
-    known = _memo.get(key)
-    if known is None and mode == "on" and (_disk is not None or not traced):  # no file I/O inside a trace
+    if mode == "on" and (_disk is not None or not traced):  # no file I/O inside a trace
         entry = load_cache().get(key)
         if entry is not None and entry.get("backend") in names and (
                 entry.get("variant") is None
                 or entry["variant"] in next(b for b in candidates if b.name == entry["backend"]).variants()):
             known = Choice(**{**entry, "how": "cached"})
             known.candidates = names
-    if known is not None and known.backend in names:
-        return known
+            if not traced:  # later calls of the class find it in this process's answers
+                with _lock:
+                    _memo.setdefault(key, known)
+            return known
     if mode == "off":
         return _rule(op, candidates, args, kwargs, device, key, f"{ENV_TUNE}=off")
+    if traced and ANY_SIZE in key:
+        same = _same_at_every_size(key, tuple(names))
+        if same is not None:
+            return Choice(op, same[0], "cached", f"a trace with dynamic sizes: the answer known here for each of "
+                          f"the {same[2]} call classes it covers", key, candidates=names, variant=same[1])
     if traced:
         return _rule(op, candidates, args, kwargs, device, key, "not measured inside a traced graph")
     if device.type not in MEASURED_DEVICES:

@@ -193,8 +193,9 @@ def extension_reasons() -> List[str]:
 
 def _common_reasons(what: str, tensors) -> List[str]:
     reasons = extension_reasons() or _isa_reasons()
-    devices = sorted({str(t.device) for t in tensors if t is not None and t.device.type != "cpu"})
-    if devices:
+    elsewhere = [t for t in tensors if t is not None and not t.is_cpu]
+    if elsewhere:
+        devices = sorted({str(t.device) for t in elsewhere})
         reasons.append(f"{what} runs on CPU tensors only, got {', '.join(devices)}")
     q = tensors[0]
     if q.dtype not in COMPUTE_DTYPES:

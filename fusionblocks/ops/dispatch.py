@@ -177,13 +177,19 @@ def _choice(op: str, backend: Optional[str], args: tuple, kwargs: dict) -> Tuple
         raise BackendUnavailable(
             f"{op}: backend {backend!r} cannot run this call. Candidates:\n{_format(_reasons(op, args, kwargs, False))}"
         )
+    key = autotune.call_class(op, args, kwargs, autotune.grad_follows(args))
+    known = autotune.recall(key)  # a class met before: only its backend is asked again
+    if known is not None and known.backend in registered:
+        chosen = registered[known.backend]
+        if not chosen.reasons(*args, auto=True, **kwargs):
+            return chosen, known
     ranked = sorted(registered.values(), key=lambda b: -b.priority)
     candidates = [b for b in ranked if not b.reasons(*args, auto=True, **kwargs)]
     if not candidates:
         raise BackendUnavailable(
             f"{op}: no backend can run this call. Candidates:\n{_format(_reasons(op, args, kwargs, True))}"
         )
-    choice = autotune.decide(op, candidates, args, kwargs)
+    choice = autotune.decide(op, candidates, args, kwargs, key=key)
     return registered[choice.backend], choice
 
 

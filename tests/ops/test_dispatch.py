@@ -247,6 +247,65 @@ def test_call_classes_separate_grad_threads_and_shapes(fresh_cache, one_thread):
     assert autotune.call_class("op", (x,), dict(hw=(4, 5)), grad=False) != base
 
 
+def test_call_class_text_is_the_cache_files_format(one_thread):
+    # the disk cache is keyed by this text: a change of format would orphan every cached answer
+    q = torch.ones(3, 2, 49, 16)
+    key = autotune.call_class("window_attention", (q, q.transpose(2, 3), q, None),
+                              dict(hw=(7, 7), window_size=7, shift=3, scale=0.25), grad=True)
+    assert key == ("window_attention 4x2x49x16:float32 4x2x16x49:float32,strided 4x2x49x16:float32 none "
+                   "hw=(7, 7) shift=3 window_size=7 device=cpu threads=1 grad")
+    lg = torch.ones(2, dtype=torch.float64)
+    key = autotune.call_class("decay_attention", (q.double(), q.double(), q.double(), lg),
+                              dict(hw=(7, 7), mode="full", scale=0.25), grad=False)
+    assert key == ("decay_attention 4x2x49x16:float64 4x2x49x16:float64 4x2x49x16:float64 2:float64 "
+                   "hw=(7, 7) mode=full device=cpu threads=1 nograd")
+
+
+def test_a_trace_writes_the_eager_call_class_and_symbolic_sizes_as_any(one_thread):
+    q = torch.ones(3, 2, 4, 4)
+    kw = dict(flag=True, hw=(2, 2), n=3, mode="x", scale=0.5)
+    eager = autotune.call_class("op", (q, None), kw, False)
+    assert autotune.call_class("op", (q,), dict(hw=(5,)), False).split()[2] == "hw=(5,)"  # as Python prints it
+    traced = []
+
+    def f(q):
+        traced.append(autotune.call_class("op", (q, None), kw, False))
+        return q + 1
+
+    for dynamic in (False, True):
+        torch._dynamo.reset()
+        torch.compile(f, fullgraph=True, backend="eager", dynamic=dynamic)(q)
+    assert traced[0] == eager == "op 4x2x4x4:float32 none flag=True hw=(2, 2) mode=x n=3 device=cpu threads=1 nograd"
+    # dynamic=True: every size, and the ints the function closes over, are symbols
+    assert traced[1] == "op *x*x*x*:float32 none flag=True hw=(*, *) mode=x n=* device=cpu threads=1 nograd"
+
+
+def test_a_known_class_asks_only_its_own_backend_again(fresh_cache):
+    op = "_tune_known_class"
+    asked = []
+    gone = []
+
+    def check(name):
+        def reasons(x, *, n, auto=False):
+            asked.append(name)
+            return ["gone"] if name in gone else []
+        return reasons
+
+    dispatch.register_backend(op, "reference", priority=0, check=check("reference"))(lambda x, *, n: x * n)
+    dispatch.register_backend(op, "cpp", priority=10, check=check("cpp"))(lambda x, *, n: x * n + 0)
+    x = torch.ones(4)
+    key = autotune.call_class(op, (x,), dict(n=2), grad=False)
+    autotune._memo[key] = autotune.Choice(op, "cpp", "measured", "test", key)
+    del asked[:]
+    assert dispatch.select(op, None, x, n=2).name == "cpp"
+    assert asked == ["cpp"]  # the answer known for the class: no other backend is asked
+    # a known answer whose backend can no longer run this call: every backend is asked, and one that can runs
+    gone.append("cpp")
+    del asked[:]
+    assert dispatch.select(op, None, x, n=2).name == "reference"
+    assert set(asked) == {"reference", "cpp"}
+
+
 def test_grad_calls_are_measured_with_the_backward(fresh_cache):
     op = "_tune_grad"
     seen = []
@@ -290,6 +349,12 @@ def test_cache_round_trip_and_invalidation(fresh_cache, monkeypatch):
     monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured although cached"))
     again = dispatch._choice(op, None, (x,), dict(n=1))[1]
     assert (again.backend, again.how, again.times_ms) == ("cpp", "cached", first.times_ms)
+    # read from disk once: later calls of the class find it in this process's answers
+    assert autotune._memo[first.key] is again
+    monkeypatch.setattr(autotune, "load_cache", lambda: pytest.fail("read the disk cache again"))
+    assert dispatch._choice(op, None, (x,), dict(n=1))[1] is again
+    monkeypatch.undo()
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(fresh_cache))
     # another machine key (e.g. a rebuilt extension or another torch) does not see it
     monkeypatch.setattr(autotune, "_disk", None)
     monkeypatch.setattr(autotune, "_machine", {**autotune.machine_key(), "extension": "rebuilt"})
@@ -405,3 +470,57 @@ def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cac
         out, g4 = _graph_ops(fn, q)
         assert "fusionblocks_C.decay_dec_fwd" in g4
         assert (out - ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed", backend="reference")).abs().max() < 1e-5
+
+
+DYNAMIC_CASES = {
+    "decay_attention": (lambda q, lg: ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed"),
+                        "fusionblocks_C.decay_dec_fwd"),
+    "window_attention": (lambda q, bias: ops.window_attention(q, q, q, bias, hw=(6, 6), window_size=3, shift=1),
+                         "fusionblocks_C.window_fwd"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(DYNAMIC_CASES))
+def test_compile_with_dynamic_sizes_follows_the_answers_known_at_every_size(op, fresh_cache, monkeypatch):
+    # torch.compile(dynamic=True), or a recompile after a new batch size: the batch is a symbol in the trace. The
+    # call class cannot name it (dynamo failed on str(symbol) here before); the trace takes the answer known for
+    # the class at every batch seen, and stays one graph for every batch.
+    fn, kernel = DYNAMIC_CASES[op]
+    extra = torch.tensor([-0.5, -1.0]) if op == "decay_attention" else torch.randn(25, 2)
+    reference = {"decay_attention": lambda q: ops.decay_attention(q, q, q, extra, hw=(6, 6), mode="decomposed",
+                                                                  backend="reference"),
+                 "window_attention": lambda q: ops.window_attention(q, q, q, extra, hw=(6, 6), window_size=3, shift=1,
+                                                                    backend="reference")}[op]
+    if ops.explain(op, *((torch.randn(3, 2, 36, 8),) * 3), extra, **(
+            dict(hw=(6, 6), mode="decomposed") if op == "decay_attention" else dict(hw=(6, 6), window_size=3, shift=1)),
+            auto=True)["cpp"]:
+        pytest.skip("the cpp extension is not built here")
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured inside a trace"))
+
+    def compiled_run(answers):
+        autotune._memo.clear()
+        for batch, backend in answers.items():
+            q = torch.randn(batch, 2, 36, 8)
+            args, kw = dispatch.prepare(op, q, q, q, extra, **(
+                dict(hw=(6, 6), mode="decomposed") if op == "decay_attention" else
+                dict(hw=(6, 6), window_size=3, shift=1)))
+            key = autotune.call_class(op, args, kw, grad=False)
+            autotune._memo[key] = autotune.Choice(op, backend, "measured", "test", key)
+        graphs = []
+
+        def capture(gm, example_inputs):
+            graphs.append(str(gm.graph))
+            return gm.forward
+
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda q: fn(q, extra), dynamic=True, fullgraph=True, backend=capture)
+        with torch.no_grad():
+            for batch in (3, 5, 7):
+                q = torch.randn(batch, 2, 36, 8)
+                assert (compiled(q) - reference(q)).abs().max() < 1e-5
+        assert len(graphs) == 1  # one graph, dynamic in the batch
+        return graphs[0]
+
+    assert kernel not in compiled_run({})  # nothing known: the rule (the reference on CPU)
+    assert kernel in compiled_run({3: "cpp", 8: "cpp"})  # known at batches 3 (bucket 4) and 8: cpp
+    assert kernel not in compiled_run({3: "cpp", 8: "reference"})  # they differ: the rule
