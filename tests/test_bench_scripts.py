@@ -238,3 +238,18 @@ def test_cpp_memory_is_seen_by_the_engine():
         pytest.skip("torch.profiler reports no memory events in this torch build")
     assert mem_fwd >= resident + tensor_mb  # the output
     assert mem_bwd >= resident + 4 * tensor_mb  # the output and dq, dk, dv
+
+
+def test_dispatch_cost_script_runs(capsys, one_thread):
+    mod = load_script("bench_dispatch")
+    assert mod.main(["--calls", "2", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# CPU ") and "auto - cpp µs" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(mod.CASES)
+    from fusionblocks.ops import cpp
+
+    for r in mod.run(calls=2, rounds=1):
+        assert r["auto_us"] > 0 and r["reference_us"] > 0
+        assert (r["cpp_us"] is not None and r["cpp_us"] > 0) == cpp.available()
+        assert r["chosen"].split("[")[0] in ("reference", "cpp")
