@@ -473,9 +473,10 @@ def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cac
 
 
 DYNAMIC_CASES = {
-    "decay_attention": (lambda q, lg: ops.decay_attention(q, q, q, lg, hw=(6, 6), mode="decomposed"),
+    # op -> (its options, its fourth argument (decay rates, bias table), the cpp kernel a graph shows)
+    "decay_attention": (dict(hw=(6, 6), mode="decomposed"), lambda: torch.tensor([-0.5, -1.0]),
                         "fusionblocks_C.decay_dec_fwd"),
-    "window_attention": (lambda q, bias: ops.window_attention(q, q, q, bias, hw=(6, 6), window_size=3, shift=1),
+    "window_attention": (dict(hw=(6, 6), window_size=3, shift=1), lambda: torch.randn(25, 2),
                          "fusionblocks_C.window_fwd"),
 }
 
@@ -485,15 +486,11 @@ def test_compile_with_dynamic_sizes_follows_the_answers_known_at_every_size(op, 
     # torch.compile(dynamic=True), or a recompile after a new batch size: the batch is a symbol in the trace. The
     # call class cannot name it (dynamo failed on str(symbol) here before); the trace takes the answer known for
     # the class at every batch seen, and stays one graph for every batch.
-    fn, kernel = DYNAMIC_CASES[op]
-    extra = torch.tensor([-0.5, -1.0]) if op == "decay_attention" else torch.randn(25, 2)
-    reference = {"decay_attention": lambda q: ops.decay_attention(q, q, q, extra, hw=(6, 6), mode="decomposed",
-                                                                  backend="reference"),
-                 "window_attention": lambda q: ops.window_attention(q, q, q, extra, hw=(6, 6), window_size=3, shift=1,
-                                                                    backend="reference")}[op]
-    if ops.explain(op, *((torch.randn(3, 2, 36, 8),) * 3), extra, **(
-            dict(hw=(6, 6), mode="decomposed") if op == "decay_attention" else dict(hw=(6, 6), window_size=3, shift=1)),
-            auto=True)["cpp"]:
+    options, fourth, kernel = DYNAMIC_CASES[op]
+    extra = fourth()
+    public = getattr(ops, op)
+    q = torch.randn(3, 2, 36, 8)
+    if ops.explain(op, q, q, q, extra, auto=True, **options)["cpp"]:
         pytest.skip("the cpp extension is not built here")
     monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured inside a trace"))
 
@@ -501,10 +498,7 @@ def test_compile_with_dynamic_sizes_follows_the_answers_known_at_every_size(op, 
         autotune._memo.clear()
         for batch, backend in answers.items():
             q = torch.randn(batch, 2, 36, 8)
-            args, kw = dispatch.prepare(op, q, q, q, extra, **(
-                dict(hw=(6, 6), mode="decomposed") if op == "decay_attention" else
-                dict(hw=(6, 6), window_size=3, shift=1)))
-            key = autotune.call_class(op, args, kw, grad=False)
+            key = autotune.call_class(op, *dispatch.prepare(op, q, q, q, extra, **options), grad=False)
             autotune._memo[key] = autotune.Choice(op, backend, "measured", "test", key)
         graphs = []
 
@@ -513,11 +507,12 @@ def test_compile_with_dynamic_sizes_follows_the_answers_known_at_every_size(op, 
             return gm.forward
 
         torch._dynamo.reset()
-        compiled = torch.compile(lambda q: fn(q, extra), dynamic=True, fullgraph=True, backend=capture)
+        compiled = torch.compile(lambda q: public(q, q, q, extra, **options), dynamic=True, fullgraph=True,
+                                 backend=capture)
         with torch.no_grad():
             for batch in (3, 5, 7):
                 q = torch.randn(batch, 2, 36, 8)
-                assert (compiled(q) - reference(q)).abs().max() < 1e-5
+                assert (compiled(q) - public(q, q, q, extra, backend="reference", **options)).abs().max() < 1e-5
         assert len(graphs) == 1  # one graph, dynamic in the batch
         return graphs[0]
 
