@@ -411,6 +411,25 @@ def test_any_batch_runs_on_the_one_dimensional_grid():
     assert any("grid limit" in r for r in reasons), reasons
 
 
+def test_configs_are_memoized_and_each_caller_gets_its_own_dict():
+    # the support check asks _config on every call (four times per decomposed call on CUDA): it is cached, and a
+    # caller that changes its dict must not change what the next caller gets
+    for dtype in (torch.bfloat16, torch.float32):
+        for backward in (False, True):
+            a = triton_decay._config(7, 96, backward, dtype, interpreted=False, shared_limit=99 * 1024)
+            b = triton_decay._config(7, 96, backward, dtype, interpreted=False, shared_limit=99 * 1024)
+            assert a == b and a is not b
+            a["BLOCK_M"] = -1
+            assert triton_decay._config(7, 96, backward, dtype, interpreted=False, shared_limit=99 * 1024) == b
+    assert triton_decay._config(28, 24, True) == triton_decay._config(28, 24, True, interpreted=triton_built_interpreted())
+    a = triton_decay._fused_config(7, 96, torch.bfloat16, interpreted=False)
+    b = triton_decay._fused_config(7, 96, torch.bfloat16, interpreted=False)
+    assert a == b and a is not b
+    a["BLOCK_N"] = -1
+    assert triton_decay._fused_config(7, 96, torch.bfloat16, interpreted=False) == b
+    assert triton_decay._fused_config(97, 96, torch.bfloat16, interpreted=False) is None  # longer than one tile
+
+
 @pytest.mark.parametrize("limit_kb", [64, 99, 163, 227])
 def test_configs_fit_the_shared_memory_of_smaller_gpus(limit_kb):
     """T4 (64 KB), sm_86/89 (99 KB), A100 (163 KB), H100 (227 KB): every chosen config's estimate fits."""

@@ -295,3 +295,11 @@ def test_gpu_reasons_follow_the_devices_shared_memory(limit_kb, dtype, ws, d, fi
     assert (not reasons) == fits, reasons
     if not fits:
         assert "KB" in reasons[0] or "float32" in reasons[0]
+
+
+def test_gpu_reasons_hands_out_a_fresh_list():
+    # memoized (the support check asks on every call): a caller that extends its list changes no later answer
+    first = tw.gpu_reasons(torch.float32, 128, 7, 227 * 1024)
+    assert len(first) == 1 and "float32" in first[0]
+    first.append("changed by a caller")
+    assert tw.gpu_reasons(torch.float32, 128, 7, 227 * 1024) == first[:1]

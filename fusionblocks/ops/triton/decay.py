@@ -20,6 +20,7 @@ Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
 ``torch.ops.fusionblocks.decay_attention_decomposed`` (``torch.library.custom_op`` with fake and
 autograd registrations), and as the ``"triton"`` backend of ``fusionblocks.ops.decay_attention``.
 """
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -428,10 +429,19 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
     built); the launchers and :func:`compile_specs` both use it. ``shared_limit`` (bytes per block,
     the device's opt-in limit; ``None``: sm_90's) shrinks the stages and tiles until
     :func:`shared_estimate` fits it (sm_86/89, T4).
+
+    Memoized: the support check and the launchers ask it on every call; each caller gets its own dict.
     """
+    interpreted = triton_built_interpreted() if interpreted is None else interpreted
+    return dict(_tiles(n_ctx, d, backward, dtype, interpreted, shared_limit))
+
+
+@functools.lru_cache(maxsize=1024)
+def _tiles(n_ctx: int, d: int, backward: bool, dtype: torch.dtype, interpreted: bool, shared_limit: Optional[int]) -> dict:
+    """:func:`_config`'s computation (the cached dict is never handed out)."""
     block_d = next_pow2(d)
     cap = next_pow2(n_ctx)
-    if triton_built_interpreted() if interpreted is None else interpreted:  # fewest programs and loop trips: the interpreter pays per operation
+    if interpreted:  # fewest programs and loop trips: the interpreter pays per operation
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(64, cap), BLOCK_D=block_d)
     # warps from sm_90 cross-compiles (benchmarks/results/triton-sm90-resources.md)
     if dtype in (torch.float32, torch.float64):  # IEEE dots run on FMA units: smaller tiles
@@ -469,12 +479,20 @@ def _fused_config(n_ctx: int, d: int, dtype: torch.dtype = torch.bfloat16, inter
     tokens x head-dim elements compile without spills at 8 warps (64x32: 212 registers; 64x64: 26
     spills, 32x128: 14); float32 (IEEE dots) the same except 64x32 (14 spills): at 64 tokens only
     head dims up to 16. HEMF's four stages (56/28/14/7-token lines, head dims 12/24/48/96: tiles
-    64x16, 32x32, 16x64, 16x128) all qualify.
+    64x16, 32x32, 16x64, 16x128) all qualify. Memoized like :func:`_config`.
     """
+    interpreted = triton_built_interpreted() if interpreted is None else interpreted
+    cfg = _fused_tiles(n_ctx, d, dtype, interpreted, shared_limit)
+    return None if cfg is None else dict(cfg)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_tiles(n_ctx: int, d: int, dtype: torch.dtype, interpreted: bool, shared_limit: Optional[int]) -> Optional[dict]:
+    """:func:`_fused_config`'s computation (the cached dict is never handed out)."""
     bn, bd = next_pow2(n_ctx), next_pow2(d)
     if bn > FUSED_MAX_TOKENS:
         return None
-    if triton_built_interpreted() if interpreted is None else interpreted:
+    if interpreted:
         return dict(BLOCK_N=bn, BLOCK_D=bd)
     wide = dtype in (torch.float32, torch.float64)
     if bn * bd > (1024 if wide and bn >= 64 else 2048):

@@ -282,15 +282,20 @@ def gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int]
     cross-compiles of the backward at ws 6-8 with head dim 65-128 needed 337 KB and spilled 2848
     registers (at 3 stages), and at ws 9-11 even the forward spills.
     """
+    return list(_gpu_reasons(dtype, d, ws, shared_limit))  # memoized: the support check asks on every call
+
+
+@functools.lru_cache(maxsize=1024)
+def _gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int]) -> Tuple[str, ...]:
     if dtype == torch.float32 and (ws * ws > 64 or d > 64):
-        return [f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (registers), "
-                f"got window_size {ws}, head dim {d}; use float16/bfloat16"]
+        return (f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (registers), "
+                f"got window_size {ws}, head dim {d}; use float16/bfloat16",)
     limit = SM90_MAX_SHARED if shared_limit is None else shared_limit
     need = max(shared_estimate(dtype, d, ws, False), shared_estimate(dtype, d, ws, True))
     if need > limit:
-        return [f"window_size {ws} with head dim {d} in {str(dtype).replace('torch.', '')} needs about {need // 1024} KB "
-                f"of shared memory per block (forward and backward), over this GPU's {limit // 1024} KB"]
-    return []
+        return (f"window_size {ws} with head dim {d} in {str(dtype).replace('torch.', '')} needs about {need // 1024} KB "
+                f"of shared memory per block (forward and backward), over this GPU's {limit // 1024} KB",)
+    return ()
 
 
 # --------------------------------------------------------------------------------------------------
