@@ -21,7 +21,8 @@ faster, so the automatic choice never makes a call slower than the reference:
    otherwise (tie, noise, a failure) the reference stays.
 4. Otherwise (tracing, exporting, measuring off, or a device that is not measured): :data:`RULES`,
    conditions calibrated by the benchmark under which a fast path wins, else the reference on CPU; on
-   CUDA the highest-priority backend (the fused GPU kernels). Rule answers are deterministic, so a trace
+   CUDA the highest-priority backend (the fused GPU kernels), kept in this process's answers like a
+   measured one (never on disk). Rule answers are deterministic, so a trace
    never depends on timing; an eager call of the same class before compiling puts the measured answer in
    the cache, and the trace then uses it. A trace with dynamic sizes (``torch.compile(dynamic=True)``, or
    the recompile after a new batch size) writes each size it holds symbolic as :data:`ANY_SIZE` in the
@@ -580,8 +581,10 @@ def decide(op: str, candidates: list, args: tuple, kwargs: dict, key: Optional[s
                           f"the {same[2]} call classes it covers", key, candidates=names, variant=same[1])
     if traced:
         return _rule(op, candidates, args, kwargs, device, key, "not measured inside a traced graph")
-    if device.type not in MEASURED_DEVICES:
-        return _rule(op, candidates, args, kwargs, device, key, f"not measured on {device.type}")
+    if device.type not in MEASURED_DEVICES:  # the answer follows from the class: later calls recall it
+        known = _rule(op, candidates, args, kwargs, device, key, f"not measured on {device.type}")
+        with _lock:
+            return _memo.setdefault(key, known)
     with _lock:
         known = _memo.get(key)
         if known is None:

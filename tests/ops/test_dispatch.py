@@ -306,6 +306,32 @@ def test_a_known_class_asks_only_its_own_backend_again(fresh_cache):
     assert set(asked) == {"reference", "cpp"}
 
 
+def test_a_rule_answer_on_an_unmeasured_device_is_recalled_and_never_stored(fresh_cache, monkeypatch):
+    # as on CUDA, where nothing is measured: the rule's answer follows from the call class, so later calls of the
+    # class recall it (asking only its backend) instead of asking every backend and the rule again
+    op = "_tune_unmeasured"
+    asked = []
+
+    def check(name):
+        def reasons(x, *, n, auto=False):
+            asked.append(name)
+            return []
+        return reasons
+
+    dispatch.register_backend(op, "reference", priority=0, check=check("reference"))(lambda x, *, n: x * n)
+    dispatch.register_backend(op, "cpp", priority=10, check=check("cpp"))(lambda x, *, n: x * n + 0)
+    monkeypatch.setattr(autotune, "MEASURED_DEVICES", ())
+    monkeypatch.setattr(autotune, "_measure", lambda *a, **k: pytest.fail("measured on an unmeasured device"))
+    monkeypatch.setattr(autotune, "_store", lambda *a, **k: pytest.fail("a rule answer written to disk"))
+    x = torch.ones(4)
+    first = dispatch._choice(op, None, (x,), dict(n=2))[1]
+    assert (first.backend, first.how) == ("cpp", "rule") and "not measured on cpu" in first.why
+    del asked[:]
+    assert dispatch._choice(op, None, (x,), dict(n=2))[1] is first
+    assert asked == ["cpp"]
+    assert not os.listdir(fresh_cache)
+
+
 def test_grad_calls_are_measured_with_the_backward(fresh_cache):
     op = "_tune_grad"
     seen = []
