@@ -530,9 +530,9 @@ def _same_at_every_size(key: str, names: tuple) -> Optional[tuple]:
     ``None`` where none is known or the backends differ."""
     parts = key.split(ANY_SIZE)
     pattern = re.compile(r"\d+".join(re.escape(p) for p in parts) + r"\Z")
-    known = [(e.get("backend"), e.get("variant")) for k, e in (_disk or {}).items() if pattern.match(k)]
-    known += [(c.backend, c.variant) for k, c in _memo.items() if pattern.match(k)]
-    backends, variants = {b for b, _ in known}, {v for _, v in known}
+    known = {k: (e.get("backend"), e.get("variant")) for k, e in (_disk or {}).items() if pattern.match(k)}
+    known.update({k: (c.backend, c.variant) for k, c in _memo.items() if pattern.match(k)})
+    backends, variants = {b for b, _ in known.values()}, {v for _, v in known.values()}
     if len(backends) != 1 or not backends <= set(names):
         return None
     return backends.pop(), variants.pop() if len(variants) == 1 else None, len(known)
