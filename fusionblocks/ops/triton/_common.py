@@ -15,6 +15,7 @@ round) as reasons the backend cannot run, before a launch fails.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -26,8 +27,22 @@ from triton.runtime.jit import JITFunction
 
 from .._gpu import SHARED_BYTES_BY_CAPABILITY, max_shared_bytes, shared_bytes_of_capability  # noqa: F401 (re-exported)
 
-__all__ = ["LazyKernel", "lazy_jit", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of",
+__all__ = ["LazyKernel", "lazy_jit", "memoized", "interpreting", "triton_built_interpreted", "next_pow2", "device_reasons", "acc_dtype_of",
            "TUNING_DEFAULTS", "tuning", "tuned"]
+
+
+def memoized(fn: Callable) -> Callable:
+    """``fn``, a pure function of hashable arguments that the support checks and launchers ask on every call,
+    computed once per set of arguments. Each caller gets a shallow copy of the answer (a dict of launch options,
+    a list of reasons; or ``None``), so a caller that changes it changes no later answer."""
+    cached = functools.lru_cache(maxsize=1024)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        answer = cached(*args, **kwargs)
+        return None if answer is None else answer.copy()
+
+    return call
 
 
 def interpreting() -> bool:

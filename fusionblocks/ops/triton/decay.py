@@ -20,7 +20,6 @@ Registered as ``torch.ops.fusionblocks.decay_attention_full`` and
 ``torch.ops.fusionblocks.decay_attention_decomposed`` (``torch.library.custom_op`` with fake and
 autograd registrations), and as the ``"triton"`` backend of ``fusionblocks.ops.decay_attention``.
 """
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -28,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import register_backend
-from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
+from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, memoized, next_pow2,
                       triton_built_interpreted, triton_ptr_type, tuning)
 
 __all__ = ["decay_attention_triton", "SUPPORTED_MAX_HEAD_DIM"]
@@ -421,6 +420,7 @@ def _shared_limit(device: torch.device) -> Optional[int]:
     return max_shared_bytes(device) if device.type == "cuda" else None
 
 
+@memoized
 def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloat16,
             interpreted: Optional[bool] = None, shared_limit: Optional[int] = None) -> dict:
     """Block sizes and launch options for lines of ``n_ctx`` tokens, head dim ``d`` and ``dtype`` inputs.
@@ -430,18 +430,11 @@ def _config(n_ctx: int, d: int, backward: bool, dtype: torch.dtype = torch.bfloa
     the device's opt-in limit; ``None``: sm_90's) shrinks the stages and tiles until
     :func:`shared_estimate` fits it (sm_86/89, T4).
 
-    Memoized: the support check and the launchers ask it on every call; each caller gets its own dict.
+    Memoized (:func:`memoized`): the support check and the launchers ask it on every call.
     """
-    interpreted = triton_built_interpreted() if interpreted is None else interpreted
-    return dict(_tiles(n_ctx, d, backward, dtype, interpreted, shared_limit))
-
-
-@functools.lru_cache(maxsize=1024)
-def _tiles(n_ctx: int, d: int, backward: bool, dtype: torch.dtype, interpreted: bool, shared_limit: Optional[int]) -> dict:
-    """:func:`_config`'s computation (the cached dict is never handed out)."""
     block_d = next_pow2(d)
     cap = next_pow2(n_ctx)
-    if interpreted:  # fewest programs and loop trips: the interpreter pays per operation
+    if triton_built_interpreted() if interpreted is None else interpreted:  # fewest programs and loop trips: the interpreter pays per operation
         return dict(BLOCK_M=min(64, cap), BLOCK_N=min(64, cap), BLOCK_D=block_d)
     # warps from sm_90 cross-compiles (benchmarks/results/triton-sm90-resources.md)
     if dtype in (torch.float32, torch.float64):  # IEEE dots run on FMA units: smaller tiles
@@ -467,6 +460,7 @@ FUSED_MAX_TOKENS = 64
 use the split dK/dV and dQ kernels."""
 
 
+@memoized
 def _fused_config(n_ctx: int, d: int, dtype: torch.dtype = torch.bfloat16, interpreted: Optional[bool] = None,
                   shared_limit: Optional[int] = None) -> Optional[dict]:
     """Tile and launch options of the fused backward for lines of ``n_ctx`` tokens, or ``None`` where it does not apply.
@@ -481,18 +475,10 @@ def _fused_config(n_ctx: int, d: int, dtype: torch.dtype = torch.bfloat16, inter
     head dims up to 16. HEMF's four stages (56/28/14/7-token lines, head dims 12/24/48/96: tiles
     64x16, 32x32, 16x64, 16x128) all qualify. Memoized like :func:`_config`.
     """
-    interpreted = triton_built_interpreted() if interpreted is None else interpreted
-    cfg = _fused_tiles(n_ctx, d, dtype, interpreted, shared_limit)
-    return None if cfg is None else dict(cfg)
-
-
-@functools.lru_cache(maxsize=1024)
-def _fused_tiles(n_ctx: int, d: int, dtype: torch.dtype, interpreted: bool, shared_limit: Optional[int]) -> Optional[dict]:
-    """:func:`_fused_config`'s computation (the cached dict is never handed out)."""
     bn, bd = next_pow2(n_ctx), next_pow2(d)
     if bn > FUSED_MAX_TOKENS:
         return None
-    if interpreted:
+    if triton_built_interpreted() if interpreted is None else interpreted:
         return dict(BLOCK_N=bn, BLOCK_D=bd)
     wide = dtype in (torch.float32, torch.float64)
     if bn * bd > (1024 if wide and bn >= 64 else 2048):

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..dispatch import register_backend
 from ..reference import relative_position_index
-from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, next_pow2,
+from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, memoized, next_pow2,
                       triton_built_interpreted, triton_ptr_type, tuning)
 
 __all__ = ["window_attention_triton", "check_window_triton", "MIN_WINDOW", "MAX_WINDOW", "MIN_HEAD_DIM", "MAX_HEAD_DIM"]
@@ -271,6 +271,7 @@ def shared_estimate(dtype: torch.dtype, d: int, ws: int, backward: bool) -> int:
     return 4 * big_l * big_l + (5 if backward else 3) * e * big_l * block_d
 
 
+@memoized
 def gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int] = None) -> List[str]:
     """Reasons the kernels cannot run ``dtype`` windows of ``ws`` with head dim ``d`` on a GPU.
 
@@ -280,22 +281,18 @@ def gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int]
     window 12 (256-token tiles); on sm_86/89 (99 KB) and the T4 (64 KB) also smaller windows and
     head dims. float32 (IEEE dots on FMA units) is limited to window 8 and head dim 64: sm_90
     cross-compiles of the backward at ws 6-8 with head dim 65-128 needed 337 KB and spilled 2848
-    registers (at 3 stages), and at ws 9-11 even the forward spills.
+    registers (at 3 stages), and at ws 9-11 even the forward spills. Memoized (:func:`memoized`): the support
+    check asks on every call.
     """
-    return list(_gpu_reasons(dtype, d, ws, shared_limit))  # memoized: the support check asks on every call
-
-
-@functools.lru_cache(maxsize=1024)
-def _gpu_reasons(dtype: torch.dtype, d: int, ws: int, shared_limit: Optional[int]) -> Tuple[str, ...]:
     if dtype == torch.float32 and (ws * ws > 64 or d > 64):
-        return (f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (registers), "
-                f"got window_size {ws}, head dim {d}; use float16/bfloat16",)
+        return [f"float32 window_attention on GPU supports window_size <= 8 and head dim <= 64 (registers), "
+                f"got window_size {ws}, head dim {d}; use float16/bfloat16"]
     limit = SM90_MAX_SHARED if shared_limit is None else shared_limit
     need = max(shared_estimate(dtype, d, ws, False), shared_estimate(dtype, d, ws, True))
     if need > limit:
-        return (f"window_size {ws} with head dim {d} in {str(dtype).replace('torch.', '')} needs about {need // 1024} KB "
-                f"of shared memory per block (forward and backward), over this GPU's {limit // 1024} KB",)
-    return ()
+        return [f"window_size {ws} with head dim {d} in {str(dtype).replace('torch.', '')} needs about {need // 1024} KB "
+                f"of shared memory per block (forward and backward), over this GPU's {limit // 1024} KB"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
