@@ -201,9 +201,9 @@ def _bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _class_of(op: str, args: tuple, kwargs: dict, grad: bool) -> tuple:
-    """The call class as plain values (what :func:`call_class` writes out): cheap to build and to hash."""
-    compiling = torch.compiler.is_compiling()
+def _class_of(op: str, args: tuple, kwargs: dict, grad: bool, compiling: bool) -> tuple:
+    """The call class as plain values (what :func:`call_class` writes out): cheap to build and to hash.
+    ``compiling``: inside a trace, where a size may be symbolic (:func:`_size`)."""
     tensors = []
     dev = None
     for a in args:
@@ -218,15 +218,16 @@ def _class_of(op: str, args: tuple, kwargs: dict, grad: bool) -> tuple:
             tensors.append((shape, a.dtype, a.is_contiguous()))
         elif a is None:
             tensors.append(None)
+    size = _size if compiling else (lambda n: n)
     options = []
     for k in sorted(kwargs):
         v = kwargs[k]
-        if isinstance(v, (bool, str)) or (isinstance(v, int) and not compiling):
+        if isinstance(v, (bool, str)):
             options.append((k, v))
         elif isinstance(v, int):
-            options.append((k, _size(v)))
+            options.append((k, size(v)))
         elif isinstance(v, tuple) and all([isinstance(x, int) for x in v]):
-            options.append((k, tuple([_size(x) for x in v]) if compiling else v))
+            options.append((k, tuple([size(x) for x in v])))
     return op, tuple(tensors), tuple(options), dev or "cpu", _threads(), grad
 
 
@@ -260,8 +261,9 @@ _render_known = functools.lru_cache(maxsize=4096)(_render)  # an eager call's ke
 
 def call_class(op: str, args: tuple, kwargs: dict, grad: bool) -> str:
     """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads."""
-    cls = _class_of(op, args, kwargs, grad)
-    if torch.compiler.is_compiling():  # dynamo traces plain code only (and a traced size may be symbolic)
+    compiling = torch.compiler.is_compiling()
+    cls = _class_of(op, args, kwargs, grad, compiling)
+    if compiling:  # dynamo traces plain code only (and a traced size may be symbolic)
         return _render(cls)
     try:
         return _render_known(cls)
