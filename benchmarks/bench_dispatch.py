@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
-import statistics
 import sys
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -40,17 +39,10 @@ def _inputs(op: str, shape, options) -> tuple:
     return q, q, q, torch.randn((2 * options["window_size"] - 1) ** 2, heads)
 
 
-def _per_call_us(fn: Callable[[], object], calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
-
-
-def run(calls: int, rounds: int) -> List[Dict[str, object]]:
-    """One row per case: the median µs per call of each backend, auto's choice, and auto - cpp (``None`` for
-    ``cpp`` where the extension is not built)."""
-    from fusionblocks import ops
+def run(budget_s: float, rounds: int) -> List[Dict[str, object]]:
+    """One row per case: the µs per call of each backend (:func:`fusionblocks.bench.time_interleaved_ms`), auto's
+    choice, and auto - cpp (``None`` for ``cpp`` where the extension is not built)."""
+    from fusionblocks import bench, ops
     from fusionblocks.ops import cpp
 
     rows = []
@@ -59,32 +51,29 @@ def run(calls: int, rounds: int) -> List[Dict[str, object]]:
             args = _inputs(op, shape, options)
             fn = getattr(ops, op)
             choice = ops.choose(op, *args, **options)  # measures the call class now, as a first call would
-            # cpp named runs in auto's variant, so that auto - cpp is the choice's own cost, not another kernel's
-            variant = choice.variant if choice.backend == "cpp" else None
             backends = BACKENDS if cpp.available() else tuple(b for b in BACKENDS if b != "cpp")
-            samples: Dict[str, List[float]] = {str(b or "auto"): [] for b in backends}
-
-            def timed(b):
-                with cpp.call_isa(variant) if b == "cpp" and variant else contextlib.nullcontext():
-                    return _per_call_us(lambda: fn(*args, backend=b, **options), calls)
-
-            for b in backends:
-                fn(*args, backend=b, **options)  # warm-up
-            for r in range(rounds):
-                for b in backends[r % len(backends):] + backends[: r % len(backends)]:
-                    samples[str(b or "auto")].append(timed(b))
-            med = {k: round(statistics.median(v), 1) for k, v in samples.items()}
-            rows.append(dict(case=name, chosen=choice.label, cpp_us=med.get("cpp"), auto_us=med["auto"],
-                             reference_us=med["reference"],
-                             auto_minus_cpp_us=round(med["auto"] - med["cpp"], 1) if "cpp" in med else None))
+            fns = {str(b or "auto"): functools.partial(fn, *args, backend=b, **options) for b in backends}
+            # the thread's variant is auto's for the whole timing: cpp named runs in it (named, it would run the
+            # widest), so that auto - cpp is the choice's own cost, not another kernel's; auto sets the same one
+            variant = choice.variant if choice.backend == "cpp" else None
+            with cpp.call_isa(variant) if variant else contextlib.nullcontext():
+                ms = bench.time_interleaved_ms(fns, budget_s=budget_s, rounds=rounds)
+            failed = {k: v for k, v in ms.items() if isinstance(v, Exception)}
+            if failed:
+                raise RuntimeError(f"bench_dispatch: {name}: " + "; ".join(f"{k} raised {v!r}" for k, v in failed.items()))
+            us = {k: round(v * 1e3, 1) for k, v in ms.items()}
+            rows.append(dict(case=name, chosen=choice.label, cpp_us=us.get("cpp"), auto_us=us["auto"],
+                             reference_us=us["reference"],
+                             auto_minus_cpp_us=round(us["auto"] - us["cpp"], 1) if "cpp" in us else None))
     return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads; default 1)")
-    p.add_argument("--calls", type=int, default=300, help="calls per timing (default 300)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds; the median is reported (default 7)")
+    p.add_argument("--budget", type=float, default=2.0,
+                   help="seconds per backend and case, over all rounds (default 2)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds; the median is reported (default 15)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from fusionblocks._device import device_name
@@ -95,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"FUSIONBLOCKS_AUTOTUNE={os.environ.get('FUSIONBLOCKS_AUTOTUNE', 'on')}")
     print("| case | auto's choice | cpp µs (auto's variant) | auto µs | reference µs | auto - cpp µs |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in run(args.calls, args.rounds):
+    for r in run(args.budget, args.rounds):
         print(f"| {r['case']} | {r['chosen']} | {r['cpp_us']} | {r['auto_us']} | {r['reference_us']} | "
               f"{r['auto_minus_cpp_us']} |")
     return 0

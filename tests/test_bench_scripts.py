@@ -242,14 +242,14 @@ def test_cpp_memory_is_seen_by_the_engine():
 
 def test_dispatch_cost_script_runs(capsys, one_thread):
     mod = load_script("bench_dispatch")
-    assert mod.main(["--calls", "2", "--rounds", "1"]) == 0
+    assert mod.main(["--budget", "0.01", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# CPU ") and "auto - cpp µs" in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split(" | ")[0][2:] for r in rows] == list(mod.CASES)
     from fusionblocks.ops import cpp
 
-    for r in mod.run(calls=2, rounds=1):
+    for r in mod.run(budget_s=0.01, rounds=1):
         assert r["auto_us"] > 0 and r["reference_us"] > 0
         assert (r["cpp_us"] is not None and r["cpp_us"] > 0) == cpp.available()
         assert r["chosen"].split("[")[0] in ("reference", "cpp")
