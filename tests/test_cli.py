@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import time
+import weakref
 
 import pytest
 import torch
@@ -344,6 +345,29 @@ def test_interleaved_timing_takes_turns_and_reports_failures():
     # rounds (fast, slow), (slow, fast), (fast, slow): blocks of consecutive calls, the order rotating
     assert runs == ["fast", "slow", "fast", "slow"], runs
     assert x.grad is None
+
+
+def test_a_failed_contender_frees_what_it_allocated_before_the_others_run():
+    # after an out-of-memory error, the failed call's frames (kept alive by a stored traceback) would hold the part
+    # of the work it did allocate while the other contenders are timed, and push them out of memory too
+    held = []
+
+    def broken():
+        scratch = torch.ones(64)
+        held.append(weakref.ref(scratch))
+        try:
+            raise KeyError("inner")
+        except KeyError as inner:
+            raise RuntimeError("out of memory") from inner
+
+    def after():
+        assert all(r() is None for r in held), "the failed call's tensors are still alive"
+
+    got = bench.time_interleaved_ms({"broken": broken, "after": after}, budget_s=0.01, rounds=2)
+    assert isinstance(got["broken"], RuntimeError) and isinstance(got["after"], float)
+    assert str(got["broken"]) == "out of memory" and isinstance(got["broken"].__cause__, KeyError)
+    assert got["broken"].__traceback__ is None and got["broken"].__cause__.__traceback__ is None
+    assert held and all(r() is None for r in held)
 
 
 def test_timing_and_memory_helpers():

@@ -14,7 +14,7 @@ from .cases import INTERPRETER_REASON, OpBench, resolve_ops
 from .memory import peak_mem_mb
 from .records import PASSES, device_name, device_slug, dtype_name, error_text, make_record, parse_dtype
 from .report import format_table, shape_str, write_results
-from .timing import time_interleaved_ms, time_ms
+from .timing import _without_frames, time_interleaved_ms, time_ms
 
 
 @dataclass
@@ -155,7 +155,7 @@ def run_case(bench: OpBench, shape: dict, dtype: torch.dtype, device: Union[torc
                     times[impl.name] = time_ms(_runner(impl.fn, inputs, p), dev, grads=grads, budget_s=budget_s,
                                                min_reps=1 if smoke else 3)
                 except Exception as e:  # one implementation failing must not stop the run; it is recorded
-                    times[impl.name] = e
+                    times[impl.name] = _without_frames(e)
                 finally:
                     for t in grads:
                         t.grad = None

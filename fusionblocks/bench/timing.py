@@ -69,6 +69,20 @@ def time_ms(fn: Callable[[], object], device: Union[torch.device, str], *, grads
     return 1e3 * statistics.median(times)
 
 
+def _without_frames(e: BaseException) -> BaseException:
+    """``e`` with its traceback dropped, for keeping as a result: the traceback's frames hold the failed call's
+    locals (after an out-of-memory error, the part of the work it did allocate), which would stay alive while
+    the other contenders are timed."""
+    seen, todo = set(), [e]
+    while todo:  # the chained exceptions' tracebacks too; their messages stay
+        x = todo.pop()
+        if x is not None and id(x) not in seen:
+            seen.add(id(x))
+            x.__traceback__ = None
+            todo += [x.__cause__, x.__context__]
+    return e
+
+
 def time_interleaved_ms(fns: Mapping[str, Callable[[], object]], *, grads: Sequence[torch.Tensor] = (),
                         budget_s: float = 1.0, rounds: int = 7) -> Dict[str, object]:
     """CPU: the contenders of one case timed side by side, taking turns.
@@ -95,7 +109,7 @@ def time_interleaved_ms(fns: Mapping[str, Callable[[], object]], *, grads: Seque
             fn()
             first = time.perf_counter() - t0
         except Exception as e:  # recorded by the caller, the others still run
-            out[name] = e
+            out[name] = _without_frames(e)
             continue
         reps[name] = max(1, int(budget_s / rounds / max(first, 1e-6)))
     names = list(reps)
@@ -114,7 +128,7 @@ def time_interleaved_ms(fns: Mapping[str, Callable[[], object]], *, grads: Seque
                     fn()
                     total += time.perf_counter() - t0
             except Exception as e:
-                out[name] = e
+                out[name] = _without_frames(e)
                 continue
             samples[name].append(1e3 * total / reps[name])
     for name in names:
