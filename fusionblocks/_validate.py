@@ -87,6 +87,13 @@ def expect_same_spatial(block: str, names: Sequence[str], xs: Sequence[torch.Ten
             )
 
 
+def expect_same_batch(block: str, names: Sequence[str], xs: Sequence[torch.Tensor]) -> None:
+    ref = xs[0].shape[0]
+    for n, x in zip(names[1:], xs[1:]):
+        if x.shape[0] != ref:
+            raise ValueError(f"{block}: expected {n} with the batch size {ref} of {names[0]}, got {shape_str(x)}")
+
+
 def expect_divisible(block: str, what: str, value: int, divisor: int, divisor_name: str) -> None:
     if divisor <= 0 or value % divisor != 0:
         raise ValueError(f"{block}: expected {what} ({value}) to be divisible by {divisor_name} ({divisor})")
@@ -135,6 +142,16 @@ def expect_scale(block: str, name: str, value: object) -> Optional[float]:
         return None
     if not is_real(value):
         raise TypeError(f"{block}: expected {name} as a float or None, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def expect_drop_path(block: str, name: str, value: object) -> float:
+    """A stochastic-depth rate: a real number (or a one-element tensor) in ``[0, 1)``, returned as a Python
+    ``float``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+        value = value.item()
+    if not (is_real(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{block}: expected {name} in [0, 1), got {value!r}")
     return float(value)
 
 

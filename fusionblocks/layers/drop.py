@@ -9,7 +9,8 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
     Args:
         x: ``(B, ...)`` residual-branch output.
-        p: drop probability; ``0`` or ``training=False`` returns ``x`` itself.
+        p: drop probability in ``[0, 1]``; ``0`` or ``training=False`` returns ``x`` itself, ``1`` drops every
+            sample.
         training: the module's training flag.
 
     Returns:
@@ -19,4 +20,4 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     keep = 1.0 - p
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-    return x * mask / keep
+    return x * mask if keep == 0.0 else x * mask / keep

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_same_spatial, shape_str
+from .._validate import (expect_choice, expect_divisible, expect_drop_path, expect_nchw, expect_positive_int,
+                         expect_same_batch, expect_same_spatial, shape_str)
 from ..models.convert import KeyRules, OfficialWeights, Rule, join_rules, prefix_rules
 from .conv import ConvBN
 from .drop import drop_path
@@ -155,8 +156,7 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
             raise ValueError(f"{name}: expected an odd fuse_kernel, got {fuse_kernel}")
         if with_prev is not False and dim % 2:
             raise ValueError(f"{name}: expected an even dim (f has dim / 2 channels), got {dim}")
-        if not 0.0 <= float(drop_path) < 1.0:
-            raise ValueError(f"{name}: expected drop_path in [0, 1), got {drop_path!r}")
+        drop_path = expect_drop_path(name, "drop_path", drop_path)
         self.dim, self.l_dim, self.g_dim, self.with_prev = dim, l_dim, g_dim, with_prev
         self.drop_path = float(drop_path)
 
@@ -212,6 +212,7 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
         expect_nchw(name, "l", l, self.l_dim, like=self)
         expect_nchw(name, "g", g, self.g_dim, like=self)
         expect_same_spatial(name, ("l", "g"), (l, g))
+        expect_same_batch(name, ("l", "g"), (l, g))
         if f is None:
             if self.with_prev is True:
                 raise ValueError(f"{name}: built with with_prev=True, expected the previous fusion output f, got None")
@@ -219,6 +220,7 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
         if self.with_prev is False:
             raise ValueError(f"{name}: built with with_prev=False (first stage), expected f=None, got {shape_str(f)}")
         expect_nchw(name, "f", f, self.dim // 2, like=self)
+        expect_same_batch(name, ("l", "f"), (l, f))
         h, w = l.shape[-2:]
         fh, fw = f.shape[-2:]
         if not (2 * h - 1 <= fh <= 2 * h + 1 and 2 * w - 1 <= fw <= 2 * w + 1):

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_input_like, expect_rank
 from ..models.convert import KeyRules, Rule, join_rules, prefix_rules
-from ..ops import decay_attention
+from ..ops import BACKENDS, decay_attention
 
 __all__ = [
     "ManhattanSelfAttention",
@@ -92,6 +92,20 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     return x * cos + _rotate_pairs(x) * sin
 
 
+def _expect_attention_args(name: str, dim: int, num_heads: int, mode: str, backend: Optional[str]) -> Tuple[int, int]:
+    """The attention arguments of ``name``'s constructor, checked there (so that errors name the block the user
+    built): ``(dim, num_heads)``, positive ints with an even head dim for the rotary pairs."""
+    dim = expect_positive_int(name, "dim", dim)
+    num_heads = expect_positive_int(name, "num_heads", num_heads)
+    expect_divisible(name, "dim", dim, num_heads, "num_heads")
+    if (dim // num_heads) % 2:
+        raise ValueError(f"{name}: expected an even head dim (dim / num_heads) for the rotary pairs, got "
+                         f"{dim} / {num_heads} = {dim // num_heads}")
+    expect_choice(name, "mode", mode, MODES)
+    expect_choice(name, "backend", backend, (None,) + BACKENDS)
+    return dim, num_heads
+
+
 class ManhattanSelfAttention(nn.Module):
     """RMT's Manhattan self-attention (MaSA): retention with a spatial decay prior.
 
@@ -135,13 +149,8 @@ class ManhattanSelfAttention(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        dim = expect_positive_int(name, "dim", dim)
-        num_heads = expect_positive_int(name, "num_heads", num_heads)
-        expect_divisible(name, "dim", dim, num_heads, "num_heads")
-        expect_choice(name, "mode", mode, MODES)
+        dim, num_heads = _expect_attention_args(name, dim, num_heads, mode, backend)
         head_dim = dim // num_heads
-        if head_dim % 2:
-            raise ValueError(f"{name}: expected an even head dim (dim / num_heads) for the rotary pairs, got {dim} / {num_heads} = {head_dim}")
         lepe_kernel_size = expect_positive_int(name, "lepe_kernel_size", lepe_kernel_size)
         if lepe_kernel_size % 2 == 0:
             raise ValueError(f"{name}: expected an odd lepe_kernel_size, got {lepe_kernel_size}")
@@ -208,12 +217,19 @@ class ManhattanSelfAttention(nn.Module):
             raise ValueError(f"{name}: expected x with {self.dim} channels in the last axis (B, H, W, C), got {tuple(x.shape)}")
         b, h, w, c = x.shape
         n, nh, d = h * w, self.num_heads, self.head_dim
+        if rotary is not None:
+            for part, t in zip(("sin", "cos"), rotary):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, d):
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"{name}: expected rotary {part} of shape (H*W, head_dim) = {(n, d)} for x "
+                                     f"{tuple(x.shape)}, got {got}")
         q = self.q_proj(x)
         k = self.k_proj(x) * self.scaling
         v = self.v_proj(x)
         lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         sin, cos = rotary if rotary is not None else rotary_tables(h, w, d, x.device)
-        sin, cos = sin.to(x.dtype), cos.to(x.dtype)
+        # under autocast the projections run in the autocast dtype, which may differ from x's
+        sin, cos = sin.to(q.dtype), cos.to(q.dtype)
         q = apply_rotary(q.reshape(b, n, nh, d).transpose(1, 2), sin, cos)
         k = apply_rotary(k.reshape(b, n, nh, d).transpose(1, 2), sin, cos)
         v = v.reshape(b, n, nh, d).transpose(1, 2)
@@ -259,9 +275,7 @@ class EGFBlock(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        dim = expect_positive_int(name, "dim", dim)
-        num_heads = expect_positive_int(name, "num_heads", num_heads)
-        expect_divisible(name, "dim", dim, num_heads, "num_heads")
+        dim, num_heads = _expect_attention_args(name, dim, num_heads, mode, backend)
         depth = expect_positive_int(name, "depth", depth)
         self.dim = dim
         self.num_heads = num_heads

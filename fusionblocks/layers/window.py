@@ -19,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import expect_divisible, expect_int, expect_nchw, expect_positive_int, expect_input_like, expect_rank, shape_str
-from ..ops import window_attention
+from .._validate import (expect_choice, expect_divisible, expect_drop_path, expect_int, expect_nchw,
+                         expect_positive_int, expect_input_like, expect_rank, shape_str)
+from ..ops import BACKENDS, window_attention
 from .drop import drop_path
 
 __all__ = ["WindowAttention", "PatchMerging", "HiFuseGlobalBlock", "HiFuseGlobalStage"]
@@ -64,6 +65,7 @@ class WindowAttention(nn.Module):
         window_size = expect_positive_int(name, "window_size", window_size)
         expect_divisible(name, "dim", dim, num_heads, "num_heads")
         shift = expect_int(name, "shift", shift, lo=0, hi=window_size)
+        expect_choice(name, "backend", backend, (None,) + BACKENDS)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
@@ -124,7 +126,7 @@ class PatchMerging(nn.Module):
         super().__init__()
         dim = expect_positive_int(type(self).__name__, "dim", dim)
         self.dim = dim
-        self.out_dim = 2 * dim if out_dim is None else out_dim
+        self.out_dim = 2 * dim if out_dim is None else expect_positive_int(type(self).__name__, "out_dim", out_dim)
         self.norm = nn.LayerNorm(4 * dim, eps=norm_eps)
         self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
 
@@ -171,20 +173,29 @@ class HiFuseGlobalBlock(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
+        name = type(self).__name__
+        dim = expect_positive_int(name, "dim", dim)
         self.dim = dim
+        self.drop_path = expect_drop_path(name, "drop_path", drop_path)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = WindowAttention(dim, num_heads, window_size, shift, qkv_bias=qkv_bias, backend=backend)
         self.fc1 = nn.Linear(dim, dim)
-        self.drop_path = drop_path
 
-    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Channels-last path: ``(B, H, W, C) -> (B, H, W, C)``."""
+    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         y = F.gelu(self.fc1(self.attn.forward_channels_last(self.norm1(x))))
         return x + drop_path(y, self.drop_path, self.training)
 
+    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Channels-last path: ``(B, H, W, C) -> (B, H, W, C)``."""
+        name = type(self).__name__
+        expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{name}: expected x (B, H, W, C) with {self.dim} channels, got {shape_str(x)}")
+        return self._forward_channels_last(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x, self.dim, like=self)
-        return self.forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._forward_channels_last(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class HiFuseGlobalStage(nn.Module):
@@ -225,9 +236,16 @@ class HiFuseGlobalStage(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        depth = expect_positive_int(type(self).__name__, "depth", depth)
+        name = type(self).__name__
+        depth = expect_positive_int(name, "depth", depth)
         shift = window_size // 2 if shift is None else shift
-        rates = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        if isinstance(drop_path, (list, tuple)):
+            if len(drop_path) != depth:
+                raise ValueError(f"{name}: expected drop_path as one rate or a list of depth ({depth}) rates, "
+                                 f"got {list(drop_path)!r}")
+            rates = [expect_drop_path(name, f"drop_path[{j}]", p) for j, p in enumerate(drop_path)]
+        else:
+            rates = [expect_drop_path(name, "drop_path", drop_path)] * depth
         self.in_dim = dim if in_dim is None else in_dim
         self.downsample = nn.Identity() if in_dim is None else PatchMerging(in_dim, dim, norm_eps=norm_eps)
         self.blocks = nn.ModuleList(
@@ -242,5 +260,5 @@ class HiFuseGlobalStage(nn.Module):
         expect_nchw(type(self).__name__, "x", x, self.in_dim, like=self)
         x = self.downsample(x).permute(0, 2, 3, 1)
         for blk in self.blocks:
-            x = blk.forward_channels_last(x)
+            x = blk._forward_channels_last(x)
         return x.permute(0, 3, 1, 2)

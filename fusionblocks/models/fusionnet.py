@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
-from .._validate import expect_nchw, expect_positive_int
+from .._validate import expect_drop_path, expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
 from . import checkpointing
 from .contract import ModelContract, model_cfg
@@ -82,8 +82,10 @@ def expect_four(name: str, what: str, values: Sequence) -> tuple:
     return values
 
 
-def stage_drop_path_rates(rate: float, depths: Sequence[int]) -> List[List[float]]:
-    """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split into one list per stage."""
+def stage_drop_path_rates(name: str, what: str, rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split into one list per stage;
+    ``rate`` (the model ``name``'s argument ``what``) must lie in ``[0, 1)``."""
+    rate = expect_drop_path(name, what, rate)
     n = sum(depths)
     # computed without a tensor, so that the models also build on the meta device
     rates = [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]

@@ -87,7 +87,7 @@ class HEMF(FusionNet):
         name = type(self).__name__
         local_depths = expect_four(name, "local_depths", local_depths)
         global_depths = expect_four(name, "global_depths", global_depths)
-        dpr = stage_drop_path_rates(drop_path_rate, local_depths)
+        dpr = stage_drop_path_rates(name, "drop_path_rate", drop_path_rate, local_depths)
         fusion_kwargs = dict(fusion_kwargs or {})
 
         def local_blocks(i: int, dim: int) -> nn.Module:

@@ -107,8 +107,8 @@ class HiFuse(FusionNet):
         depths = expect_four(name, "depths", depths)
         conv_depths = expect_four(name, "conv_depths", depths if conv_depths is None else conv_depths)
         num_heads = expect_four(name, "num_heads", num_heads)
-        dpr = stage_drop_path_rates(drop_path_rate, depths)
-        cdpr = stage_drop_path_rates(conv_drop_path_rate, conv_depths)
+        dpr = stage_drop_path_rates(name, "drop_path_rate", drop_path_rate, depths)
+        cdpr = stage_drop_path_rates(name, "conv_drop_path_rate", conv_drop_path_rate, conv_depths)
         fusion_kwargs = dict(fusion_kwargs or {})
 
         def local_blocks(i: int, dim: int) -> nn.Module:

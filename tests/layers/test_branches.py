@@ -81,3 +81,17 @@ def test_errors():
         LocalBlock(8, norm_position="middle")
     with pytest.raises(ValueError, match=r"LocalBlock: expected dim to be a positive int, got 0"):
         LocalBlock(0)
+
+
+@pytest.mark.parametrize("cls", [LocalBlock, ELFBlock])
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1, [0.1]])
+def test_drop_path_outside_0_1_is_an_error_not_nan(cls, rate):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: expected drop_path in \[0, 1\), got "):
+        cls(4, drop_path=rate)
+
+
+def test_drop_path_of_one_drops_every_sample_without_nan():
+    from fusionblocks.layers.drop import drop_path
+
+    y = drop_path(torch.randn(3, 4, 2, 2), 1.0, True)
+    assert torch.equal(y, torch.zeros_like(y))

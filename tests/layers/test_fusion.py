@@ -235,3 +235,16 @@ def test_errors_name_block_expected_and_received():
         sd = gu.official_state_dict(gu.block("hemf.hef_first"))
         del sd["W_l.conv.weight"]
         HEF(96).load_official_state_dict(sd)
+
+
+@pytest.mark.parametrize("cls", [HFF, HEF])
+def test_batch_mismatch_is_named_before_any_kernel(cls, monkeypatch):
+    blk = cls(16, num_heads=4) if cls is HEF else cls(16)
+    ran = []
+    monkeypatch.setattr(blk.proj_l, "forward", lambda x: ran.append(x))
+    l = torch.randn(2, 16, 5, 7)
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: expected g with the batch size 2 of l, got \(3, 16, 5, 7\)$"):
+        blk(l, torch.randn(3, 16, 5, 7))
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: expected f with the batch size 2 of l, got \(1, 8, 10, 14\)$"):
+        blk(l, l, torch.randn(1, 8, 10, 14))
+    assert not ran

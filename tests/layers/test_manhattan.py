@@ -276,3 +276,29 @@ def test_masa_errors():
         EGFBlock(100, 8)
     with pytest.raises(ValueError, match="EGFBlock: expected depth to be a positive int"):
         EGFBlock(16, 2, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", ["full", "decomposed", "egf"])
+def test_float32_input_under_autocast(cls, dtype):
+    torch.manual_seed(0)
+    m = EGFBlock(16, 2, 2) if cls == "egf" else ManhattanSelfAttention(16, 2, cls)
+    x = torch.randn(2, 16, 5, 7)
+    want = m(x)
+    with torch.autocast("cpu", dtype=dtype):
+        got = m(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=0.05)
+
+
+def test_masa_rotary_and_backend_errors_name_the_block():
+    m = ManhattanSelfAttention(16, 2)
+    with pytest.raises(ValueError, match=r"^ManhattanSelfAttention: expected rotary sin of shape \(H\*W, head_dim\) = "
+                                         r"\(25, 8\) for x \(2, 5, 5, 16\), got \(16, 8\)$"):
+        m.forward_channels_last(torch.randn(2, 5, 5, 16), rotary_tables(4, 4, 8))
+    with pytest.raises(ValueError, match=r"^ManhattanSelfAttention: expected backend to be one of \[None, 'reference', "):
+        ManhattanSelfAttention(16, 2, backend="cpu")
+    with pytest.raises(ValueError, match=r"^EGFBlock: expected backend to be one of"):
+        EGFBlock(16, 2, 1, backend="cpu")
+    with pytest.raises(ValueError, match=r"^EGFBlock: expected an even head dim .* got 12 / 4 = 3$"):
+        EGFBlock(12, 4, 1)

@@ -172,3 +172,35 @@ def test_low_precision_close_to_fp32(dtype):
         low = stage.to(dtype)(x.to(dtype))
     assert low.dtype == dtype and low.shape == ref.shape
     assert rel_err(low.float(), ref) <= 4 * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("ctor", [lambda p: HiFuseGlobalBlock(8, 2, 4, drop_path=p),
+                                  lambda p: HiFuseGlobalStage(8, 2, 2, 4, drop_path=p)])
+@pytest.mark.parametrize("rate", [1.0, 1.5, -0.1])
+def test_drop_path_outside_0_1_is_an_error_not_nan(ctor, rate):
+    with pytest.raises(ValueError, match=r"^HiFuse\w+: expected drop_path in \[0, 1\), got "):
+        ctor(rate)
+
+
+@pytest.mark.parametrize("rates", [[0.1], [0.1, 0.2, 0.3]])
+def test_stage_drop_path_list_must_have_one_rate_per_block(rates):
+    with pytest.raises(ValueError, match=r"^HiFuseGlobalStage: expected drop_path as one rate or a list of depth "
+                                         r"\(2\) rates, got \["):
+        HiFuseGlobalStage(8, 2, 2, 4, drop_path=rates)
+    assert [b.drop_path for b in HiFuseGlobalStage(8, 2, 2, 4, drop_path=[0.0, 0.3]).blocks] == [0.0, 0.3]
+
+
+def test_global_block_channels_last_and_constructor_errors_name_the_block():
+    blk = HiFuseGlobalBlock(8, 2, 4)
+    with pytest.raises(ValueError, match=r"^HiFuseGlobalBlock: expected x \(B, H, W, C\) with 8 channels, got \(2, 5, 5, 4\)$"):
+        blk.forward_channels_last(torch.randn(2, 5, 5, 4))
+    with pytest.raises(ValueError, match=r"^HiFuseGlobalBlock: expected x as a 4-D"):
+        blk.forward_channels_last(torch.randn(2, 25, 8))
+    x = torch.randn(1, 5, 6, 8)
+    torch.testing.assert_close(blk.forward_channels_last(x), blk(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"^HiFuseGlobalBlock: expected dim to be a positive int, got 0"):
+        HiFuseGlobalBlock(0, 2, 4)
+    with pytest.raises(ValueError, match=r"^PatchMerging: expected out_dim to be a positive int, got 0"):
+        PatchMerging(8, 0)
+    with pytest.raises(ValueError, match=r"^WindowAttention: expected backend to be one of \[None, 'reference', "):
+        WindowAttention(8, 2, 4, backend="cpu")

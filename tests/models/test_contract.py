@@ -150,3 +150,16 @@ def test_no_weight_decay():
     assert nwd and all(n.endswith("relative_position_bias_table") for n in nwd)
     assert nwd == {n for n, _ in m.named_parameters() if "relative_position_bias_table" in n}
     assert _hatr().no_weight_decay() == {"cls_token", "pos_embed"}
+
+
+@pytest.mark.parametrize("name,arg,cls", [("hifuse_tiny", "drop_path_rate", "HiFuse"),
+                                          ("hifuse_tiny", "conv_drop_path_rate", "HiFuse"),
+                                          ("hemf", "drop_path_rate", "HEMF")])
+@pytest.mark.parametrize("rate", [1.0, -0.1])
+def test_drop_path_rate_outside_0_1_names_the_model_argument(name, arg, cls, rate):
+    # a rate of 1 made the deepest block divide by a keep probability of 0 (NaN in training)
+    small = SMALL_FUSION if name != "hemf" else dict(dims=SMALL_FUSION["dims"], num_heads=4)
+    with pytest.raises(ValueError, match=rf"^{cls}: expected {arg} in \[0, 1\), got {rate}$"):
+        create_model(name, num_classes=3, **small, **{arg: rate})
+    m = create_model(name, num_classes=3, **small, **{arg: 0.5}).train()
+    assert torch.isfinite(m(torch.randn(2, 3, 64, 64))).all()
