@@ -197,6 +197,8 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], *, num
         path = Path(checkpoint)
         if not path.is_file():
             raise ExportError(f"checkpoint not found: {path}")
+        if path.stat().st_size == 0:
+            raise ExportError(f"{path}: empty checkpoint file (0 bytes)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -253,7 +255,9 @@ def _from_training_checkpoint(path, ckpt, model_name, num_classes, image_size, i
     recipe = get_recipe(cfg.get("recipe", "hifuse"))
     meta = {"model": cfg["model"], "classes": classes, "image_size": trained["image_size"],
             "in_chans": trained["in_chans"], "mean": list(recipe.mean), "std": list(recipe.std),
-            "recipe": recipe.name, "weights": str(path), "epoch": int(ckpt.get("epoch", -1)) + 1}
+            "recipe": recipe.name, "weights": str(path),
+            # version-2 checkpoints store the 1-based epoch, older ones the 0-based one (as load_inference reads them)
+            "epoch": int(ckpt.get("epoch", -1)) + (1 if int(ckpt.get("version", 1)) < 2 else 0)}
     return model, meta
 
 
@@ -304,6 +308,8 @@ def _cmd_export(args) -> int:
 
 
 def add_cli_commands(sub) -> None:
+    from .cli import _positive_int
+
     p = sub.add_parser(
         "export", help="export a model (a training checkpoint or fresh weights) to ONNX or torch.export (.pt2)",
         description="Export MODEL (or the model of --checkpoint) with a dynamic batch axis, then run the file on a "
@@ -313,8 +319,8 @@ def add_cli_commands(sub) -> None:
     )
     p.add_argument("model", nargs="?", default=None, help="model name (default: the checkpoint's)")
     p.add_argument("--checkpoint", default=None, help="training checkpoint (best.pt/last.pt) or a plain state_dict")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
-    p.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's, else 224")
+    p.add_argument("--num-classes", type=_positive_int, default=None, help="default: the checkpoint's, else 1000")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="default: the checkpoint's, else 224")
     p.add_argument("--in-chans", type=int, default=None, choices=(1, 3), help="default: the checkpoint's, else 3")
     p.add_argument("--format", choices=FORMATS, default=None, help="default: from the --out suffix")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")

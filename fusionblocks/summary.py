@@ -112,23 +112,67 @@ def official_unused_params(model: nn.Module) -> Optional[int]:
     return fn() if callable(fn) else None
 
 
+class _StageTracker:
+    """Which stage runs now: hooks on every module of each stage, so a stage counts whether the model calls
+    the stage module itself or only its parts (``self.backbone.forward_intermediates(x)``, ``for blk in
+    self.blocks``). ``on_switch(previous_stage)`` is called whenever the running stage changes."""
+
+    def __init__(self, model: nn.Module, on_switch=None):
+        self.stack: List[str] = []
+        self.on_switch = on_switch
+        self.handles = []
+        for name, stage in stage_modules(model).items():
+            for m in stage.modules():
+                self.handles.append(m.register_forward_pre_hook(self._enter(name)))
+                self.handles.append(m.register_forward_hook(self._leave))
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else TOP
+
+    def _enter(self, name: str):
+        def hook(module, args) -> None:
+            if self.on_switch is not None and name != self.current:
+                self.on_switch(self.current)
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, module, args, out) -> None:
+        name = self.stack.pop()
+        if self.on_switch is not None and name != self.current:
+            self.on_switch(name)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def count_flops(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     """FLOPs of one forward, per stage name plus ``TOP`` and ``"total"``."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    out: Dict[str, int] = {name: 0 for name in stage_modules(model)}
+    out[TOP] = 0
+    counter = FlopCounterMode(display=False)
+    mark = [0]
+
+    def switch(previous: str) -> None:  # the FLOPs since the last switch belong to the stage that ran them
+        now = int(counter.get_total_flops())
+        out[previous] += now - mark[0]
+        mark[0] = now
+
+    tracker = _StageTracker(model, switch)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counter:
             model(x)
+            switch(tracker.current)
     finally:
+        tracker.remove()
         model.train(was_training)
-    counts = counter.get_flop_counts()
-    root = type(model).__name__
-    out = {"total": int(counter.get_total_flops())}
-    for name in stage_modules(model):
-        out[name] = int(sum(counts.get(f"{root}.{name}", {}).values()))
-    out[TOP] = out["total"] - sum(v for k, v in out.items() if k != "total")
+    out["total"] = int(counter.get_total_flops())
     return out
 
 
@@ -143,7 +187,6 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     seen: set = set()
     per: Dict[str, int] = {name: 0 for name in stages}
     per[TOP] = 0
-    stack: List[str] = []
 
     def pack(t: torch.Tensor):
         try:
@@ -160,19 +203,8 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     def unpack(t):
         return t
 
-    def enter(name: str):
-        def hook(module, args) -> None:
-            stack.append(name)
-
-        return hook
-
-    def leave(module, args, out) -> None:
-        stack.pop()
-
-    handles = []
-    for name, m in stages.items():
-        handles.append(m.register_forward_pre_hook(enter(name)))
-        handles.append(m.register_forward_hook(leave))
+    tracker = _StageTracker(model)
+    stack = tracker.stack
     was_training = model.training
     model.train()
     try:
@@ -181,8 +213,7 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
         loss = out.float().sum() if isinstance(out, torch.Tensor) else sum(o.float().sum() for o in out)
         loss.backward()
     finally:
-        for h in handles:
-            h.remove()
+        tracker.remove()
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     return per

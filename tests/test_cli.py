@@ -411,3 +411,40 @@ def test_window_anchors_compute_the_reference(ws, shift, hw):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     got = bench.window_flex(q, k, v, table, hw=hw, window_size=ws, shift=shift, compiled=False)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_summary_stages_count_what_runs_in_them_when_the_model_calls_their_parts():
+    """A model that iterates a Sequential stage or calls a method of a stage (HATR's ``for block in
+    self.blocks``, ``self.backbone.forward_intermediates``, HEMF's branches) must not move that stage's FLOPs
+    and activations to '(top level)'."""
+    import torch.nn as nn
+
+    from fusionblocks.summary import TOP, summarize
+
+    class Backbone(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def features(self, x):
+            return self.conv(x).relu()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = Backbone()
+            self.blocks = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.backbone.features(x).mean((2, 3))
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    s = summarize(Net(), 8)
+    flops = {st.name: st.flops for st in s.stages}
+    acts = {st.name: st.activation_bytes for st in s.stages}
+    assert flops["backbone"] == 2 * 8 * 3 * 9 * 64 and flops["blocks"] == 2 * 2 * 8 * 8 and flops["head"] == 2 * 8 * 2
+    assert flops.get(TOP, 0) == 0 and sum(flops.values()) == s.flops
+    assert acts["backbone"] > 0 and acts["blocks"] > 0

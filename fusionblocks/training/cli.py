@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import List, Optional
 
-from ..cli import CLIError
+from ..cli import CLIError, _fraction, _non_negative_int, _positive_int
 
 
 def _class_weights(text: Optional[str]):
@@ -108,15 +108,15 @@ def add_cli_commands(sub) -> None:
                    help="hifuse or hatr (default: the model's: hatr for HATR models, hifuse for HiFuse/HEMF)")
     t.add_argument("--augment", choices=("recipe", "light", "none"), default="recipe",
                    help="training augmentation: the recipe's (default), light (flip, ±5 deg rotation) or none")
-    t.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    t.add_argument("--batch-size", type=int, default=None, help="default: the recipe's (32)")
-    t.add_argument("--image-size", type=int, default=224)
+    t.add_argument("--epochs", type=_positive_int, default=None, help="default: the recipe's")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="default: the recipe's (32)")
+    t.add_argument("--image-size", type=_positive_int, default=224)
     t.add_argument("--lr", type=float, default=None, help="default: the recipe's (1e-4)")
     t.add_argument("--in-chans", type=int, default=3, choices=(1, 3), help="1 reads images as grayscale")
     t.add_argument("--class-weights", type=_class_weights, default="recipe",
                    help="recipe (default), none, balanced (inverse frequency) or comma-separated weights")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    t.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading worker processes")
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -126,11 +126,11 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--overwrite", action="store_true",
                    help="replace a run already in OUT (otherwise an existing run is never overwritten)")
     t.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    t.add_argument("--val-fraction", type=float, default=0.15)
-    t.add_argument("--test-fraction", type=float, default=0.15)
-    t.add_argument("--synthetic-samples", type=int, default=64)
-    t.add_argument("--synthetic-classes", type=int, default=2)
-    t.add_argument("--max-steps", type=int, default=None, help="cap the steps of each epoch (smoke runs)")
+    t.add_argument("--val-fraction", type=_fraction, default=0.15)
+    t.add_argument("--test-fraction", type=_fraction, default=0.15)
+    t.add_argument("--synthetic-samples", type=_positive_int, default=64)
+    t.add_argument("--synthetic-classes", type=_positive_int, default=2)
+    t.add_argument("--max-steps", type=_positive_int, default=None, help="cap the steps of each epoch (smoke runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--class-names", type=lambda s: [c.strip() for c in s.split(",")], default=None,
                    help="a,b,c: class names of a MedMNIST .npz (default: medmnist's INFO if installed, else class_i)")
@@ -147,11 +147,11 @@ def add_cli_commands(sub) -> None:
     e.add_argument("--data", required=True)
     e.add_argument("--out", required=True)
     e.add_argument("--split", choices=("auto", "test", "val", "train", "all"), default="auto")
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--gradcam", type=int, default=0, metavar="N",
+    e.add_argument("--batch-size", type=_positive_int, default=32)
+    e.add_argument("--gradcam", type=_non_negative_int, default=0, metavar="N",
                    help="save Grad-CAM heatmaps of N images, taking the classes in turn")
     e.add_argument("--device", default=None)
-    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--workers", type=_non_negative_int, default=0)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)

@@ -215,13 +215,48 @@ class _Batches(torch.utils.data.Sampler):
         return len(self.sampler) // self.batch_size + (0 if self.drops_one or len(self.sampler) % self.batch_size == 0 else 1)
 
 
+class _WithEpoch(torch.utils.data.Sampler):
+    """``(epoch, index)`` keys of an :class:`_EpochSampler`: the epoch travels with each index, so that worker
+    processes (persistent ones keep the dataset copy of the epoch they started in) augment with the right epoch."""
+
+    def __init__(self, sampler: _EpochSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class _AtEpoch(Dataset):
+    """``dataset[(epoch, i)]``: ``set_epoch(epoch)`` (in whichever process loads it), then ``dataset[i]``."""
+
+    def __init__(self, ds: Dataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        if hasattr(self.ds, "set_epoch"):
+            self.ds.set_epoch(epoch)
+        return self.ds[i]
+
+
 def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
     """Evaluation (``sampler=None``: every sample, in order) or training loader (``sampler``: see :class:`_Batches`)."""
+    # a loader of its own for the workers' base seed: drawn from the global RNG, it would shift the model's
+    # random stream (dropout) by one draw per new iterator, and persistent workers make one iterator per run, not
+    # per epoch, so a resumed run would draw differently from an uninterrupted one (the datasets seed themselves)
+    gen = torch.Generator().manual_seed(0)
     if sampler is None:
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          persistent_workers=num_workers > 0)
-    return DataLoader(ds, batch_sampler=_Batches(sampler, batch_size), num_workers=num_workers,
-                      persistent_workers=num_workers > 0)
+                          persistent_workers=num_workers > 0, generator=gen)
+    return DataLoader(_AtEpoch(ds), batch_sampler=_Batches(_WithEpoch(sampler), batch_size), num_workers=num_workers,
+                      persistent_workers=num_workers > 0, generator=gen)
 
 
 def _progress(it, enabled: bool, **kw):
@@ -452,8 +487,12 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     recipe_name = cfg.recipe or default_recipe(cfg.model)
     recipe = get_recipe(recipe_name)
     aug = augment_spec(recipe, cfg.augment)
-    epochs = cfg.epochs or recipe.epochs
-    batch_size = cfg.batch_size or recipe.batch_size
+    epochs = cfg.epochs if cfg.epochs is not None else recipe.epochs
+    batch_size = cfg.batch_size if cfg.batch_size is not None else recipe.batch_size
+    for what, v in (("epochs", epochs), ("batch_size", batch_size), ("image_size", cfg.image_size),
+                    ("max_steps_per_epoch", cfg.max_steps_per_epoch)):
+        if v is not None and v < 1:
+            raise ValueError(f"train: expected {what} >= 1, got {v}")
     rank, local_rank, world = _distributed()
     device = _device(cfg.device, local_rank)
     amp = _amp_dtype(cfg.amp, device)
@@ -549,8 +588,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     try:
         for epoch in range(done, epochs):
             t0 = time.time()
-            sampler.set_epoch(epoch)
-            train_ds.set_epoch(epoch)
+            sampler.set_epoch(epoch)  # the loader hands the epoch to the dataset with each index (_AtEpoch)
             train_model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             it = _progress(train_loader, cfg.progress and rank == 0, desc=f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch)

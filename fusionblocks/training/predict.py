@@ -198,6 +198,7 @@ def write_csv(path: str | Path, classes: Sequence[str], rows: Sequence[Tuple[str
 def _run_predict(args) -> int:
     from ..cli import CLIError
     from ..export import ExportError
+    from .checkpoint import CheckpointError
 
     if args.checkpoint is None and args.onnx is None:
         raise CLIError("give --checkpoint (a training checkpoint) or --onnx (a file from `fusionblocks export`)")
@@ -207,7 +208,7 @@ def _run_predict(args) -> int:
         else:
             predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
         files = collect_images(args.input)
-    except (DataError, ExportError, FileNotFoundError, KeyError) as e:
+    except (DataError, ExportError, CheckpointError, FileNotFoundError, KeyError) as e:
         raise CLIError(str(e)) from None
 
     def warn(file: str, err: str) -> None:
@@ -233,6 +234,8 @@ def _run_predict(args) -> int:
 
 
 def add_cli_commands(sub) -> None:
+    from ..cli import _non_negative_int, _positive_int
+
     p = sub.add_parser(
         "predict", help="class probabilities of a checkpoint or an exported ONNX file on image files/folders",
         description="Run a training checkpoint (--checkpoint) or an ONNX file from `fusionblocks export` (--onnx, "
@@ -244,8 +247,8 @@ def add_cli_commands(sub) -> None:
     p.add_argument("--onnx", default=None, help="ONNX file from `fusionblocks export` (run with ONNX Runtime on CPU)")
     p.add_argument("--input", nargs="+", required=True, metavar="DIR|FILE", help="image files and/or folders (recursive)")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--workers", type=_non_negative_int, default=0, help="image-decoding worker processes")
     p.add_argument("--device", default=None, help="for --checkpoint: default cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)

@@ -55,6 +55,15 @@ def test_train_resume_flag(tmp_path, tiny_model, capsys):
         (["--data", "/no/such/folder"], "data folder not found: /no/such/folder"),
         (["--data", "synthetic", "--recipe", "sgd"], "unknown recipe 'sgd'"),
         (["--data", "synthetic", "--model", "hifuse_tinny"], "unknown model 'hifuse_tinny'; did you mean 'hifuse_tiny'"),
+        # 0 was taken as "not given" (the recipe's 20 epochs / batch 32), negatives crashed later with a traceback
+        (["--data", "synthetic", "--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--data", "synthetic", "--batch-size", "0"], "argument --batch-size: expected a positive integer, got '0'"),
+        (["--data", "synthetic", "--batch-size", "-2"], "argument --batch-size: expected a positive integer, got '-2'"),
+        (["--data", "synthetic", "--image-size", "-5"], "argument --image-size: expected a positive integer"),
+        (["--data", "synthetic", "--max-steps", "0"], "argument --max-steps: expected a positive integer, got '0'"),
+        (["--data", "synthetic", "--synthetic-classes", "0"], "argument --synthetic-classes: expected a positive"),
+        (["--data", "synthetic", "--workers", "-1"], "argument --workers: expected a non-negative integer"),
+        (["--data", "synthetic", "--val-fraction", "1.5"], "argument --val-fraction: expected a fraction in [0, 1)"),
     ],
 )
 def test_train_errors_exit_2_with_a_message(tmp_path, extra, match, capsys):
@@ -76,3 +85,13 @@ def test_bad_class_weights_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--data", "synthetic", "--out", str(tmp_path), "--class-weights", "heavy"])
     assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+
+
+def test_zero_epochs_or_batch_size_in_the_api_is_refused(tmp_path):
+    from fusionblocks.training import engine as E
+
+    for kw, msg in ((dict(epochs=0), "expected epochs >= 1, got 0"), (dict(batch_size=0), "expected batch_size >= 1")):
+        cfg = E.TrainConfig(model="hatr_conv2d", data="synthetic", out=str(tmp_path / "x"), image_size=16,
+                            synthetic_samples=4, progress=False, log=False, **kw)
+        with pytest.raises(ValueError, match=msg):
+            E.train(cfg)

@@ -171,3 +171,34 @@ def test_setup_is_stated_in_the_log(tmp_path, capsys):
     for part in ("train loss", "val loss", "acc", "F1", "AUC", "lr 1.00e-04", "s"):
         assert part in line
     assert "checkpoints: best.pt" in out
+
+
+def test_worker_processes_augment_with_each_epochs_seed_and_leave_the_global_rng_alone():
+    """Persistent workers keep the dataset copy of the epoch they started in: the epoch must travel with the
+    indices, or every epoch repeats the first one's augmentation (and a resumed run, whose workers start at a
+    later epoch, differs from an uninterrupted one). A loader must not draw from the global RNG either: one
+    iterator per run (persistent) or per epoch would shift dropout differently after a resume."""
+    from fusionblocks.training import data as D
+    from fusionblocks.training.recipes import augment_spec, get_recipe
+    from fusionblocks.training.transforms import build
+
+    r = get_recipe("hifuse")
+    tf = build(True, augment_spec(r, "recipe"), 16, r.mean, r.std)
+
+    def epochs(workers):
+        ds = D.SyntheticDataset(8, 2, 16, 3, tf, 0)
+        sampler = E._EpochSampler(len(ds), 0)
+        loader = E._loader(ds, 4, workers, sampler)
+        out = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            ds.set_epoch(epoch)
+            before = torch.get_rng_state()
+            out.append(torch.cat([x for x, _ in loader]))
+            assert torch.equal(torch.get_rng_state(), before)
+        return out
+
+    single, workers = epochs(0), epochs(2)
+    assert not torch.equal(single[0], single[1])
+    for a, b in zip(single, workers):
+        assert torch.equal(a, b)

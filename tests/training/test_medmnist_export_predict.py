@@ -260,3 +260,25 @@ def test_class_names_are_refused_for_a_folder(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(DataError, match="--class-names applies to a .npz file"):
         load_splits(tmp_path, class_names=["x"])
+
+
+def test_exported_metadata_names_the_checkpoints_epoch(trained):
+    pytest.importorskip("onnx")
+    from fusionblocks.export import load_for_export
+
+    root, data, run = trained
+    _, meta = load_for_export(None, str(run / "best.pt"))
+    assert meta["epoch"] == torch.load(run / "best.pt", weights_only=True)["epoch"] == 1  # 1-based already
+
+
+def test_predict_and_export_with_a_damaged_checkpoint_give_one_line(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    for name, what in (("empty.pt", "empty checkpoint file (0 bytes)"), ("cut.pt", "damaged or truncated checkpoint")):
+        r = _cli("predict", "--checkpoint", tmp_path / name, "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"fusionblocks predict: error: {tmp_path / name}: {what}" in r.stderr
+    r = _cli("export", "--checkpoint", tmp_path / "empty.pt", "--out", tmp_path / "x.onnx")
+    assert r.returncode == 2 and "empty checkpoint file (0 bytes)" in r.stderr
