@@ -149,7 +149,8 @@ class _StageTracker:
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
-    """FLOPs of one forward, per stage name plus ``TOP`` and ``"total"``."""
+    """FLOPs of one forward, per stage name plus ``TOP`` and ``"total"``; attention counts as the reference
+    computes it whichever backend runs (:mod:`fusionblocks.ops.flops`)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     out: Dict[str, int] = {name: 0 for name in stage_modules(model)}

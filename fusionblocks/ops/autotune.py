@@ -465,7 +465,31 @@ def _contenders(candidates: list) -> Dict[str, tuple]:
     return out
 
 
+def _same(t):
+    return t
+
+
+@contextlib.contextmanager
+def _apart():
+    """Measurement runs apart from what observes the caller's calls: no dispatch mode (a ``FlopCounterMode``,
+    a logging mode) sees the contenders' ops, and no saved-tensor hooks (``save_on_cpu``, an activation
+    counter, non-reentrant checkpointing) take their saved tensors; the innermost hooks are the ones used, so
+    identity hooks hide the caller's."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    # where saved-tensor hooks are disabled (functorch transforms), no caller's hooks can be there to hide
+    hide = (torch.autograd.graph.saved_tensors_hooks(_same, _same) if torch._C._autograd._saved_tensors_hooks_is_enabled()
+            else contextlib.nullcontext())
+    with _disable_current_modes(), hide:
+        yield
+
+
 def _measure(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, key: str) -> Choice:
+    with _apart():
+        return _measure_apart(op, candidates, args, kwargs, grad, key)
+
+
+def _measure_apart(op: str, candidates: list, args: tuple, kwargs: dict, grad: bool, key: str) -> Choice:
     names = [b.name for b in candidates]
     contenders = _contenders(candidates)
     timers, failed = {}, {}

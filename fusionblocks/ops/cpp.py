@@ -43,6 +43,7 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from . import flops
 from .dispatch import register_backend
 
 try:
@@ -209,6 +210,12 @@ def _fake_like(t: torch.Tensor, shape=None) -> torch.Tensor:
 
 if _C is not None:
     _ops = torch.ops.fusionblocks_C
+    F_, B_ = flops.FORWARD, flops.BACKWARD
+    flops.register([(_ops.decay_full_fwd, "full", F_), (_ops.decay_full_bwd, "full", B_),
+                    (_ops.decay_dec_fwd, "decomposed", F_), (_ops.decay_dec_fwd_train, "decomposed", F_),
+                    (_ops.decay_dec_bwd, "decomposed", B_), (_ops.decay_dec_bwd_probs, "decomposed", B_),
+                    (_ops.window_fwd, "window", F_), (_ops.window_fwd_train, "window", F_),
+                    (_ops.window_bwd, "window", B_), (_ops.window_bwd_probs, "window", B_)])
 
     # ---- fake kernels: shapes/dtypes of the results, all contiguous ----
     @torch.library.register_fake("fusionblocks_C::decay_full_fwd")

@@ -545,3 +545,26 @@ def test_compile_with_dynamic_sizes_follows_the_answers_known_at_every_size(op, 
     assert kernel not in compiled_run({})  # nothing known: the rule (the reference on CPU)
     assert kernel in compiled_run({3: "cpp", 8: "cpp"})  # known at batches 3 (bucket 4) and 8: cpp
     assert kernel not in compiled_run({3: "cpp", 8: "reference"})  # they differ: the rule
+
+
+def test_measuring_is_hidden_from_the_callers_modes_and_saved_tensor_hooks(fresh_cache):
+    # `fusionblocks summary` counted the contenders' FLOPs and saved tensors while the first call of a class was
+    # measured (a HiFuse at 64 px: 4.06 GFLOPs and 75.8 MiB on a first run, 3.45 GFLOPs and 19.9 MiB after)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    op = "_tune_apart"
+    dispatch.register_backend(op, "reference", priority=0)(lambda x: (x @ x).sin())
+    dispatch.register_backend(op, "cpp", priority=10)(lambda x: (x @ x).cos())
+    x = torch.randn(16, 16, requires_grad=True)
+    packed = []
+    with FlopCounterMode(display=False) as counter, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: packed.append(t.shape) or t, lambda t: t):
+        backend, choice = dispatch._choice(op, None, (x,), {})
+        assert choice.how == "measured" and choice.rounds >= autotune.MIN_ROUNDS
+        backend.fn(x)
+    assert counter.get_total_flops() == 2 * 16 ** 3  # the one call's product, none of the measured ones
+    calls_own = len(packed)
+    packed.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
+        backend.fn(x)
+    assert calls_own == len(packed) > 0  # the call's own saved tensors, none of the measured ones

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import flops
 from ..dispatch import register_backend
 from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, memoized, next_pow2,
                       triton_built_interpreted, triton_ptr_type, tuning)
@@ -780,6 +781,10 @@ def _decomposed_grad(ctx, do, do1, dlse1, dlse2):
 
 
 decay_attention_decomposed.register_autograd(_decomposed_grad, setup_context=_decomposed_setup)
+flops.register([(flops.op_packet("fusionblocks::decay_attention_full"), "full", flops.FORWARD),
+                (flops.op_packet("fusionblocks::decay_attention_full_backward"), "full", flops.BACKWARD),
+                (flops.op_packet("fusionblocks::decay_attention_decomposed"), "decomposed", flops.FORWARD),
+                (flops.op_packet("fusionblocks::decay_attention_decomposed_backward"), "decomposed", flops.BACKWARD)])
 
 
 # --------------------------------------------------------------------------------------------

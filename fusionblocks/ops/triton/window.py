@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import flops
 from ..dispatch import register_backend
 from ..reference import relative_position_index
 from ._common import (SM90_MAX_SHARED, acc_dtype_of, compile_spec, device_reasons, lazy_jit, max_shared_bytes, memoized, next_pow2,
@@ -491,6 +492,9 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+flops.register([(flops.op_packet("fusionblocks::window_attention_fwd"), "window", flops.FORWARD),
+                (flops.op_packet("fusionblocks::window_attention_infer"), "window", flops.FORWARD),
+                (flops.op_packet("fusionblocks::window_attention_bwd"), "window", flops.BACKWARD)])
 
 
 # --------------------------------------------------------------------------------------------------
