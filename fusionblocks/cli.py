@@ -186,7 +186,13 @@ def cmd_summary(args) -> int:
     from .summary import summarize
 
     _check_model(args.model)
-    s = summarize(args.model, args.image_size, args.batch_size, num_classes=args.num_classes, device=args.device)
+    try:
+        s = summarize(args.model, args.image_size, args.batch_size, num_classes=args.num_classes, device=args.device)
+    except ValueError as e:  # the model's own input checks; BatchNorm in the training step at one value per channel
+        hint = ("; the training step's BatchNorm needs more than one value per channel: use --batch-size 2 or a "
+                "larger --image-size") if "more than 1 value per channel" in str(e) else ""
+        raise CLIError(f"summary {args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}: "
+                       f"{e}{hint}") from None
     print(s.to_json() if args.json else s.format())
     return 0
 

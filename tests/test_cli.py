@@ -83,6 +83,19 @@ def test_unknown_model_suggests_close_names(capsys, cmd):
     assert "unknown model 'hifuse_tny'" in err and "hifuse_tiny" in err
 
 
+@pytest.mark.parametrize("cmd,want", [
+    (["summary", "hemf", "--image-size", "16"], "summary hemf at 16x16, batch 1: Expected more than 1 value per "
+                                                "channel when training"),
+    (["summary", "hatr_conv2d", "--image-size", "16"], "summary hatr_conv2d at 16x16, batch 1: hatr_conv2d: expected "
+                                                       "an image of at least 31x31"),
+])
+def test_summary_of_a_size_the_model_cannot_take_is_one_line(capsys, cmd, want):
+    code, err = cli_error(capsys, *cmd)
+    assert code == 2 and want in err and "Traceback" not in err
+    if "value per channel" in want:
+        assert "use --batch-size 2 or a larger --image-size" in err
+
+
 def test_bench_on_missing_cuda_is_an_error(capsys):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
