@@ -145,9 +145,9 @@ def expect_scale(block: str, name: str, value: object) -> Optional[float]:
     return float(value)
 
 
-def expect_drop_path(block: str, name: str, value: object) -> float:
-    """A stochastic-depth rate: a real number (or a one-element tensor) in ``[0, 1)``, returned as a Python
-    ``float``."""
+def expect_rate(block: str, name: str, value: object) -> float:
+    """A drop rate (stochastic depth, dropout): a real number (or a one-element tensor) in ``[0, 1)``, returned
+    as a Python ``float``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
         value = value.item()
     if not (is_real(value) and 0.0 <= value < 1.0):

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import expect_choice, expect_drop_path, expect_nchw, expect_positive_int
+from .._validate import expect_choice, expect_rate, expect_nchw, expect_positive_int
 from .norm import LayerNorm2d
 from .drop import drop_path
 
@@ -58,7 +58,7 @@ class LocalBlock(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm = LayerNorm2d(dim, eps=norm_eps)
         self.pwconv = nn.Linear(dim, dim)
-        self.drop_path = expect_drop_path(name, "drop_path", drop_path)
+        self.drop_path = expect_rate(name, "drop_path", drop_path)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, norm_position={self.norm_position!r}"

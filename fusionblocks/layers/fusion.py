@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import (expect_choice, expect_divisible, expect_drop_path, expect_nchw, expect_positive_int,
+from .._validate import (expect_choice, expect_divisible, expect_rate, expect_nchw, expect_positive_int,
                          expect_same_batch, expect_same_spatial, shape_str)
 from ..models.convert import KeyRules, OfficialWeights, Rule, join_rules, prefix_rules
 from .conv import ConvBN
@@ -156,7 +156,7 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
             raise ValueError(f"{name}: expected an odd fuse_kernel, got {fuse_kernel}")
         if with_prev is not False and dim % 2:
             raise ValueError(f"{name}: expected an even dim (f has dim / 2 channels), got {dim}")
-        drop_path = expect_drop_path(name, "drop_path", drop_path)
+        drop_path = expect_rate(name, "drop_path", drop_path)
         self.dim, self.l_dim, self.g_dim, self.with_prev = dim, l_dim, g_dim, with_prev
         self.drop_path = float(drop_path)
 

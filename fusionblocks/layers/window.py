@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import (expect_choice, expect_divisible, expect_drop_path, expect_int, expect_nchw,
+from .._validate import (expect_choice, expect_divisible, expect_rate, expect_int, expect_nchw,
                          expect_positive_int, expect_input_like, expect_rank, shape_str)
 from ..ops import BACKENDS, window_attention
 from .drop import drop_path
@@ -176,7 +176,7 @@ class HiFuseGlobalBlock(nn.Module):
         name = type(self).__name__
         dim = expect_positive_int(name, "dim", dim)
         self.dim = dim
-        self.drop_path = expect_drop_path(name, "drop_path", drop_path)
+        self.drop_path = expect_rate(name, "drop_path", drop_path)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = WindowAttention(dim, num_heads, window_size, shift, qkv_bias=qkv_bias, backend=backend)
         self.fc1 = nn.Linear(dim, dim)
@@ -243,9 +243,9 @@ class HiFuseGlobalStage(nn.Module):
             if len(drop_path) != depth:
                 raise ValueError(f"{name}: expected drop_path as one rate or a list of depth ({depth}) rates, "
                                  f"got {list(drop_path)!r}")
-            rates = [expect_drop_path(name, f"drop_path[{j}]", p) for j, p in enumerate(drop_path)]
+            rates = [expect_rate(name, f"drop_path[{j}]", p) for j, p in enumerate(drop_path)]
         else:
-            rates = [expect_drop_path(name, "drop_path", drop_path)] * depth
+            rates = [expect_rate(name, "drop_path", drop_path)] * depth
         self.in_dim = dim if in_dim is None else in_dim
         self.downsample = nn.Identity() if in_dim is None else PatchMerging(in_dim, dim, norm_eps=norm_eps)
         self.blocks = nn.ModuleList(

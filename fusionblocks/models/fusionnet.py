@@ -7,7 +7,7 @@ Contract (stable; HiFuse and HEMF are configurations of it)::
       -> local_branch:  stem (stride 4) -> stages[0..3]   -> l_1..l_4   (dims[i] channels, strides 4/8/16/32)
       -> global_branch: stem (stride 4) -> stages[0..3]   -> g_1..g_4
       -> f_i = fusion[i](l_i, g_i, f_{i-1})  with f_0 = None            (the four fusion outputs)
-      -> head: mean over H, W -> LayerNorm(dims[-1], eps 1e-6) -> Linear(dims[-1], num_classes)
+      -> head: mean over H, W -> LayerNorm(dims[-1], eps 1e-6) [-> Dropout(drop_rate)] -> Linear(dims[-1], num_classes)
 
 Factories (all return NCHW-in/NCHW-out modules):
 
@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
-from .._validate import expect_drop_path, expect_nchw, expect_positive_int
+from .._validate import expect_rate, expect_nchw, expect_positive_int
 from ..layers.norm import LayerNorm2d
 from . import checkpointing
 from .contract import ModelContract, model_cfg
@@ -85,7 +85,7 @@ def expect_four(name: str, what: str, values: Sequence) -> tuple:
 def stage_drop_path_rates(name: str, what: str, rate: float, depths: Sequence[int]) -> List[List[float]]:
     """Stochastic-depth rates rising linearly from 0 to ``rate`` over all blocks, split into one list per stage;
     ``rate`` (the model ``name``'s argument ``what``) must lie in ``[0, 1)``."""
-    rate = expect_drop_path(name, what, rate)
+    rate = expect_rate(name, what, rate)
     n = sum(depths)
     # computed without a tensor, so that the models also build on the meta device
     rates = [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
@@ -149,18 +149,20 @@ class Branch(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pool -> ``LayerNorm(dim)`` -> ``Linear(dim, num_classes)`` (official ``conv_norm``/``conv_head``).
+    """Global average pool -> ``LayerNorm(dim)`` -> ``Linear(dim, num_classes)`` (official ``conv_norm``/``conv_head``),
+    with timm's classifier dropout (``drop_rate``, official 0) before the Linear.
 
     Shapes: ``(B, C, H, W) -> (B, num_classes)``, or ``(B, C)`` with ``pre_logits=True``.
     """
 
-    def __init__(self, dim: int, num_classes: int, *, norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_classes: int, *, norm_eps: float = 1e-6, drop_rate: float = 0.0):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean((-2, -1)))
+        x = self.drop(self.norm(x.mean((-2, -1))))
         return x if pre_logits else self.fc(x)
 
 
@@ -178,6 +180,7 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
         global_stem: same for the global branch.
         head_norm_eps: epsilon of the head LayerNorm (official: 1e-6).
         pad_to: inputs are zero-padded (bottom/right) to multiples of this (default 32, the total stride).
+        drop_rate: dropout before the classifier, in ``[0, 1)`` (timm's ``drop_rate``; official 0).
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``.
     """
@@ -209,6 +212,7 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
         global_stem: StemFn = conv_stem,
         head_norm_eps: float = 1e-6,
         pad_to: int = 32,
+        drop_rate: float = 0.0,
     ):
         super().__init__()
         name = type(self).__name__
@@ -217,6 +221,7 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
             expect_positive_int(name, "dims", d)
         expect_positive_int(name, "in_chans", in_chans)
         expect_positive_int(name, "pad_to", pad_to)
+        drop_rate = expect_rate(name, "drop_rate", drop_rate)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"{name}: expected num_classes as an int >= 0, got {num_classes!r}")
         self.dims = dims
@@ -229,7 +234,7 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
         self.local_branch = Branch(local_stem(in_chans, dims[0]), [local_stage(i, in_dims[i], dims[i]) for i in range(4)])
         self.global_branch = Branch(global_stem(in_chans, dims[0]), [global_stage(i, in_dims[i], dims[i]) for i in range(4)])
         self.fusion = nn.ModuleList(fusion(i, dims[i]) for i in range(4))
-        self.head = ClassifierHead(dims[-1], num_classes, norm_eps=head_norm_eps)
+        self.head = ClassifierHead(dims[-1], num_classes, norm_eps=head_norm_eps, drop_rate=drop_rate)
         self.feature_info: List[Dict[str, object]] = [
             {"num_chs": dims[i], "reduction": 4 * 2**i, "module": f"fusion.{i}"} for i in range(4)
         ]

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
-from .._validate import expect_nchw, expect_positive_int
+from .._validate import expect_rate, expect_nchw, expect_positive_int
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
 from . import checkpointing
@@ -139,8 +139,8 @@ class HATR(ModelContract, nn.Module):
         tokenizer_stride: tokenizer stride (paper: 1).
         weighting_reduction: channel-attention reduction of :class:`TokenWeighting`.
         weighting_kernel: spatial-attention kernel of :class:`TokenWeighting`.
-        drop_rate: dropout in the ViT blocks and before the head.
-        attn_drop_rate: attention dropout.
+        drop_rate: dropout in the ViT blocks and before the head, in ``[0, 1)``.
+        attn_drop_rate: attention dropout, in ``[0, 1)``.
 
     Shapes:
         ``forward``: ``(B, in_chans, H, W) -> (B, num_classes)``;
@@ -199,6 +199,8 @@ class HATR(ModelContract, nn.Module):
             )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"{self.model_name}: expected num_classes to be a non-negative int, got {num_classes!r}")
+        drop_rate = expect_rate(self.model_name, "drop_rate", drop_rate)
+        attn_drop_rate = expect_rate(self.model_name, "attn_drop_rate", attn_drop_rate)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -225,6 +227,12 @@ class HATR(ModelContract, nn.Module):
         self.weighting = TokenWeighting(embed_dim, reduction=weighting_reduction, kernel_size=weighting_kernel)
 
         self.grid_size = self._token_grid(*self.img_size)
+        if min(self.grid_size) < 1:
+            lo = self._min_side()
+            raise ValueError(
+                f"{self.model_name}: expected img_size of at least {lo}x{lo} (the backbone map must cover the "
+                f"tokenizer's {self.tokenizer.kernel_size} kernel), got {img_size!r}"
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid_size[0] * self.grid_size[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
@@ -259,6 +267,13 @@ class HATR(ModelContract, nn.Module):
         fh, fw = self.backbone.output_size(height, width)
         return self.tokenizer.output_size(fh, fw)
 
+    def _min_side(self) -> int:
+        """The smallest square input side whose token grid is not empty."""
+        lo = 1
+        while min(self._token_grid(lo, lo)) < 1:
+            lo += 1
+        return lo
+
     def _check_input(self, x: torch.Tensor) -> None:
         expect_nchw(self.model_name, "x", x, self.in_chans)
         if self.backbone_only:
@@ -266,9 +281,7 @@ class HATR(ModelContract, nn.Module):
         h, w = x.shape[-2:]
         th, tw = self._token_grid(h, w)
         if th < 1 or tw < 1:
-            lo = 1
-            while min(self._token_grid(lo, lo)) < 1:
-                lo += 1
+            lo = self._min_side()
             raise ValueError(
                 f"{self.model_name}: expected an image of at least {lo}x{lo} (the backbone map must cover the "
                 f"tokenizer's {self.tokenizer.kernel_size} kernel), got {tuple(x.shape)}"

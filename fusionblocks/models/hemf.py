@@ -49,6 +49,7 @@ class HEMF(FusionNet):
         num_classes: classifier outputs (``0``: pooled features).
         drop_path_rate: stochastic depth of the ELF blocks, linear from 0 (official ``ELF_drop_path_rate`` 0).
         fusion_drop_path: stochastic depth of the HEF blocks (official ``HEF_drop_rate`` 0).
+        drop_rate: dropout before the classifier (timm's ``drop_rate``; official 0).
         learnable_decay: learn each MaSA layer's log-decay (official: fixed).
         backend: ``decay_attention`` backend (``None`` = auto).
         fusion_kwargs: extra options of every :class:`HEF` (paper variants, e.g. ``depthwise=True``).
@@ -80,6 +81,7 @@ class HEMF(FusionNet):
         num_classes: int = 1000,
         drop_path_rate: float = 0.0,
         fusion_drop_path: float = 0.0,
+        drop_rate: float = 0.0,
         learnable_decay: bool = False,
         backend: Optional[str] = None,
         fusion_kwargs: Optional[dict] = None,
@@ -106,6 +108,7 @@ class HEMF(FusionNet):
             dims=dims,
             in_chans=in_chans,
             num_classes=num_classes,
+            drop_rate=drop_rate,
         )
         self.local_depths, self.global_depths, self.num_heads = local_depths, global_depths, num_heads
 

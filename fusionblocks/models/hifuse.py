@@ -66,6 +66,7 @@ class HiFuse(FusionNet):
         num_classes: classifier outputs.
         drop_path_rate: stochastic depth of the global blocks, linear from 0 (official 0.1).
         conv_drop_path_rate: stochastic depth of the local blocks (official 0).
+        drop_rate: dropout before the classifier (timm's ``drop_rate``; official 0).
         qkv_bias: bias of the qkv projections.
         backend: window-attention backend (``None`` = auto).
         fusion_kwargs: extra options of every :class:`HFF` (paper variants).
@@ -99,6 +100,7 @@ class HiFuse(FusionNet):
         num_classes: int = 1000,
         drop_path_rate: float = 0.1,
         conv_drop_path_rate: float = 0.0,
+        drop_rate: float = 0.0,
         qkv_bias: bool = True,
         backend: Optional[str] = None,
         fusion_kwargs: Optional[dict] = None,
@@ -128,6 +130,7 @@ class HiFuse(FusionNet):
             in_chans=in_chans,
             num_classes=num_classes,
             global_stem=lambda c, d: PatchEmbed(c, d, 4),
+            drop_rate=drop_rate,
         )
         self.depths, self.conv_depths, self.num_heads, self.window_size = depths, conv_depths, num_heads, window_size
 

@@ -43,12 +43,16 @@ def list_models(pattern: Optional[str] = None) -> List[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)] if pattern else names
 
 
-def create_model(name: str, num_classes: int = 1000, pretrained_official: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(
+    name: str, num_classes: Optional[int] = None, pretrained_official: Optional[str] = None, **kwargs
+) -> nn.Module:
     """Build a registered model.
 
     Args:
         name: one of :func:`list_models`.
-        num_classes: classifier outputs.
+        num_classes: classifier outputs; ``None`` (the default): the model's own default, the ``num_classes`` of
+            its ``pretrained_cfg`` (1000 for HiFuse and HEMF, 2 for HATR), as ``timm.create_model`` and the
+            model's factory give.
         pretrained_official: path to a checkpoint of the official repository; its state_dict is
             loaded strictly through ``model.load_official_state_dict``.
         **kwargs: passed to the model's constructor.
@@ -58,11 +62,19 @@ def create_model(name: str, num_classes: int = 1000, pretrained_official: Option
         close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"create_model: unknown model {name!r}{hint} Available: {', '.join(sorted(_MODELS))}")
-    model = _MODELS[name](num_classes=num_classes, **kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = _MODELS[name](**kwargs)
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
         model.pretrained_cfg["architecture"] = name
     if pretrained_official is not None:
         import torch
+
+        if not hasattr(model, "load_official_state_dict"):
+            raise ValueError(
+                f"create_model: expected pretrained_official only for a model with official code (HiFuse, HEMF: "
+                f"load_official_state_dict); {name} has none, got pretrained_official={pretrained_official!r}"
+            )
 
         sd = torch.load(pretrained_official, map_location="cpu", weights_only=True)
         for key in ("model", "state_dict"):

@@ -163,3 +163,34 @@ def test_drop_path_rate_outside_0_1_names_the_model_argument(name, arg, cls, rat
         create_model(name, num_classes=3, **small, **{arg: rate})
     m = create_model(name, num_classes=3, **small, **{arg: 0.5}).train()
     assert torch.isfinite(m(torch.randn(2, 3, 64, 64))).all()
+
+
+@pytest.mark.parametrize("name,cls", [("hifuse_tiny", "HiFuse"), ("hemf", "HEMF")])
+def test_drop_rate_is_classifier_dropout(name, cls):
+    # timm's train.py passes drop_rate (default 0.0) to every model; HiFuse/HEMF raised TypeError
+    small = SMALL_FUSION if name != "hemf" else dict(dims=SMALL_FUSION["dims"], num_heads=4)
+    torch.manual_seed(0)
+    plain = create_model(name, num_classes=3, **small).eval()
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=3, drop_rate=0.5, **small).eval()
+    assert m.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m(x), plain(x))  # eval: the official function
+        feats = m.forward_features(x)
+        assert torch.equal(m.forward_head(feats, pre_logits=True), plain.forward_head(feats, pre_logits=True))
+        m.train()
+        torch.manual_seed(1)
+        pre = m.forward_head(feats, pre_logits=True)
+        assert (pre == 0).any() and not torch.equal(pre, plain.forward_head(feats, pre_logits=True))
+    with pytest.raises(ValueError, match=rf"^{cls}: expected drop_rate in \[0, 1\), got 1.0$"):
+        create_model(name, num_classes=3, drop_rate=1.0, **small)
+
+
+def test_create_model_default_num_classes_is_the_models_own():
+    # create_model("hatr_resnet50") built a 1000-class head while the factory, timm and default_cfg say 2
+    for name, small, k in [("hatr_conv2d", SMALL_VIT, 2), ("hatr_resnet50", SMALL_VIT, 2),
+                           ("hifuse_tiny", SMALL_FUSION, 1000)]:
+        m = create_model(name, **small)
+        assert m.num_classes == m.get_classifier().out_features == default_cfg(name)["num_classes"] == k, name
+        assert m.pretrained_cfg["num_classes"] == k

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,6 +161,25 @@ def test_bad_arguments():
         hatr_conv2d(vit_depth=0)
     with pytest.raises(ValueError, match=r"hatr_conv2d: only the ResNet-50 backbone loads torchvision weights"):
         hatr_conv2d(vit_depth=1).load_backbone_state_dict({})
+    # an img_size below the minimum built a negative or empty position-embedding grid, and every forward then
+    # failed in a reshape; drop rates outside [0, 1) failed only in a training forward, in torch's words
+    for size, lo, make in [(16, 31, hatr_conv2d), (8, 31, hatr_conv2d), ((224, 30), 31, hatr_conv2d), (32, 33, hatr_resnet50)]:
+        with pytest.raises(ValueError, match=rf"^{make.__name__}: expected img_size of at least {lo}x{lo} .*got {re.escape(repr(size))}$"):
+            make(vit_depth=1, img_size=size)
+    for arg in ("drop_rate", "attn_drop_rate"):
+        for rate in (1.5, -0.1):
+            with pytest.raises(ValueError, match=rf"^hatr_conv2d: expected {arg} in \[0, 1\), got {rate}$"):
+                hatr_conv2d(vit_depth=1, **{arg: rate})
+
+
+def test_pretrained_official_without_official_code_is_named(tmp_path):
+    from fusionblocks import create_model
+
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match=r"^create_model: expected pretrained_official only for a model with official "
+                                         r"code .*hatr_conv2d has none"):
+        create_model("hatr_conv2d", vit_depth=1, pretrained_official=str(path))
 
 
 def test_create_model_registry():

@@ -44,6 +44,8 @@ def test_timm_create_model_and_data_config(name, tmp_path):
     x = torch.randn(2, 3, 64, 64)
     m.reset_classifier(4)
     assert m(x).shape == (2, 4) and m.get_classifier().out_features == 4
+    # timm's train.py always passes drop_rate (its --drop, default 0.0)
+    assert timm.create_model(name, num_classes=2, drop_rate=0.0, **SMALL[name])(x).shape == (2, 2)
     one = timm.create_model(name, in_chans=1, num_classes=2, **SMALL[name])
     assert timm.data.resolve_data_config({}, model=one)["mean"] == (recipe.mean[0],)
     assert one(torch.randn(1, 1, 64, 64)).shape == (1, 2)
