@@ -13,7 +13,7 @@ which would stretch the grid whenever ``H`` or ``W`` is not a multiple of 32.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -72,8 +72,9 @@ class FusionUNet(nn.Module):
 
     Args:
         num_classes: output channels (1 for binary masks with a sigmoid/BCE loss).
-        encoder: a registered model name (its ``forward_intermediates`` gives the skips) or a module
-            with ``forward_intermediates`` and ``feature_info``.
+        encoder: a registered model name (its ``forward_intermediates`` gives the skips; what the skips never
+            use, the classifier's norm and HATR's token bridge and ViT, is pruned away, so that every parameter
+            gets a gradient) or a module with ``forward_intermediates`` and ``feature_info`` (used as given).
         decoder_channels: widths of the decoder stages at strides 16, 8, 4 and 1.
         encoder_kwargs: passed to ``create_model`` when ``encoder`` is a name.
 
@@ -88,8 +89,16 @@ class FusionUNet(nn.Module):
         encoder_kwargs: Optional[Dict[str, object]] = None,
     ):
         super().__init__()
+        self._pruned_keys: Tuple[str, ...] = ()
         if isinstance(encoder, str):
             encoder = create_model(encoder, num_classes=0, **(encoder_kwargs or {}))
+            if len(getattr(encoder, "feature_info", ())) == 4 and hasattr(encoder, "prune_intermediate_layers"):
+                # drop what the skips never use (the head's norm; HATR's token bridge and ViT), as timm's
+                # features_only does: every parameter gets a gradient (DDP needs no find_unused_parameters)
+                before = set(encoder.state_dict())
+                encoder.prune_intermediate_layers(4, prune_norm=True, prune_head=True)
+                self._pruned_keys = tuple(sorted(f"encoder.{k}" for k in before - set(encoder.state_dict())))
+                self._register_load_state_dict_pre_hook(self._skip_pruned_keys)
         info = getattr(encoder, "feature_info", None)
         if not hasattr(encoder, "forward_intermediates") or not info or len(info) != 4:
             raise ValueError(
@@ -112,6 +121,12 @@ class FusionUNet(nn.Module):
         # the decoder's weights only: an encoder passed in keeps the memory format its owner chose
         for part in (self.up16, self.up8, self.up4, self.refine, self.head):
             channels_last_weights(part)
+
+    def _skip_pruned_keys(self, state_dict, prefix, *args) -> None:
+        """A state_dict saved while a by-name encoder was not yet pruned (earlier fusionblocks) still loads
+        strictly: the keys of the pruned modules, which the forward never used, are dropped."""
+        for k in self._pruned_keys:
+            state_dict.pop(prefix + k, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x)

@@ -50,6 +50,33 @@ def test_trains_on_synthetic_masks():
     assert fusion_grads and all(gr is not None for gr in fusion_grads)
 
 
+ENCODERS = {"hifuse_tiny": dict(dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)),
+            "hemf": dict(dims=(16, 32, 64, 128), num_heads=4),
+            "hatr_resnet50": dict(embed_dim=32, vit_depth=1, vit_heads=2)}
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_an_encoder_by_name_leaves_no_parameter_without_a_gradient(name):
+    # DistributedDataParallel without find_unused_parameters fails on parameters that never get a gradient: the
+    # classifier's norm (HiFuse, HEMF), HATR's token bridge, ViT, cls_token and pos_embed
+    torch.manual_seed(0)
+    net = FusionUNet(encoder=name, encoder_kwargs=ENCODERS[name], decoder_channels=(16, 16, 8, 8))
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
+
+    # a state_dict saved with the unpruned encoder (earlier versions) still loads strictly, to the same function
+    torch.manual_seed(0)
+    from fusionblocks import create_model
+
+    old = FusionUNet(encoder=create_model(name, num_classes=0, **ENCODERS[name]), decoder_channels=(16, 16, 8, 8))
+    assert set(old.state_dict()) > set(net.state_dict())
+    net.load_state_dict(old.state_dict(), strict=True)
+    old.eval(), net.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), old(x), rtol=0, atol=0)
+
+
 def test_encoder_by_name_and_errors():
     net = FusionUNet(encoder="hifuse_tiny", decoder_channels=(16, 16, 8, 8))
     assert [f["reduction"] for f in net.encoder.feature_info] == [4, 8, 16, 32]
