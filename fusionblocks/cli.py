@@ -141,7 +141,34 @@ def add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _check_info_setup(device: Optional[str]) -> None:
+    """Raise :class:`CLIError` for what ``info`` cannot report on: an invalid ``--device`` or one this torch lacks,
+    an invalid ``FUSIONBLOCKS_BACKEND``, ``FUSIONBLOCKS_AUTOTUNE`` or ``FUSIONBLOCKS_CPU_ISA``."""
+    import torch
+
+    from .ops import autotune, cpp, dispatch
+
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise CLIError(f"--device {device!r} is not a device: {str(e).splitlines()[0]}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise CLIError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                           f"CUDA build: {torch.version.cuda or 'none'})")
+    backend = os.environ.get(dispatch.ENV_VAR)
+    if backend and backend not in dispatch.BACKENDS:
+        raise CLIError(f"{dispatch.ENV_VAR}={backend!r}: expected one of {list(dispatch.BACKENDS)} (or unset: auto)")
+    try:
+        autotune.tune_mode()
+        if os.environ.get(cpp.ISA_ENV) and cpp.available():
+            cpp.current_isa()  # FUSIONBLOCKS_CPU_ISA: a variant name this CPU runs
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+
+
 def cmd_info(args) -> int:
+    _check_info_setup(args.device)
     if args.clear_cache:
         from .ops import autotune
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 import fusionblocks
 from fusionblocks import bench, cli
-from fusionblocks.ops import BACKENDS
+from fusionblocks.ops import BACKENDS, cpp
 from fusionblocks.ops import reference as ref
 from fusionblocks.summary import activation_bytes, count_flops, summarize
 
@@ -461,3 +461,23 @@ def test_summary_stages_count_what_runs_in_them_when_the_model_calls_their_parts
     assert flops["backbone"] == 2 * 8 * 3 * 9 * 64 and flops["blocks"] == 2 * 2 * 8 * 8 and flops["head"] == 2 * 8 * 2
     assert flops.get(TOP, 0) == 0 and sum(flops.values()) == s.flops
     assert acts["backbone"] > 0 and acts["blocks"] > 0
+
+
+@pytest.mark.parametrize("env, value, match", [
+    ("FUSIONBLOCKS_BACKEND", "bogus", "FUSIONBLOCKS_BACKEND='bogus': expected one of"),
+    ("FUSIONBLOCKS_AUTOTUNE", "sometimes", "FUSIONBLOCKS_AUTOTUNE='sometimes': expected one of"),
+    pytest.param("FUSIONBLOCKS_CPU_ISA", "neon9", "fusionblocks cpp kernels: FUSIONBLOCKS_CPU_ISA=neon9 is not a CPU "
+                 "ISA variant", marks=pytest.mark.skipif(not cpp.available(), reason="the extension is not built")),
+])
+def test_info_reports_an_invalid_environment_in_one_line(capsys, monkeypatch, env, value, match):
+    monkeypatch.setenv(env, value)
+    code, err = cli_error(capsys, "info")
+    assert code == 2 and f"fusionblocks info: error: {match}" in err and "Traceback" not in err
+
+
+def test_info_reports_a_device_it_cannot_use_in_one_line(capsys):
+    code, err = cli_error(capsys, "info", "--device", "gpu0")
+    assert code == 2 and "fusionblocks info: error: --device 'gpu0' is not a device" in err
+    if not torch.cuda.is_available():
+        code, err = cli_error(capsys, "info", "--device", "cuda")
+        assert code == 2 and "fusionblocks info: error: --device cuda: CUDA is not available here" in err

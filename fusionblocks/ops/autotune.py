@@ -336,7 +336,27 @@ def _read(path: str) -> Dict[str, dict]:
     if not isinstance(data, dict) or data.get("machine") != machine_key():
         return {}
     entries = data.get("entries")
-    return entries if isinstance(entries, dict) else {}
+    if not isinstance(entries, dict):
+        return {}
+    return {k: e for k, e in entries.items() if _valid_entry(e)}
+
+
+_CHOICE_FIELDS = frozenset(Choice.__dataclass_fields__)
+
+
+def _valid_entry(entry: object) -> bool:
+    """Whether a cache file's entry is a stored :class:`Choice` this version can read: an entry written by hand, by
+    another version of fusionblocks or half-overwritten is skipped (its class is measured again), never a crash."""
+    if not isinstance(entry, dict) or not set(entry) <= _CHOICE_FIELDS:
+        return False
+    if not all(isinstance(entry.get(f), str) for f in ("op", "backend", "how", "why")):
+        return False
+    if not (entry.get("variant") is None or isinstance(entry["variant"], str)):
+        return False
+    times = entry.get("times_ms")
+    if not (times is None or (isinstance(times, dict) and all(isinstance(t, (int, float)) for t in times.values()))):
+        return False
+    return isinstance(entry.get("candidates", []), list) and isinstance(entry.get("rounds", 0), int)
 
 
 @contextlib.contextmanager

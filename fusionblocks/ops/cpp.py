@@ -44,7 +44,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from . import flops
-from .dispatch import register_backend
+from .dispatch import Misconfigured, register_backend
 
 try:
     from .. import _C  # noqa: F401  (loading it registers the TORCH_LIBRARY schemas and kernels)
@@ -127,7 +127,7 @@ def set_isa(name: Optional[str]) -> None:
     """
     global _forced_isa
     _require_extension()
-    if name is None or name == "auto":
+    if name is None or (isinstance(name, str) and name.lower() == "auto"):  # any case, like the variant names
         _C.set_cpu_isa(None)
         _forced_isa = None
         return
@@ -182,7 +182,7 @@ def _isa_reasons() -> List[str]:
     try:
         _C.cpu_isa()
     except (RuntimeError, ValueError) as e:
-        return [str(e)]
+        return [Misconfigured(str(e))]
     return []
 
 
@@ -193,11 +193,13 @@ def extension_reasons() -> List[str]:
 
 
 def _common_reasons(what: str, tensors) -> List[str]:
-    reasons = extension_reasons() or _isa_reasons()
+    reasons = extension_reasons()
     elsewhere = [t for t in tensors if t is not None and not t.is_cpu]
     if elsewhere:
         devices = sorted({str(t.device) for t in elsewhere})
         reasons.append(f"{what} runs on CPU tensors only, got {', '.join(devices)}")
+    elif not reasons:  # the variant forced for CPU calls (a setting that cannot run is an error, not a fallback)
+        reasons = _isa_reasons()
     q = tensors[0]
     if q.dtype not in COMPUTE_DTYPES:
         reasons.append(f"{what} supports float32/float64 (bfloat16/float16 computed in float32), got {q.dtype}")
@@ -302,6 +304,13 @@ def decay_attention_cpp(
     if _C is None:
         raise RuntimeError(extension_reasons()[0])
     h, w = hw
+    if mode == "full" and q.numel() == 0:
+        # an empty batch (B = 0 or no heads): the compiled full-decay backward cannot reduce its log_gamma partials
+        # over zero rows (csrc/cpu/decay_kernels.h, reshape({b * nh, -1})); the reference returns the same empty
+        # result, differentiable, with a zero log_gamma gradient
+        from . import reference
+
+        return reference.decay_attention(q, k, v, log_gamma, hw=hw, mode=mode, scale=scale)
     ct = COMPUTE_DTYPES[q.dtype]
     args = (q.to(ct), k.to(ct), v.to(ct), log_gamma.to(ct), h, w, scale)
     if mode == "full":

@@ -162,6 +162,12 @@ def _format(reasons: Dict[str, List[str]]) -> str:
     return "\n".join(f"  {n}: {'; '.join(r) if r else 'can run'}" for n, r in reasons.items())
 
 
+class Misconfigured(str):
+    """A reason a backend cannot run that is the user's setting, not the call (e.g. ``FUSIONBLOCKS_CPU_ISA``
+    naming a variant this CPU lacks): the automatic choice raises it instead of passing the backend over, which
+    would run the reference, silently slow; :func:`explain` lists it like any reason."""
+
+
 def _choice(op: str, backend: Optional[str], args: tuple, kwargs: dict) -> Tuple[Backend, Choice]:
     how = "named"
     if backend is None:
@@ -169,13 +175,15 @@ def _choice(op: str, backend: Optional[str], args: tuple, kwargs: dict) -> Tuple
         how = "environment"
     registered = backends_for(op)
     if backend is not None:
+        source = f" (set by the environment variable {ENV_VAR})" if how == "environment" else ""
         if backend not in BACKENDS:
-            raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {list(BACKENDS)} or None (auto)")
+            raise ValueError(f"{op}: unknown backend {backend!r}{source}; expected one of {list(BACKENDS)} or None (auto)")
         if backend in registered and not registered[backend].reasons(*args, **kwargs):
             why = f"{ENV_VAR}={backend}" if how == "environment" else f"backend={backend!r}"
             return registered[backend], Choice(op, backend, how, why, candidates=[backend])
         raise BackendUnavailable(
-            f"{op}: backend {backend!r} cannot run this call. Candidates:\n{_format(_reasons(op, args, kwargs, False))}"
+            f"{op}: backend {backend!r}{source} cannot run this call. Candidates:\n"
+            f"{_format(_reasons(op, args, kwargs, False))}"
         )
     key = autotune.call_class(op, args, kwargs, autotune.grad_follows(args))
     known = autotune.recall(key)  # a class met before: only its backend is asked again
@@ -184,7 +192,14 @@ def _choice(op: str, backend: Optional[str], args: tuple, kwargs: dict) -> Tuple
         if not chosen.reasons(*args, auto=True, **kwargs):
             return chosen, known
     ranked = sorted(registered.values(), key=lambda b: -b.priority)
-    candidates = [b for b in ranked if not b.reasons(*args, auto=True, **kwargs)]
+    candidates = []
+    for b in ranked:
+        reasons = b.reasons(*args, auto=True, **kwargs)
+        wrong = [r for r in reasons if isinstance(r, Misconfigured)]
+        if wrong:
+            raise ValueError(f"{op}: the {b.name} backend cannot run as configured: {'; '.join(wrong)}")
+        if not reasons:
+            candidates.append(b)
     if not candidates:
         raise BackendUnavailable(
             f"{op}: no backend can run this call. Candidates:\n{_format(_reasons(op, args, kwargs, True))}"

@@ -437,11 +437,19 @@ def test_isa_environment_variable(monkeypatch):
         torch.ops.fusionblocks_C.decay_full_fwd(q, k, v, lg, 3, 3, 0.5)
     reasons = explain("decay_attention", q, k, v, lg, hw=(3, 3), mode="full", scale=None)["cpp"]
     assert len(reasons) == 1 and "FUSIONBLOCKS_CPU_ISA=neon9 is not a CPU ISA variant" in reasons[0]
+    # the automatic choice raises it too: passing cpp over would run the reference, silently slow
+    with pytest.raises(ValueError, match=r"^decay_attention: the cpp backend cannot run as configured: .*"
+                                         r"FUSIONBLOCKS_CPU_ISA=neon9 is not a CPU ISA variant"):
+        decay_attention(q, k, v, lg, hw=(3, 3))
+    with pytest.raises(ValueError, match=r"^window_attention: the cpp backend cannot run as configured"):
+        window_attention(*(torch.randn(1, 2, 16, 16) for _ in range(3)), None, hw=(4, 4), window_size=2)
     missing = [n for n in cpp.ISAS if cpp.isa_unsupported_reason(n)]
     if missing:
         monkeypatch.setenv(cpp.ISA_ENV, missing[0])
         with pytest.raises(RuntimeError, match=f"FUSIONBLOCKS_CPU_ISA={missing[0]} asks for"):
             decay_attention(q, k, v, lg, hw=(3, 3), backend="cpp")
+        with pytest.raises(ValueError, match=f"cannot run as configured: .*FUSIONBLOCKS_CPU_ISA={missing[0]} asks for"):
+            decay_attention(q, k, v, lg, hw=(3, 3))
 
 
 @needs_ext
@@ -749,3 +757,25 @@ def test_cuda_window_opcheck_and_speed_vs_triton():
             end.record()
             torch.cuda.synchronize()
             print(f"window_attention {name} {passes}: {start.elapsed_time(end) / 20:.3f} ms")
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["full", "decomposed"])
+@pytest.mark.parametrize("shape", [(0, 2, 12, 8), (2, 0, 12, 8)], ids=["no-batch", "no-heads"])
+def test_decay_empty_batch_forward_and_backward(mode, shape):
+    # an empty last batch or a zero-head slice: the same empty result and zero gradients as the reference
+    q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+    lg = torch.full((shape[1],), -0.5, requires_grad=True)
+    out = decay_attention(q, k, v, lg, hw=(3, 4), mode=mode, backend="cpp")
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape and k.grad.shape == shape and v.grad.shape == shape
+    torch.testing.assert_close(lg.grad, torch.zeros_like(lg))
+
+
+@needs_ext
+def test_set_isa_auto_in_any_case():
+    for auto in ("auto", "AUTO", "Auto"):
+        cpp.set_isa("default")
+        cpp.set_isa(auto)
+        assert cpp.current_isa() == cpp.supported_isas()[0]

@@ -568,3 +568,41 @@ def test_measuring_is_hidden_from_the_callers_modes_and_saved_tensor_hooks(fresh
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.shape) or t, lambda t: t):
         backend.fn(x)
     assert calls_own == len(packed) > 0  # the call's own saved tensors, none of the measured ones
+
+
+def test_env_var_errors_name_the_variable(monkeypatch):
+    args, kw = _args()
+    monkeypatch.setenv(dispatch.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=f"unknown backend 'nonsense' \\(set by the environment variable {dispatch.ENV_VAR}\\)"):
+        ops.decay_attention(*args, **kw)
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")  # no cuda backend of decay_attention
+    with pytest.raises(ops.BackendUnavailable, match=f"backend 'cuda' \\(set by the environment variable {dispatch.ENV_VAR}\\)"):
+        ops.decay_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("entry", [
+    "cpp",  # not an object
+    ["cpp"],
+    {"op": "_tune_bad_entry", "backend": "cpp", "how": "measured", "why": "t", "from_a_newer_version": 1},
+    {"op": "_tune_bad_entry", "backend": "cpp", "how": "measured"},  # no "why"
+    {"op": "_tune_bad_entry", "backend": "cpp", "how": "measured", "why": "t", "times_ms": "fast"},
+    {"op": "_tune_bad_entry", "backend": "cpp", "how": "measured", "why": "t", "variant": 3},
+], ids=["string", "list", "unknown-field", "missing-field", "bad-times", "bad-variant"])
+def test_a_malformed_cache_entry_is_measured_again(fresh_cache, entry):
+    # a hand-edited cache, or one another version wrote under the same machine key: never a crash of the op,
+    # of choose() or of `fusionblocks info` (which lists the cached choices)
+    import json
+
+    op = _fake_op("_tune_bad_entry", ref_s=0.004, fast_s=0.0)
+    x = torch.ones(4)
+    first = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    path = autotune.cache_path()
+    data = json.load(open(path))
+    data["entries"][first.key] = entry
+    json.dump(data, open(path, "w"))
+    autotune._memo.clear()
+    autotune._disk = None
+    assert first.key not in autotune.cached_choices()
+    again = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    assert (again.backend, again.how) == ("cpp", "measured")
+    assert json.load(open(path))["entries"][first.key]["how"] == "measured"  # the bad entry is replaced

@@ -303,3 +303,14 @@ def test_gpu_reasons_hands_out_a_fresh_list():
     assert len(first) == 1 and "float32" in first[0]
     first.append("changed by a caller")
     assert tw.gpu_reasons(torch.float32, 128, 7, 227 * 1024) == first[:1]
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 16, 16), (2, 0, 16, 16)], ids=["no-batch", "no-heads"])
+def test_empty_batch_forward_and_backward(shape):
+    q, k, v = (torch.randn(shape, device=DEV, requires_grad=True) for _ in range(3))
+    table = torch.randn(9, shape[1], device=DEV, requires_grad=True)
+    out = ops.window_attention(q, k, v, table, hw=(4, 4), window_size=2, shift=1, backend="triton")
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+    torch.testing.assert_close(table.grad, torch.zeros_like(table))

@@ -335,7 +335,7 @@ def _windows_per_program(n_windows: int, heads: int, device: torch.device) -> in
         target = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = per_sm
-    chunks = max(1, target // heads)
+    chunks = max(1, target // max(1, heads))  # heads = 0: an empty launch
     return max(1, triton.cdiv(n_windows, chunks))
 
 
