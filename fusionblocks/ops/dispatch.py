@@ -138,6 +138,9 @@ def explain(op: str, *args, auto: bool = False, **kwargs) -> Dict[str, List[str]
     choice does (some backends, e.g. Triton's interpreter, run only when named); :func:`choose` says which
     backend the automatic choice picks and why.
     """
+    if "backend" in kwargs:
+        raise TypeError(f"explain: got backend={kwargs['backend']!r}, but explain takes the op's other arguments "
+                        "and answers for every backend; choose() says which one the automatic choice picks")
     args, kwargs = prepare(op, *args, **kwargs)
     return _reasons(op, args, kwargs, auto)
 

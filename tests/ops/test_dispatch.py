@@ -606,3 +606,9 @@ def test_a_malformed_cache_entry_is_measured_again(fresh_cache, entry):
     again = dispatch._choice(op, None, (x,), dict(n=1))[1]
     assert (again.backend, again.how) == ("cpp", "measured")
     assert json.load(open(path))["entries"][first.key]["how"] == "measured"  # the bad entry is replaced
+
+
+def test_explain_names_a_backend_argument_it_does_not_take():
+    q = torch.randn(1, 1, 6, 4)
+    with pytest.raises(TypeError, match=r"^explain: got backend='cpp', but explain takes the op's other arguments"):
+        ops.explain("decay_attention", q, q, q, torch.zeros(1), hw=(2, 3), mode="full", backend="cpp")
