@@ -227,34 +227,24 @@ def cmd_summary(args) -> int:
 # ----------------------------------------------------------------------------------------------- bench
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _arg_type(parse: Callable[[str], object], ok: Callable[[object], bool], what: str) -> Callable[[str], object]:
+    """An argparse ``type``: ``parse`` the text, then refuse a value that is not ``ok`` with "expected <what>"."""
+    def convert(s: str):
+        try:
+            v = parse(s)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}")
+        return v
+
+    convert.__name__ = what
+    return convert
 
 
-def _non_negative_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-    return v
-
-
-def _fraction(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {s!r}")
-    return v
+_positive_int = _arg_type(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _arg_type(int, lambda v: v >= 0, "a non-negative integer")
+_fraction = _arg_type(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 
 
 def _split(values: Optional[Sequence[str]]) -> List[str]:
