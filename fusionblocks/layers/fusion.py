@@ -156,9 +156,8 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
             raise ValueError(f"{name}: expected an odd fuse_kernel, got {fuse_kernel}")
         if with_prev is not False and dim % 2:
             raise ValueError(f"{name}: expected an even dim (f has dim / 2 channels), got {dim}")
-        drop_path = expect_rate(name, "drop_path", drop_path)
         self.dim, self.l_dim, self.g_dim, self.with_prev = dim, l_dim, g_dim, with_prev
-        self.drop_path = float(drop_path)
+        self.drop_path = expect_rate(name, "drop_path", drop_path)
 
         self.fuse_kernel = fuse_kernel
         self.proj_l = ConvBN(l_dim, dim, 1, bn=True)
