@@ -88,7 +88,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> full_bwd(const Tensor& grad_, const T
     });
   });
   if (split_keys) dq = dq_part.sum(0);
-  return {dq, dk, dv, dlg_part.reshape({b * nh, -1}).sum(1).reshape({b, nh}).sum(0)};
+  // dlg_part is (b, nh) or, split, (b, nh, nkb): sum the key blocks, then the batch (no reshape with -1, which an
+  // empty batch makes ambiguous; b = 0 gives a zero log_gamma gradient)
+  return {dq, dk, dv, (split_keys ? dlg_part.sum(-1) : dlg_part).sum(0)};
 }
 
 // One pass of the decomposed mode over lines of a (h x w) grid: rows (along w) or columns (along h).

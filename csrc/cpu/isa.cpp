@@ -72,9 +72,17 @@ std::vector<std::string> supported_isas() {
 }
 
 namespace {
-bool lookup_isa(const std::string& name, Isa* out) {
+std::string lowered(const std::string& name) {
   std::string s(name);
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+  return s;
+}
+
+// "auto" in any case, like the variant names (and Python's set_isa)
+bool is_auto(const std::string& name) { return lowered(name) == "auto"; }
+
+bool lookup_isa(const std::string& name, Isa* out) {
+  const std::string s = lowered(name);
   for (Isa isa : {Isa::Avx512, Isa::Avx2, Isa::Default})
     if (s == isa_name(isa)) {
       *out = isa;
@@ -115,7 +123,7 @@ Isa active_isa() {
   const int f = forced.load(std::memory_order_relaxed);
   if (f >= 0) return static_cast<Isa>(f);
   const char* env = std::getenv("FUSIONBLOCKS_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto")
+  if (env == nullptr || *env == '\0' || is_auto(env))
     return thread_choice >= 0 ? static_cast<Isa>(thread_choice) : best_isa();
   Isa isa = Isa::Default;
   TORCH_CHECK_VALUE(lookup_isa(env, &isa), "fusionblocks cpp kernels: FUSIONBLOCKS_CPU_ISA=", env,

@@ -304,13 +304,6 @@ def decay_attention_cpp(
     if _C is None:
         raise RuntimeError(extension_reasons()[0])
     h, w = hw
-    if mode == "full" and q.numel() == 0:
-        # an empty batch (B = 0 or no heads): the compiled full-decay backward cannot reduce its log_gamma partials
-        # over zero rows (csrc/cpu/decay_kernels.h, reshape({b * nh, -1})); the reference returns the same empty
-        # result, differentiable, with a zero log_gamma gradient
-        from . import reference
-
-        return reference.decay_attention(q, k, v, log_gamma, hw=hw, mode=mode, scale=scale)
     ct = COMPUTE_DTYPES[q.dtype]
     args = (q.to(ct), k.to(ct), v.to(ct), log_gamma.to(ct), h, w, scale)
     if mode == "full":

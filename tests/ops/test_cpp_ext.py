@@ -428,8 +428,11 @@ def test_isa_environment_variable(monkeypatch):
         with cpp.use_isa("default"):  # set_isa wins over the environment
             assert cpp.current_isa() == "default"
         assert cpp.current_isa() == name
-    monkeypatch.setenv(cpp.ISA_ENV, "auto")
-    assert cpp.current_isa() == cpp.supported_isas()[0]
+    for auto in ("auto", "AUTO", "Auto"):  # any case, like the variant names and set_isa
+        monkeypatch.setenv(cpp.ISA_ENV, auto)
+        assert cpp.current_isa() == cpp.supported_isas()[0]
+        assert cpp.isa_variants() == cpp.supported_isas()
+        torch.ops.fusionblocks_C.decay_full_fwd(q, k, v, lg, 3, 3, 0.5)
     monkeypatch.setenv(cpp.ISA_ENV, "neon9")
     with pytest.raises(ValueError, match="FUSIONBLOCKS_CPU_ISA=neon9 is not a CPU ISA variant; expected one of auto"):
         cpp.current_isa()
@@ -771,6 +774,23 @@ def test_decay_empty_batch_forward_and_backward(mode, shape):
     out.sum().backward()
     assert q.grad.shape == shape and k.grad.shape == shape and v.grad.shape == shape
     torch.testing.assert_close(lg.grad, torch.zeros_like(lg))
+
+
+@needs_ext
+@pytest.mark.parametrize("n_side", [3, 25], ids=["one-key-block", "split-key-blocks"])
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0)], ids=["no-batch", "no-heads"])
+def test_decay_full_backward_kernel_on_an_empty_batch(shape, n_side):
+    # the compiled backward itself (no Python detour), every variant: an empty batch gives empty gradients and a
+    # zero log_gamma gradient; 625 keys split into key blocks when there are fewer (batch, head) pairs than threads
+    n, d = n_side * n_side, 8
+    q, k, v, grad = (torch.randn(*shape, n, d) for _ in range(4))
+    lg = torch.full((shape[1],), -0.5)
+    for isa in cpp.supported_isas():
+        with cpp.use_isa(isa):
+            out, lse = torch.ops.fusionblocks_C.decay_full_fwd(q, k, v, lg, n_side, n_side, 0.5)
+            dq, dk, dv, dlg = torch.ops.fusionblocks_C.decay_full_bwd(grad, q, k, v, lg, out, lse, n_side, n_side, 0.5)
+        assert out.shape == dq.shape == dk.shape == dv.shape == q.shape, isa
+        assert dlg.shape == lg.shape and not dlg.any(), isa
 
 
 @needs_ext
