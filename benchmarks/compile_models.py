@@ -51,6 +51,7 @@ if ROOT not in sys.path:
 from fusionblocks import bench  # noqa: E402
 from fusionblocks.bench.models import model_steps  # noqa: E402
 from fusionblocks.models import create_model, list_models  # noqa: E402
+from fusionblocks.training.recipes import step_options  # noqa: E402
 
 #: parity (float32): outputs and loss within ``OUT_RTOL·max|eager| + OUT_ATOL``. Gradients, anchored on a float64
 #: eager step (the form of flash-attn's rule and of the accuracy check of PyTorch's compiler benchmarks: the
@@ -177,7 +178,7 @@ def check_model(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *
         # gradients beyond the rule but the same outputs and loss: still timed, reported as failing the rule
 
         # steady-state speed, interleaved rounds
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(params, lr=1e-4, **step_options(params))
 
         def train(m):
             return model_steps(model, x, y, opt, net=m)[1]

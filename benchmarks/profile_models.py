@@ -69,12 +69,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import fusionblocks
     from fusionblocks._device import device_name
+    from fusionblocks.training.recipes import step_options
 
     print(f"# {device_name('cpu')} · torch {torch.__version__} · {args.threads} thread(s) · "
           f"B={args.batch_size} · {args.image_size}² · backend {args.backend}")
     for name in args.models:
         model = fusionblocks.create_model(name, num_classes=7)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **step_options(model.parameters()))
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
         y = torch.randint(0, 7, (args.batch_size,), generator=g)

@@ -134,6 +134,7 @@ def run_model(name: str, *, batch_size: int = 32, image_size: int = 224, steps: 
     from tqdm.auto import tqdm
 
     from ..models.registry import create_model
+    from ..training.recipes import step_options
 
     for p in passes:
         if p not in MODEL_PASSES:
@@ -141,7 +142,7 @@ def run_model(name: str, *, batch_size: int = 32, image_size: int = 224, steps: 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = create_model(name, num_classes=num_classes).to(dev)
     in_chans = int(getattr(model, "in_chans", 3))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **step_options(model.parameters()))
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch_size, in_chans, image_size, image_size, generator=g).to(dev)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)

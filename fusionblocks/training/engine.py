@@ -48,7 +48,7 @@ from .checkpoint import (CHECKPOINT_VERSION, CheckpointError, _model_kwargs, cra
                          load_checkpoint, load_inference, model_from_checkpoint, preprocessing_of,
                          remove_stale_temporaries, save_checkpoint)
 from .recipes import (Recipe, augment_spec, build_optimizer, build_scheduler, default_recipe, describe_augment,
-                      get_recipe, resolve_class_weights)
+                      get_recipe, load_optimizer_state, resolve_class_weights)
 from .transforms import build as build_transform
 
 __all__ = ["TrainConfig", "train", "evaluate", "gradcam", "load_checkpoint", "load_inference", "model_from_checkpoint",
@@ -557,7 +557,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     done, best, best_epoch, history, best_preds = 0, -1.0, 0, [], None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import numpy as np
@@ -28,6 +29,49 @@ def test_no_weight_decay_on_norms_and_biases():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
     assert id(m[0].weight) in decayed and id(m[0].bias) not in decayed and id(m[1].weight) not in decayed
+
+
+def test_optimizers_take_the_fused_step_on_cpu():
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    for recipe in ("hifuse", "hatr"):  # AdamW and Adam
+        opt = R.build_optimizer(m, R.get_recipe(recipe))
+        assert all(g["fused"] is True for g in opt.param_groups), recipe
+    assert R.step_options(m.parameters()) == {"fused": True}
+    assert R.step_options([{"params": [torch.zeros(2, device="meta")]}]) == {}  # no fused kernels there
+    assert R.step_options([]) == {}
+
+
+def _adamw_run(opt_kwargs, steps, state=None, load=None):
+    torch.manual_seed(0)
+    m = nn.Linear(5, 3)
+    opt = torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.01, **opt_kwargs)
+    if state is not None:
+        m.load_state_dict(state[0])
+        load(opt, copy.deepcopy(state[1]))  # a state_dict shares the optimizer's tensors, which steps update
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(torch.randn(4, 5, generator=g)).square().sum().backward()
+        opt.step()
+    return m, opt
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [({}, {"fused": True}), ({"fused": True}, {"foreach": True})],
+                         ids=["per-tensor-to-fused", "fused-to-foreach"])
+def test_resuming_keeps_the_optimizers_own_implementation(saved_with, resumed_with):
+    m, opt = _adamw_run(saved_with, 3)
+    state = copy.deepcopy((m.state_dict(), opt.state_dict()))
+    # torch's own load_state_dict takes the saved implementation; load_optimizer_state keeps the resumed one
+    _, plain = _adamw_run(resumed_with, 0, state, torch.optim.Optimizer.load_state_dict)
+    assert plain.param_groups[0]["fused"] == saved_with.get("fused")
+    m2, opt2 = _adamw_run(resumed_with, 2, state, R.load_optimizer_state)
+    for k, want in resumed_with.items():
+        assert opt2.param_groups[0][k] is want
+    assert all(int(s["step"]) == 5 for s in opt2.state.values())
+    # the same update as going on with the implementation it was saved with
+    m3, _ = _adamw_run(saved_with, 2, state, torch.optim.Optimizer.load_state_dict)
+    for a, b in zip(m2.parameters(), m3.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_warmup_then_cosine_to_min_lr():
