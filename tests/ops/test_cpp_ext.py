@@ -705,10 +705,26 @@ def _needs_cuda_kernel():
         pytest.fail(f"fusionblocks._C has no CUDA kernels; {cuda_backend.CUDA_BUILD_HINT}")
 
 
+CUDA_F64_WINDOWS = [(7, 0, True, (14, 21)), (7, 3, True, (7, 7)), (4, 2, False, (8, 12)), (8, 4, True, (16, 8))]
+CUDA_F64_HEAD_DIMS = (16, 32, 96)
+# float64 window 8 at head dim 96 needs 256 KB of shared memory per block, over sm_90's 227 KB: the backend refuses
+# it (test_cuda_window_float64_over_shared_memory_is_refused), so the parity cases stop at head dim 64 there
+CUDA_F64_CASES = [(*case, d) for case in CUDA_F64_WINDOWS for d in CUDA_F64_HEAD_DIMS if not (case[0] == 8 and d > 64)]
+CUDA_F64_CASES.append((8, 4, True, (16, 8), 64))
+
+
+def test_cuda_float64_parity_cases_fit_sm90_shared_memory():
+    """Every case the GPU parity test runs must be one the cuda backend accepts on an H100/H200, else it fails there."""
+    import fusionblocks.ops.cuda as cuda_backend
+    from fusionblocks.ops._gpu import SHARED_BYTES_BY_CAPABILITY
+
+    for ws, _, _, _, d in CUDA_F64_CASES:
+        need = cuda_backend.shared_bytes(torch.float64, ws, d, backward=True)
+        assert need <= SHARED_BYTES_BY_CAPABILITY[(9, 0)], f"window_size {ws} head dim {d}: {need} bytes"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("ws, shift, bias, hw", [(7, 0, True, (14, 21)), (7, 3, True, (7, 7)), (4, 2, False, (8, 12)),
-                                                 (8, 4, True, (16, 8))])
-@pytest.mark.parametrize("d", [16, 32, 96])
+@pytest.mark.parametrize("ws, shift, bias, hw, d", CUDA_F64_CASES)
 def test_cuda_window_float64_parity(ws, shift, bias, hw, d):
     _needs_cuda_kernel()
     q, k, v, table = _window_case(ws, hw, 2, 3, d, bias)
@@ -719,6 +735,14 @@ def test_cuda_window_float64_parity(ws, shift, bias, hw, d):
         lambda *a: window_attention(*a, hw=hw, window_size=ws, shift=shift, backend="cuda"),
         (q, k, v, table), atol=1e-10, rtol=1e-9,
     )
+
+
+@pytest.mark.gpu
+def test_cuda_window_float64_over_shared_memory_is_refused():
+    _needs_cuda_kernel()
+    q, k, v, table = (t.detach().cuda() for t in _window_case(8, (16, 8), 1, 2, 96, True))
+    reasons = explain("window_attention", q, k, v, table, hw=(16, 8), window_size=8, shift=4, scale=None)["cuda"]
+    assert any("shared memory" in r for r in reasons), reasons
 
 
 @pytest.mark.gpu
