@@ -66,11 +66,11 @@ DRY_CAPS = {"build": 300, "tests": 300, "kernels": 600, "models": 600}  # a shar
 
 HBM_PEAK_GBPS = {
     # device-name substring -> datasheet peak HBM/GDDR bandwidth in GB/s (first match wins: specific names first)
+    "GH200": 4000.0,  # before "H200", which its name contains
     "H200": 4800.0,
     "H100 NVL": 3900.0,
     "H100 PCIe": 2000.0,
     "H100": 3350.0,  # SXM5 80GB HBM3
-    "GH200": 4000.0,
     "B200": 8000.0,
     "A100-SXM4-80GB": 2039.0,
     "A100 80GB PCIe": 1935.0,

@@ -14,9 +14,10 @@ if [ "$#" -lt 1 ] || [ "${1#-}" != "$1" ]; then
 fi
 OUT="$1"
 shift
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # a relative OUTDIR names a folder of the caller's directory, not of the repository
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || { echo "gpu_check: $PY not found" >&2; exit 2; }
 command -v timeout >/dev/null || { echo "gpu_check: coreutils timeout not found" >&2; exit 2; }
-mkdir -p "$OUT"
 exec "$PY" benchmarks/gpu_check.py "$OUT" --python "$PY" "$@"

@@ -163,6 +163,29 @@ def test_hbm_peak_table_and_flop_convention():
     assert rec["hbm_share"] == pytest.approx(rec["gbps"] / 4800.0)
 
 
+def test_hbm_peak_names_that_contain_another_key():
+    gpu_check = load_benchmark_script("gpu_check")
+
+    assert gpu_check.hbm_peak("NVIDIA GH200 480GB") == 4000.0  # not the H200's 4800 that its name contains
+    assert gpu_check.hbm_peak("NVIDIA H100 NVL") == 3900.0 and gpu_check.hbm_peak("NVIDIA H100 PCIe") == 2000.0
+    for name in gpu_check.HBM_PEAK_GBPS:  # every key reaches its own entry
+        assert gpu_check.hbm_peak(f"NVIDIA {name}") == gpu_check.HBM_PEAK_GBPS[name], name
+
+
+def test_relative_outdir_is_the_callers(tmp_path):
+    """``gpu_check.sh out`` run from another folder writes to that folder's ``out``, not the repository's."""
+    stub = tmp_path / "python_stub"
+    stub.write_text('#!/usr/bin/env bash\necho "$2"\n')  # prints the OUTDIR that gpu_check.py would get
+    stub.chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "out", "--dry-run"], cwd=caller,
+                       env=dict(os.environ, PYTHON=str(stub)), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(caller / "out") and (caller / "out").is_dir()
+    assert not os.path.exists(os.path.join(ROOT, "out"))
+
+
 def test_usage_error_without_outdir():
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 2 and "usage" in r.stderr
