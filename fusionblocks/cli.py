@@ -299,6 +299,11 @@ def cmd_bench(args) -> int:
         raise CLIError("--device cuda: no CUDA device is available here")
     progress = False if args.no_progress else None
     threads = args.threads or [None]
+    if args.out:
+        try:
+            bench.require_validator()  # --out is checked when written, at the end: fail before the run
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
     try:
         if args.model:
             _check_model(args.model)

@@ -8,6 +8,7 @@ and must come back as a record with ``error``).
 """
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -253,3 +254,13 @@ def test_dispatch_cost_script_runs(capsys, one_thread):
         assert r["auto_us"] > 0 and r["reference_us"] > 0
         assert (r["cpp_us"] is not None and r["cpp_us"] > 0) == cpp.available()
         assert r["chosen"].split("[")[0] in ("reference", "cpp")
+
+
+def test_script_without_jsonschema_fails_before_running(tmp_path, monkeypatch):
+    """The GPU image has no jsonschema: a script must stop before it times anything, not lose it all at the write."""
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # `import jsonschema` raises ImportError
+    ran = []
+    monkeypatch.setattr(bench.runner, "run", lambda *a, **k: ran.append(a) or bench.BenchResult([], []))
+    with pytest.raises(RuntimeError, match="jsonschema"):
+        load_script("bench_window_attention").main(["--quick", "--out-dir", str(tmp_path)])
+    assert ran == [] and not list(tmp_path.iterdir())

@@ -214,6 +214,16 @@ def test_summary_of_every_registered_model(capsys, one_thread, name):
 # ------------------------------------------------------------------------------------------------ bench
 
 
+def test_bench_out_without_jsonschema_fails_before_running(capsys, monkeypatch, tmp_path):
+    """--out is checked with jsonschema when written: without it (the GPU image) the run must not start."""
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # `import jsonschema` raises ImportError
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: ran.append(a) or bench.BenchResult([], []))
+    code, err = cli_error(capsys, "bench", "--quick", "--no-progress", "--out", str(tmp_path / "r.json"))
+    assert code == 2 and "jsonschema" in err
+    assert ran == [] and not list(tmp_path.iterdir())
+
+
 def test_bench_quick_writes_records_matching_the_schema(capsys, one_thread, tmp_path):
     pytest.importorskip("jsonschema")  # bench.validate_records checks with it
     out_json = tmp_path / "quick.json"

@@ -58,7 +58,8 @@ from .cases import (INTERPRETER_REASON, OPS, PRESETS, Impl, OpBench, _log_gamma,
 from .memory import _cpu_alloc_peak_bytes, _tensor_bytes, peak_mem_mb
 from .models import run_model
 from .records import (ANCHORS, DTYPES, PASSES, RECORD_SCHEMA, RECORDS_SCHEMA, device_name, device_slug, dtype_name,
-                      error_text, isa_variant, make_record, parse_dtype, triton_version, validate_records, write_json)
+                      error_text, isa_variant, make_record, parse_dtype, require_validator, triton_version, validate_records,
+                      write_json)
 from .report import (format_markdown, format_pivot, format_table, plot, shape_str, side_by_side, speedups, table_rows,
                      write_results)
 from .runner import (BenchResult, Skipped, _detached, _grads_of, _max_abs_err, _resident, _runner, run, run_case,
@@ -70,7 +71,7 @@ __all__ = [
     "BenchResult", "Impl", "OpBench", "Skipped",
     "decay_flex", "decay_sdpa", "device_name", "device_slug", "dtype_name", "error_text", "format_markdown",
     "format_pivot", "format_table", "isa_variant", "make_record", "parse_dtype", "peak_mem_mb", "plot", "preset",
-    "reference_compiled", "register_op", "resolve_ops", "run", "run_case", "run_model", "run_script",
+    "reference_compiled", "register_op", "require_validator", "resolve_ops", "run", "run_case", "run_model", "run_script",
     "script_parser", "shape_str", "side_by_side", "speedups", "table_rows", "time_interleaved_ms", "time_ms", "triton_version",
     "validate_records", "window_flex", "window_sdpa", "write_json", "write_results",
 ]

@@ -125,17 +125,25 @@ def write_json(records: List[dict], path: str) -> None:
         f.write("\n")
 
 
+def require_validator() -> None:
+    """Raise the ``RuntimeError`` that :func:`write_json` would raise for a missing ``jsonschema``, before a run
+    spends its time: a benchmark that writes its records only at the end checks this first (a GPU image
+    without jsonschema would otherwise lose every measurement at the write)."""
+    try:
+        import jsonschema  # noqa: F401
+    except ImportError:
+        raise RuntimeError("writing bench records needs jsonschema to check them: pip install 'fusionblocks[bench]' "
+                           "(or pip install jsonschema)") from None
+
+
 def validate_records(records: object) -> None:
     """Raise ``ValueError`` naming the first record (and field) that breaks :data:`RECORD_SCHEMA`.
 
     Checked with ``jsonschema`` (in the ``bench`` and ``test`` extras; imported only here, so timing
     and printing work without it).
     """
-    try:
-        import jsonschema
-    except ImportError:
-        raise RuntimeError("writing bench records needs jsonschema to check them: pip install 'fusionblocks[bench]' "
-                           "(or pip install jsonschema)") from None
+    require_validator()
+    import jsonschema
     validator = jsonschema.Draft202012Validator(RECORDS_SCHEMA)
     errors = sorted(validator.iter_errors(records), key=lambda e: list(e.absolute_path))
     if errors:

@@ -12,7 +12,8 @@ import torch
 from .anchors import COMPILE_REASON
 from .cases import INTERPRETER_REASON, OpBench, resolve_ops
 from .memory import peak_mem_mb
-from .records import PASSES, device_name, device_slug, dtype_name, error_text, make_record, parse_dtype
+from .records import (PASSES, device_name, device_slug, dtype_name, error_text, make_record, parse_dtype,
+                      require_validator)
 from .report import format_table, shape_str, write_results
 from .timing import _without_frames, time_interleaved_ms, time_ms
 
@@ -283,6 +284,7 @@ def run_script(args, *, name: str, shapes: Mapping[str, Sequence[dict]], results
     """
     import tempfile
 
+    require_validator()  # the records are checked when written, at the end: fail before the run, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     if device is None:
