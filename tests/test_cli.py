@@ -289,6 +289,29 @@ def test_bench_model_per_backend_choice_and_threads(capsys, tmp_path):
     assert code == 2 and "passes are fwd (inference) and train" in err
 
 
+def test_bench_model_backend_failing_with_an_error_of_its_own_is_skipped(monkeypatch, one_thread):
+    """Triton's kernel errors (CompilationError, OutOfResources) are plain Exceptions: a backend failing so is reported
+    as skipped with its error, and the other backends' records stay (the GPU run's models stage needs them)."""
+    import dataclasses
+
+    from fusionblocks.ops import dispatch
+
+    class KernelError(Exception):
+        pass
+
+    def fails(*args, **kwargs):
+        raise KernelError("out of resource: shared memory (simulated)")
+
+    fast = dispatch.backends_for("decay_attention")["cpp"]
+    monkeypatch.setitem(dispatch._REGISTRY["decay_attention"], "cpp",
+                        dataclasses.replace(fast, fn=fails, check=lambda *a, **k: []))
+    res = bench.run_model("hemf", batch_size=2, image_size=32, steps=1, backends=["reference", "cpp"], device="cpu",
+                          progress=False)
+    assert [(r["impl"], r["pass"]) for r in res.records] == [("reference", "train")]
+    reason = "KernelError: out of resource: shared memory (simulated)"
+    assert [(s.impl, s.reason) for s in res.skipped] == [("cpp", reason)]
+
+
 def test_validate_records_rejects_bad_records():
     pytest.importorskip("jsonschema")  # bench.validate_records checks with it
     good = bench.make_record("window_attention", "sdpa", {"B": 1}, torch.float32, "fwd", 1.5, 2.0, "CPU x")
