@@ -14,7 +14,7 @@ stage still leaves the others' results:
     (no pip, nothing fetched), then checks that ``fusionblocks._C`` has its CUDA kernels. Dry run:
     the same command with ``FUSIONBLOCKS_NO_EXT=1`` (builds nothing).
 ``tests``
-    ``python3 -m pytest -q -m gpu tests`` (bf16/fp16/fp32 parity at the papers' shapes, opcheck,
+    ``python3 -m pytest -v -m gpu tests`` (bf16/fp16/fp32 parity at the papers' shapes, opcheck,
     ``torch.compile`` with inductor), with ``-n 4`` where pytest-xdist is installed (Triton's first
     compiles run on the host's cores). Dry run: one file of the same selection, which skips without a GPU.
 ``kernels``
@@ -438,7 +438,8 @@ def stage_command(stage: str, out: str, dry: bool, py: str, xdist: bool = False)
     if stage == "tests":
         target = ["tests/ops/test_window_triton.py"] if dry else ["tests"]  # dry: the selection's code path, quickly
         workers = ["-n", str(TEST_WORKERS)] if xdist and not dry else []
-        return [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", *workers, *target]
+        # -v: each test's name and outcome is in the log as it finishes, so a time-out still says which ran
+        return [py, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfEs", *workers, *target]
     return [py, os.path.abspath(__file__), out, "--stage", stage] + (["--dry-run"] if dry else [])
 
 
@@ -593,9 +594,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         stages.append(run_stage(stage, out, args.dry_run, args.python, caps[stage], args.quick))
         print(f"[gpu_check] {stage}: {stages[-1]['status']} in {stages[-1]['seconds']} s", flush=True)
     path = write_summary(out, stages, args.dry_run, time.perf_counter() - t0)
-    for tmp in ("kernels_skipped.tmp.json", "models_skipped.tmp.json"):
-        if os.path.exists(os.path.join(out, tmp)):
-            os.remove(os.path.join(out, tmp))
+    for name in os.listdir(out):  # the skip lists, and a half-written file of a stage killed at its cap
+        if name.endswith((".tmp", ".tmp.json")):
+            os.remove(os.path.join(out, name))
     print(f"[gpu_check] wrote {path}")
     return 0 if all(s["status"].startswith("ok") for s in stages) else 1
 

@@ -199,3 +199,27 @@ def test_gpu_tests_use_xdist_workers_only_on_the_real_run():
     assert real[real.index("-n") + 1] == str(gpu_check.TEST_WORKERS) and real[real.index("-m", 3) + 1] == "gpu"
     assert "-n" not in gpu_check.stage_command("tests", "/o", False, "python3", xdist=False)
     assert "-n" not in gpu_check.stage_command("tests", "/o", True, "python3", xdist=True)
+
+
+def test_a_stage_killed_mid_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A stage killed at its cap while saving leaves ``<name>.tmp``: it must not come back as a ninth file."""
+    gpu_check = load_benchmark_script("gpu_check")
+
+    def killed_while_saving(stage, out, dry, py, cap, quick=False):
+        for name in ("kernels.json.tmp", "kernels_skipped.tmp.json"):
+            (tmp_path / name).write_text("[")
+        return dict(stage=stage, status=f"timed out after {cap} s (partial results kept)", rc=124, seconds=1.0, cap=cap)
+
+    monkeypatch.setattr(gpu_check, "run_stage", killed_while_saving)
+    assert gpu_check.main([str(tmp_path), "--stages", "kernels", "--dry-run"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "summary.md"]
+    assert "timed out" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_tests_name_each_test_in_the_log():
+    """``-v``: a tests stage cut at its cap still shows which tests ran and how they ended."""
+    gpu_check = load_benchmark_script("gpu_check")
+
+    for dry in (False, True):
+        cmd = gpu_check.stage_command("tests", "/o", dry, "python3", xdist=True)
+        assert "-v" in cmd and "-q" not in cmd
