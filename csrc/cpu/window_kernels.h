@@ -261,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_backward(const Tensor& grad_, 
         }
     }
   });
-  return {dq, dk, dv, dtable};
+  return {dq, dk, dv, table.defined() ? dtable.to(table_->scalar_type()) : dtable};  // in the table's own dtype
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad, const Tensor& q, const Tensor& k,

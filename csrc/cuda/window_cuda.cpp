@@ -100,7 +100,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> window_bwd(const Tensor& grad_, const
       table.defined() ? table.data_ptr() : nullptr, dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
       dpair.defined() ? dpair.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "window_attention(cuda) backward launch failed: ", cudaGetErrorString(err));
-  Tensor dt = dpair.defined() ? table_grad(dpair, ws).to(q.scalar_type()) : at::zeros({0}, q.options());
+  // the table's own dtype: a float32 table beside bfloat16 q, k, v (autocast) keeps its float32 sums
+  Tensor dt = dpair.defined() ? table_grad(dpair, ws).to(table_->scalar_type()) : at::zeros({0}, q.options());
   return {dq, dk, dv, dt};
 }
 

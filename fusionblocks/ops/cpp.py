@@ -242,7 +242,7 @@ if _C is not None:
 
     @torch.library.register_fake("fusionblocks_C::window_bwd")
     def _window_bwd_fake(grad, q, k, v, bias_table, H, W, window_size, shift, scale):
-        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
+        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(bias_table)  # the table's dtype
         return _fake_like(q), _fake_like(q), _fake_like(q), table
 
     @torch.library.register_fake("fusionblocks_C::decay_dec_fwd_train")
@@ -262,7 +262,7 @@ if _C is not None:
 
     @torch.library.register_fake("fusionblocks_C::window_bwd_probs")
     def _window_bwd_probs_fake(grad, q, k, v, probs, bias_table, H, W, window_size, shift, scale):
-        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(q, bias_table.shape)
+        table = _fake_like(q, (0,)) if bias_table is None else _fake_like(bias_table)  # the table's dtype
         return _fake_like(q), _fake_like(q), _fake_like(q), table
 
     # Autograd of these ops is registered in C++ (csrc/autograd.cpp), at the Autograd key.

@@ -613,6 +613,15 @@ def test_opcheck():
     torch.library.opcheck(ops.window_bwd_probs, (torch.randn_like(out), q, k, v, probs, None, 4, 2, 2, 1, 0.5))
     with pytest.raises(RuntimeError, match=r"expected probs of shape \(B, heads, windows, ws\*ws, ws\*ws\)"):
         ops.window_bwd_probs(torch.randn_like(out), q, k, v, probs[:, :, :1], table, 4, 2, 2, 1, 0.5)
+    # a table of another dtype than q, k, v (a float32 table beside bfloat16 activations on CUDA): its gradient comes
+    # in the table's own dtype, as the fake kernels say, from every variant
+    assert q.dtype == torch.float64
+    t32 = table.float()
+    for isa in cpp.supported_isas():
+        with cpp.use_isa(isa):
+            torch.library.opcheck(ops.window_bwd, (torch.randn_like(out), q, k, v, t32, 4, 2, 2, 1, 0.5))
+            torch.library.opcheck(ops.window_bwd_probs, (torch.randn_like(out), q, k, v, probs, t32, 4, 2, 2, 1, 0.5))
+            assert ops.window_bwd(torch.randn_like(out), q, k, v, t32, 4, 2, 2, 1, 0.5)[3].dtype == torch.float32
     with pytest.raises(RuntimeError, match="expected p_col of shape"):
         ops.decay_dec_bwd_probs(torch.randn_like(out), q, k, v, lg, mid, p_row, p_row, 4, 2, 0.5)
 
@@ -755,6 +764,26 @@ def test_cuda_window_low_precision(dtype):
         lambda *a: window_attention(*a, hw=(14, 14), window_size=7, shift=3, backend="cuda"),
         (q, k, v, table), dtype,
     )
+
+
+@pytest.mark.gpu
+def test_cuda_window_float32_table_beside_bfloat16_keeps_its_gradient_in_float32():
+    """HiFuse under bf16 autocast: the table is a float32 parameter beside bfloat16 q, k, v. Its gradient comes back
+    in float32, as close to the float64 one as the reference's in the same mix (it was rounded to bfloat16)."""
+    _needs_cuda_kernel()
+    q, k, v, table = (t.detach().cuda() for t in _window_case(7, (14, 14), 2, 3, 32, True))
+    g = torch.randn_like(q)
+    grads = {}
+    for name, dtype, backend in (("want", torch.float64, "reference"), ("reference", torch.bfloat16, "reference"),
+                                 ("cuda", torch.bfloat16, "cuda")):
+        t = (table if dtype == torch.float64 else table.float()).requires_grad_()
+        out = window_attention(q.to(dtype), k.to(dtype), v.to(dtype), t, hw=(14, 14), window_size=7, shift=3,
+                               backend=backend)
+        (out.double() * g).sum().backward()
+        grads[name] = t.grad
+    assert grads["cuda"].dtype == torch.float32
+    err = {n: (grads[n].double() - grads["want"]).abs().max().item() for n in ("reference", "cuda")}
+    assert err["cuda"] <= 2 * err["reference"] + 1e-3 * grads["want"].abs().max().item(), err
 
 
 @pytest.mark.gpu
