@@ -121,8 +121,8 @@ RULES: List[Rule] = [
     Rule("decay_attention", "cpp", "cpu",
          lambda a, k: k.get("mode") == "full" and _tokens(a) >= 28 * 28,
          "full decay from 28x28 tokens: the reference materializes (heads, N, N) scores; cpp streams them in O(N) "
-         "memory and measured 2.7-9.8x faster forward, 1.7-4.6x forward+backward (1 thread, fp32, AMD EPYC and "
-         "Intel Xeon, benchmarks/results)"),
+         "memory and measured 2.1-9.6x faster forward, 1.3-4.6x forward+backward (1 thread, fp32, 28x28 and 56x56, "
+         "the widest variant on two AMD EPYCs, AVX2 and AVX-512; benchmarks/results/cpu_kernels-*)"),
 ]
 
 _lock = threading.RLock()
