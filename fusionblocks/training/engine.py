@@ -273,19 +273,24 @@ def _progress(it, enabled: bool, **kw):
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, device: torch.device, amp: Optional[torch.dtype],
             weight: Optional[torch.Tensor] = None, progress: bool = False):
-    """(mean loss, labels (N,), probabilities (N, K)) over every sample of ``loader``."""
+    """(mean loss, labels (N,), probabilities (N, K)) over every sample of ``loader``.
+
+    The loss is the training loss over the whole split: with class ``weight``, torch's weighted mean
+    ``sum(w_y * loss) / sum(w_y)`` (what ``F.cross_entropy(..., weight=weight)`` gives on one batch), else the
+    plain mean."""
     model.eval()
-    losses, labels, probs = [], [], []
+    losses, norms, labels, probs = [], [], [], []
     for x, y in _progress(loader, progress, desc="eval"):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)
         logits = logits.float()
         losses.append(F.cross_entropy(logits, y, weight=weight, reduction="sum").item())
+        norms.append(len(y) if weight is None else weight.to(logits.device)[y].sum().item())
         labels.append(y.cpu())
         probs.append(logits.softmax(-1).cpu())
-    n = sum(len(t) for t in labels)
-    return sum(losses) / max(n, 1), torch.cat(labels).numpy(), torch.cat(probs).numpy()
+    total = sum(norms)
+    return sum(losses) / total if total > 0 else 0.0, torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
 def _write_eval_artifacts(out: Path, prefix: str, labels, probs, classes, metrics, what: str) -> None:

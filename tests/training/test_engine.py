@@ -202,3 +202,22 @@ def test_worker_processes_augment_with_each_epochs_seed_and_leave_the_global_rng
     assert not torch.equal(single[0], single[1])
     for a, b in zip(single, workers):
         assert torch.equal(a, b)
+
+
+def test_eval_loss_is_the_weighted_cross_entropy_the_model_trains_with():
+    """predict's loss is torch's weighted cross-entropy over the whole split, sum(w_y * l) / sum(w_y), the loss
+    training minimizes (HATR's recipe: normal:pneumonia = 3:1); it divided by the number of samples, which put the
+    validation and test losses of a weighted run on another scale than the training loss (x2 on a balanced split)."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 4)
+    y = torch.tensor([0, 0, 1, 1, 1, 1, 1])
+    model = torch.nn.Linear(4, 2)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)  # batches 3, 3, 1
+    w = torch.tensor([3.0, 1.0])
+    with torch.no_grad():
+        logits = model(x)
+    loss, labels, probs = E.predict(model, loader, torch.device("cpu"), None, w)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    assert labels.tolist() == y.tolist() and probs.shape == (7, 2)
+    loss, _, _ = E.predict(model, loader, torch.device("cpu"), None)  # unweighted: the plain mean, as before
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
