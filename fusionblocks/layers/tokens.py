@@ -4,7 +4,8 @@ Two token blocks:
 
 * :class:`OverlapTokenizer` — "multi-scale overlapping embedding": a convolution whose stride is smaller than its
   kernel partitions the feature map into overlapping patches, flattened to a token sequence.
-  ``(B, C, H, W) -> (B, N, D)``.
+  ``(B, C, H, W) -> (B, N, D)``. One window size: §2.3.2 calls the embedding multi-scale but describes a single
+  window (kernel 2, stride 1) per backbone and no second scale, so "multi-scale" is not read as several kernels.
 * :class:`TokenWeighting` — "Token adaptive weighting": channel attention and spatial attention over the token grid
   give every token one weight in (0, 1) that scales it. ``(B, N, D) -> (B, N, D)``.
 
@@ -132,7 +133,8 @@ class TokenWeighting(nn.Module):
        token descriptors) re-weights the embedding channels: ``t' = t * ChannelAttn.gate(t)``;
     3. spatial attention (:class:`~fusionblocks.layers.gates.SpatialAttn`, a ``k x k`` conv over the channel-wise
        mean and max of ``t'``) gives one sigmoid weight per grid position: ``a = SpatialAttn.gate(t')``, ``(B, 1, h, w)``
-       — the CBAM order (channel, then spatial);
+       — the CBAM order (channel, then spatial), and CBAM's equations (``[avg; max]``, no BatchNorm before the
+       sigmoid: ``SpatialAttn``'s default);
     4. every token is scaled by its own weight: ``out[b, n] = tokens[b, n] * a[b, n]``.
 
     The channel re-weighting shapes *which* tokens respond (step 3), but only the per-token scalar is applied to the

@@ -15,6 +15,21 @@ ViT defaults (the paper only says "a shallow ViT structure" to stay lightweight,
 learned position embeddings, a CLS token read out by a final LayerNorm and a linear head. Depth 4 is a third of
 ViT-B's 12 — shallow, ~12.6 M parameters — and can be changed with ``vit_depth``/``vit_heads``.
 
+Other readings of what §2.3 leaves open:
+
+* the ResNet-50 reduction: §2.3.2 names a 1x1 convolution (§2.3.1: "dimensionality reduction and convolution") and
+  no norm or activation; the BatchNorm + ReLU after it are this library's choice (a conv-BN-ReLU unit, as in the
+  backbone). ``reduce_dim=None`` drops the whole reduction, not just the BN + ReLU.
+* "multi-scale" (§2.3, §2.3.2: "multi-scale overlapping embedding"): the text gives one window per backbone
+  (kernel 2, stride 1, on the last backbone map) and no second scale, so there is one tokenizer; other windows via
+  ``tokenizer_kernel`` / ``tokenizer_stride``.
+* the paper mentions no position embeddings; they are added after :class:`TokenWeighting`, so the token weights
+  scale the feature content and not the position code.
+* TokenWeighting's ``reduction=16`` and ``kernel_size=7`` are CBAM's defaults; the paper gives no values.
+* backbone weights: §2.2 motivates the 3-channel input and the ImageNet statistics with pretrained models, but the
+  paper never says the backbones were pretrained; they start from random init here (``load_backbone_state_dict``
+  takes torchvision's ImageNet ResNet-50 weights).
+
 Position embeddings are learned for the token grid at ``img_size``; for another input size the grid part is
 resized by bicubic interpolation (the CLS entry is kept), so any input size at least the minimum works
 (33x33 for ResNet-50, 31x31 for Conv2D: the backbone map must be at least 2x2).
