@@ -766,8 +766,10 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
     title = f"{what}, {Path(checkpoint).name} (epoch {ck.epoch})"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    weights = cfg.get("class_weights_resolved")  # the run's loss, as its own validation and test losses were
+    weight_t = torch.tensor(weights, device=dev) if weights is not None else None
     loss, labels, probs = predict(model, _loader(ds, batch_size, num_workers), dev,
-                                  _amp_dtype(cfg.get("amp", "auto"), dev), progress=progress)
+                                  _amp_dtype(cfg.get("amp", "auto"), dev), weight_t, progress=progress)
     metrics = classification_metrics(labels, probs, classes) | {
         "loss": loss, "checkpoint": str(checkpoint), "epoch": ck.epoch, "data": str(data), "split": split}
     _write_eval_artifacts(out, "", labels, probs, classes, metrics, title)

@@ -95,6 +95,14 @@ def test_evaluate_with_gradcam_on_image_folder(tmp_path, tiny_model, image_tree)
     assert ckpt["config"]["class_weights_resolved"] == [3.0, 1.0]  # HATR's normal:pneumonia = 3:1
 
 
+def test_evaluate_loss_is_the_runs_own_weighted_loss(tmp_path, tiny_model, image_tree):
+    # HATR's recipe weights the loss 3:1; evaluate reported the unweighted loss, which the run's own test loss is not
+    result = E.train(_cfg(tmp_path, tiny_model, data=str(image_tree), recipe="hatr", epochs=1, in_chans=1))
+    m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", progress=False)
+    assert m["split"] == "test" and m["num_samples"] == result["test"]["num_samples"]
+    assert m["loss"] == pytest.approx(result["test"]["loss"], rel=1e-5)
+
+
 def test_gradcam_heatmap_range(tiny_model):
     from fusionblocks import create_model
 
