@@ -103,6 +103,76 @@ TO_TRY = [
 ]
 
 
+# ------------------------------------------------------------------------------------------ targets
+
+FAST_PATHS = ("triton", "cuda")  # a case's fast path is the faster of these that ran it
+# issue 12 §3, fwd+bwd in the run's main dtype, side by side: (op, shape fields a case must have, contender,
+# contender's time / fast path's time at least)
+SPEED_TARGETS = [
+    ("decay_attention_full", {"H": 56, "W": 56}, "reference", 10.0),
+    ("decay_attention_full", {"H": 56, "W": 56}, "flex", 1.2),
+    ("decay_attention_decomposed", {}, "reference", 3.0),
+    ("window_attention", {}, "reference", 3.0),
+    ("window_attention", {}, "sdpa", 1.5),
+    ("window_attention", {}, "flex", 1.5),
+]
+HBM_TARGET = ("window_attention", 0.5)  # the fast path's share of the datasheet HBM bandwidth, at least
+MODEL_TARGET = (("hifuse_tiny", "hemf"), 1.5)  # training step img/s of the fastest backend over the reference's
+
+
+def target_rows(kernels: List[dict], models: List[dict], dtype: str) -> List[List[str]]:
+    """Issue 12's targets against the records: ``[target, case, fast path, measured, needed, met]`` per case
+    (``met`` is ``yes``, ``**no**`` or ``not measured``: a missing or failed record is never a pass)."""
+    from fusionblocks import bench
+
+    timed = [r for r in kernels if r.get("pass") == "fwd+bwd" and r.get("dtype") == dtype and r.get("ms")]
+    cases: Dict[tuple, Dict[str, dict]] = {}
+    for r in timed:
+        cases.setdefault((r["op"], bench.shape_str(r["shape"])), {})[r["impl"]] = r
+
+    def fast(impls):
+        ran = [impls[i] for i in FAST_PATHS if i in impls]
+        return min(ran, key=lambda r: r["ms"]) if ran else None
+
+    rows = []
+    for op, need, contender, at_least in SPEED_TARGETS:
+        matching = [(case, impls) for (o, case), impls in cases.items() if o == op
+                    and all(next(iter(impls.values()))["shape"].get(k) == v for k, v in need.items())]
+        target = f"{op} fwd+bwd: {at_least:g}x {contender}"
+        if not matching:
+            rows.append([target, " ".join(f"{k}={v}" for k, v in need.items()) or "any", "", "no record", f"{at_least:g}x",
+                         "not measured"])
+        for case, impls in sorted(matching):
+            f, c = fast(impls), impls.get(contender)
+            if f is None or c is None:
+                rows.append([target, case, f["impl"] if f else "", "no record", f"{at_least:g}x", "not measured"])
+                continue
+            ratio = c["ms"] / f["ms"]
+            rows.append([target, case, f["impl"], f"{ratio:.2f}x", f"{at_least:g}x", "yes" if ratio >= at_least else "**no**"])
+    op, share = HBM_TARGET
+    for (o, case), impls in sorted(cases.items()):
+        if o != op:
+            continue
+        f = fast(impls)
+        got = f.get("hbm_share") if f else None
+        rows.append([f"{op} fwd+bwd: {share:.0%} of HBM bandwidth", case, f["impl"] if f else "",
+                     "no record" if got is None else f"{got:.0%}", f"{share:.0%}",
+                     "not measured" if got is None else ("yes" if got >= share else "**no**")])
+    names, at_least = MODEL_TARGET
+    for name in names:
+        train = {r["impl"]: r for r in models if r.get("pass") == "train" and r.get("shape", {}).get("model") == name
+                 and r.get("img_per_s")}
+        f = max((train[i] for i in FAST_PATHS if i in train), key=lambda r: r["img_per_s"], default=None)
+        ref = train.get("reference")
+        target = f"{name} training step: {at_least:g}x the reference's img/s"
+        if f is None or ref is None:
+            rows.append([target, name, f["impl"] if f else "", "no record", f"{at_least:g}x", "not measured"])
+            continue
+        ratio = f["img_per_s"] / ref["img_per_s"]
+        rows.append([target, name, f["impl"], f"{ratio:.2f}x", f"{at_least:g}x", "yes" if ratio >= at_least else "**no**"])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ shapes
 
 
@@ -518,6 +588,15 @@ def write_summary(out: str, stages: List[dict], dry: bool, total: float) -> str:
         last = [ln for ln in _tail(os.path.join(out, "logs", "tests.log"), 3).splitlines() if ln.strip()]
         lines += [f"GPU tests: {last[-1] if last else 'no output'}", ""]
     peak = hbm_peak(device)
+    rows = target_rows(kernels, models, "float32" if dry else "bfloat16")
+    met = sum(r[-1] == "yes" for r in rows)
+    lines += ["## Issue 12's targets", "",
+              f"{met} of {len(rows)} met ({sum(r[-1] == '**no**' for r in rows)} missed, "
+              f"{sum(r[-1] == 'not measured' for r in rows)} not measured). fwd+bwd, "
+              f"{'float32 (dry run: tiny shapes, the Triton interpreter; not a measurement)' if dry else 'bfloat16'}; "
+              "the fast path is the faster of triton and cuda where both ran; a ratio is the contender's time over it.",
+              "", "| target | case | fast path | measured | needed | met |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     lines += ["## Kernels", "",
               "FLOPs: the forward's two matmuls, `4·B·heads·N·L·D` (L = keys per query: 49 for windows, H·W full, "
               "H+W decomposed); fwd+bwd = 3.5x that, recomputation not counted. Bytes: q, k, v read once + o written "

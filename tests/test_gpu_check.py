@@ -6,6 +6,7 @@ interpreter where Triton is installed. One run, shared by the checks below.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,6 +42,10 @@ def test_every_stage_runs_and_passes(dry_run):
     for stage in STAGES:
         assert f"| {stage} | ok" in summary, summary[:2000]
         assert (out / "logs" / f"{stage}.log").stat().st_size > 0
+    # the targets table, from the dry run's own records (the window case ran triton, reference and sdpa)
+    targets = summary[summary.index("## Issue 12's targets"):summary.index("## Kernels")]
+    window = [ln for ln in targets.splitlines() if ln.startswith("| window_attention fwd+bwd: 3x reference |")]
+    assert len(window) == 1 and re.search(r"\| triton \| \d+\.\d\dx \| 3x \| (yes|\*\*no\*\*) \|$", window[0]), targets
 
 
 def test_outdir_stays_within_what_comes_back(dry_run):
@@ -223,3 +228,37 @@ def test_gpu_tests_name_each_test_in_the_log():
     for dry in (False, True):
         cmd = gpu_check.stage_command("tests", "/o", dry, "python3", xdist=True)
         assert "-v" in cmd and "-q" not in cmd
+
+
+def test_targets_table_from_records():
+    """Issue 12's targets, read off the records: the faster fast path per case, each contender's ratio, the HBM share,
+    the models' img/s; a missing or failed record is "not measured", never a pass."""
+    gpu_check = load_benchmark_script("gpu_check")
+
+    def rec(op, impl, ms, hbm=None, **shape):
+        return {"op": op, "impl": impl, "shape": shape, "dtype": "bfloat16", "pass": "fwd+bwd", "ms": ms, "hbm_share": hbm}
+
+    full = dict(B=32, heads=8, H=56, W=56, D=12)
+    win = dict(B=32, heads=3, H=56, W=56, D=32, ws=7, shift=3)
+    kernels = [rec("decay_attention_full", "triton", 2.0, **full), rec("decay_attention_full", "reference", 30.0, **full),
+               rec("decay_attention_full", "flex", 2.2, **full),
+               rec("window_attention", "triton", 1.0, 0.4, **win), rec("window_attention", "cuda", 0.8, 0.55, **win),
+               rec("window_attention", "reference", 4.0, **win), rec("window_attention", "sdpa", 1.0, **win),
+               rec("window_attention", "flex", None, **win),  # failed: no time
+               rec("window_attention", "triton[default]", 0.1, 0.9, **win),  # a tuning variant: not the fast path
+               dict(rec("decay_attention_full", "reference", 1.0, **full), dtype="float32")]  # parity run: not a target
+    models = [{"op": "model", "impl": impl, "shape": {"model": "hemf"}, "pass": "train", "img_per_s": ips}
+              for impl, ips in (("reference", 100.0), ("triton", 160.0), ("cuda", 120.0))]
+    rows = {(r[0], r[1]): r[2:] for r in gpu_check.target_rows(kernels, models, "bfloat16")}
+    from fusionblocks import bench
+
+    f, w = bench.shape_str(full), bench.shape_str(win)
+    assert rows[("decay_attention_full fwd+bwd: 10x reference", f)] == ["triton", "15.00x", "10x", "yes"]
+    assert rows[("decay_attention_full fwd+bwd: 1.2x flex", f)] == ["triton", "1.10x", "1.2x", "**no**"]
+    assert rows[("decay_attention_decomposed fwd+bwd: 3x reference", "any")] == ["", "no record", "3x", "not measured"]
+    assert rows[("window_attention fwd+bwd: 3x reference", w)] == ["cuda", "5.00x", "3x", "yes"]
+    assert rows[("window_attention fwd+bwd: 1.5x sdpa", w)] == ["cuda", "1.25x", "1.5x", "**no**"]
+    assert rows[("window_attention fwd+bwd: 1.5x flex", w)] == ["cuda", "no record", "1.5x", "not measured"]
+    assert rows[("window_attention fwd+bwd: 50% of HBM bandwidth", w)] == ["cuda", "55%", "50%", "yes"]
+    assert rows[("hemf training step: 1.5x the reference's img/s", "hemf")] == ["triton", "1.60x", "1.5x", "yes"]
+    assert rows[("hifuse_tiny training step: 1.5x the reference's img/s", "hifuse_tiny")][-2:] == ["1.5x", "not measured"]
