@@ -58,6 +58,22 @@ class FeatureExtractor(nn.Module):
         return [feats[i] for i in self.out_indices]
 
 
+def _no_weights_message(name: str) -> str:
+    """What ``timm.create_model(name, pretrained=True)`` says: no timm weights, and where weights can come from."""
+    from .registry import has_official_code
+
+    if has_official_code(name):
+        where = f"load an official checkpoint with fusionblocks.create_model({name!r}, pretrained_official=PATH)"
+    else:
+        where = (
+            f"{name} has no official code or checkpoint (the paper is the spec); load weights you trained with "
+            f"timm.create_model({name!r}, checkpoint_path=PATH)"
+        )
+        if name == "hatr_resnet50":
+            where += "; torchvision's ResNet-50 weights load into its backbone with model.load_backbone_state_dict(sd)"
+    return f"{name}: fusionblocks publishes no timm weights; {where} (with smp: encoder_weights=None)"
+
+
 def _timm_entrypoint(name: str):
     from .registry import create_model, default_cfg
 
@@ -72,10 +88,7 @@ def _timm_entrypoint(name: str):
 
     def entry(pretrained: bool = False, **kwargs):
         if pretrained:
-            raise ValueError(
-                f"{name}: fusionblocks publishes no timm weights; load an official checkpoint with "
-                f"fusionblocks.create_model({name!r}, pretrained_official=PATH) (with smp: encoder_weights=None)"
-            )
+            raise ValueError(_no_weights_message(name))
         from timm.models import build_model_with_cfg
 
         from .contract import adapt_cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import typing
 from typing import Callable, Dict, List, Optional
 
 import torch.nn as nn
@@ -34,6 +35,15 @@ def default_cfg(name: str) -> Dict[str, object]:
     if name not in _MODELS:
         raise ValueError(f"default_cfg: unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
     return dict(importlib.import_module(_MODELS[name].__module__).default_cfgs[name])
+
+
+def has_official_code(name: str) -> bool:
+    """Whether ``name``'s model loads checkpoints of official code (``create_model(name, pretrained_official=PATH)``):
+    HiFuse and HEMF do; HATR has no official code. Read from the factory's return annotation, without building."""
+    _load()
+    if name not in _MODELS:
+        raise ValueError(f"has_official_code: unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
+    return hasattr(typing.get_type_hints(_MODELS[name]).get("return"), "load_official_state_dict")
 
 
 def list_models(pattern: Optional[str] = None) -> List[str]:

@@ -68,6 +68,26 @@ def test_timm_features_only(name):
         timm.create_model(name, pretrained=True)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_timm_pretrained_error_names_a_route_that_exists(name, tmp_path):
+    with pytest.raises(ValueError, match="publishes no timm weights") as err:
+        timm.create_model(name, pretrained=True, **SMALL[name])
+    msg = str(err.value)
+    if name.startswith("hatr"):
+        # HATR has no official code: create_model(..., pretrained_official=...) is refused, so it must not be offered
+        assert "pretrained_official" not in msg and "no official code" in msg
+        with pytest.raises(ValueError, match="has none"):
+            fusionblocks.create_model(name, pretrained_official=str(tmp_path / "x.pth"), **SMALL[name])
+        # the route it names instead works
+        src = timm.create_model(name, num_classes=3, **SMALL[name])
+        torch.save(src.state_dict(), tmp_path / "w.pth")
+        dst = timm.create_model(name, num_classes=3, checkpoint_path=str(tmp_path / "w.pth"), **SMALL[name])
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+    else:
+        assert f"fusionblocks.create_model({name!r}, pretrained_official=PATH)" in msg
+        assert hasattr(fusionblocks.create_model(name, **SMALL[name]), "load_official_state_dict")
+
+
 def test_timm_optimizer_uses_groups_and_no_weight_decay():
     from timm.optim import create_optimizer_v2
 
