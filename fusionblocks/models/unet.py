@@ -74,7 +74,9 @@ class FusionUNet(nn.Module):
         num_classes: output channels (1 for binary masks with a sigmoid/BCE loss).
         encoder: a registered model name (its ``forward_intermediates`` gives the skips; what the skips never
             use, the classifier's norm and HATR's token bridge and ViT, is pruned away, so that every parameter
-            gets a gradient) or a module with ``forward_intermediates`` and ``feature_info`` (used as given).
+            gets a gradient) or a module with ``feature_info`` of 4 levels (used as given): a model with
+            ``forward_intermediates``, or a features_only module whose ``forward`` returns the maps
+            (:class:`~fusionblocks.FeatureExtractor`, ``timm.create_model(..., features_only=True)``).
         decoder_channels: widths of the decoder stages at strides 16, 8, 4 and 1.
         encoder_kwargs: passed to ``create_model`` when ``encoder`` is a name.
 
@@ -100,9 +102,17 @@ class FusionUNet(nn.Module):
                 self._pruned_keys = tuple(sorted(f"encoder.{k}" for k in before - set(encoder.state_dict())))
                 self._register_load_state_dict_pre_hook(self._skip_pruned_keys)
         info = getattr(encoder, "feature_info", None)
-        if not hasattr(encoder, "forward_intermediates") or not info or len(info) != 4:
+        if hasattr(info, "get_dicts"):  # timm's FeatureInfo: the levels a features_only module returns
+            info = info.get_dicts()
+        # a features_only module (FeatureExtractor, timm's features_only=True) returns its maps from forward
+        self._features_only = not hasattr(encoder, "forward_intermediates")
+        if not isinstance(encoder, nn.Module) or not info or len(info) != 4:
+            got = type(encoder).__name__
+            if info:
+                got += f" with {len(info)} (strides {', '.join(str(f['reduction']) for f in info)})"
             raise ValueError(
-                f"FusionUNet: expected an encoder with forward_intermediates and 4 feature levels, got {type(encoder).__name__}"
+                "FusionUNet: expected an encoder with 4 feature levels (forward_intermediates and feature_info, or a "
+                f"features_only module: FeatureExtractor, timm's features_only=True), got {got}"
             )
         if len(decoder_channels) != 4:
             raise ValueError(f"FusionUNet: expected 4 decoder_channels, got {tuple(decoder_channels)}")
@@ -130,7 +140,7 @@ class FusionUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expect_nchw(type(self).__name__, "x", x)
-        f4, f8, f16, f32 = self.encoder.forward_intermediates(x)
+        f4, f8, f16, f32 = self.encoder(x) if self._features_only else self.encoder.forward_intermediates(x)
         y = self.up4(self.up8(self.up16(f32, f16), f8), f4)
         y = upsample_to_grid(y, self.out_scale, x.shape[-2:])
         return self.head(self.refine(y))

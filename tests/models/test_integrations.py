@@ -88,6 +88,20 @@ def test_timm_pretrained_error_names_a_route_that_exists(name, tmp_path):
         assert hasattr(fusionblocks.create_model(name, **SMALL[name]), "load_official_state_dict")
 
 
+@pytest.mark.parametrize("name", ["hemf", "hatr_resnet50"])
+def test_fusion_unet_takes_a_timm_features_only_encoder(name):
+    from fusionblocks.models.unet import FusionUNet
+
+    torch.manual_seed(0)
+    net = FusionUNet(2, encoder=timm.create_model(name, features_only=True, **SMALL[name]), decoder_channels=(16, 16, 8, 8))
+    y = net(torch.randn(2, 3, 70, 90))
+    assert y.shape == (2, 2, 70, 90)
+    y.square().mean().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []  # features_only pruned the head
+    with pytest.raises(ValueError, match=r"FusionUNet: expected an encoder with 4 feature levels .* got FeatureGetterNet with 2 \(strides 8, 16\)$"):
+        FusionUNet(encoder=timm.create_model(name, features_only=True, out_indices=(1, 2), **SMALL[name]))
+
+
 def test_timm_optimizer_uses_groups_and_no_weight_decay():
     from timm.optim import create_optimizer_v2
 

@@ -77,11 +77,30 @@ def test_an_encoder_by_name_leaves_no_parameter_without_a_gradient(name):
         torch.testing.assert_close(net(x), old(x), rtol=0, atol=0)
 
 
+def test_a_features_only_encoder_gives_the_same_net():
+    # the README's FeatureExtractor(model, out_indices) route: its forward returns the maps
+    from fusionblocks import FeatureExtractor
+
+    torch.manual_seed(0)
+    enc = _small_hemf()
+    net = FusionUNet(num_classes=2, encoder=enc, decoder_channels=(16, 16, 8, 8)).eval()
+    fx = FusionUNet(num_classes=2, encoder=FeatureExtractor(enc, (0, 1, 2, 3)), decoder_channels=(16, 16, 8, 8)).eval()
+    fx.load_state_dict({k.replace("encoder.", "encoder.model.", 1): v for k, v in net.state_dict().items()})
+    x = torch.randn(1, 3, 45, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(fx(x), net(x), rtol=0, atol=0)
+    assert fx(x).shape == (1, 2, 45, 70)
+    with pytest.raises(ValueError, match=r"got FeatureExtractor with 2 \(strides 8, 32\)$"):
+        FusionUNet(encoder=FeatureExtractor(enc, (1, 3)))
+
+
 def test_encoder_by_name_and_errors():
     net = FusionUNet(encoder="hifuse_tiny", decoder_channels=(16, 16, 8, 8))
     assert [f["reduction"] for f in net.encoder.feature_info] == [4, 8, 16, 32]
-    with pytest.raises(ValueError, match="FusionUNet: expected an encoder with forward_intermediates and 4 feature levels, got Linear"):
+    with pytest.raises(ValueError, match=r"FusionUNet: expected an encoder with 4 feature levels \(forward_intermediates .*, got Linear$"):
         FusionUNet(encoder=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"got HATR with 3 \(strides 4, 8, 16\)$"):
+        FusionUNet(encoder="hatr_conv2d", encoder_kwargs=dict(embed_dim=32, vit_depth=1, vit_heads=2))
     with pytest.raises(ValueError, match=r"FusionUNet: expected 4 decoder_channels, got \(8, 8\)"):
         FusionUNet(encoder=_small_hemf(), decoder_channels=(8, 8))
     with pytest.raises(ValueError, match=r"FusionUNet: expected x as a 4-D"):
