@@ -139,3 +139,24 @@ def test_smp_tu_encoder_trains(arch, name):
     grads = [p.grad for n, p in net.encoder.named_parameters()]
     assert grads and all(g is not None for g in grads)  # features_only pruned everything the maps do not use
     torch.optim.SGD(net.parameters(), lr=0.1).step()
+
+
+def test_smp_decoders_the_readme_names():
+    # README: Unet, UnetPlusPlus, FPN, PSPNet, Linknet, MAnet, UPerNet, Segformer run; DeepLabV3(+)/PAN are refused
+    # (output stride 8/16); Unet takes any size, the others multiples of 32; hatr_conv2d: no FPN
+    x = torch.randn(1, 3, 64, 64)
+    kw = dict(encoder_weights=None, classes=2, **SMALL["hemf"])
+    for arch in ("UnetPlusPlus", "PSPNet", "Linknet", "MAnet", "UPerNet", "Segformer"):
+        torch.manual_seed(0)
+        net = getattr(smp, arch)("tu-hemf", **kw).eval()
+        with torch.no_grad():
+            assert net(x).shape == (1, 2, 64, 64), arch
+    for arch in ("DeepLabV3", "DeepLabV3Plus", "PAN"):
+        with pytest.raises(ValueError, match=r"hemf: expected output_stride 32 \(no dilated variant exists\), got (8|16)"):
+            getattr(smp, arch)("tu-hemf", **kw)
+    with torch.no_grad():
+        assert smp.Unet("tu-hemf", **kw).eval()(torch.randn(1, 3, 70, 90)).shape == (1, 2, 70, 90)
+        with pytest.raises(RuntimeError, match="divisible by 32"):
+            smp.FPN("tu-hemf", **kw).eval()(torch.randn(1, 3, 70, 90))
+    with pytest.raises(RuntimeError):
+        smp.FPN("tu-hatr_conv2d", encoder_weights=None, encoder_depth=4, **SMALL["hatr_conv2d"]).eval()(x)
