@@ -51,10 +51,12 @@ import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
 from .._validate import expect_rate, expect_nchw, expect_positive_int
+from ..layers.drop import drop_path
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
 from . import checkpointing
 from .contract import ModelContract, model_cfg
+from .fusionnet import stage_drop_path_rates
 from .registry import register_model
 
 __all__ = ["HATR", "PAPER_RESULTS", "hatr_resnet50", "hatr_conv2d"]
@@ -105,21 +107,23 @@ class ViTBlock(nn.Module):
         qkv_bias: bias on the qkv projection.
         drop: dropout after the attention projection and in the MLP.
         attn_drop: attention-probability dropout.
+        drop_path: stochastic depth of both residual branches.
     """
 
     def __init__(
         self, dim: int, num_heads: int, *, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
-        attn_drop: float = 0.0,
+        attn_drop: float = 0.0, drop_path: float = 0.0,
     ):
         super().__init__()
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = _Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = _Mlp(dim, int(dim * mlp_ratio), drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 def _size2(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
@@ -156,6 +160,8 @@ class HATR(ModelContract, nn.Module):
         weighting_kernel: spatial-attention kernel of :class:`TokenWeighting`.
         drop_rate: dropout in the ViT blocks and before the head, in ``[0, 1)``.
         attn_drop_rate: attention dropout, in ``[0, 1)``.
+        drop_path_rate: stochastic depth of the ViT blocks, linear from 0 to this over the blocks, in ``[0, 1)``
+            (timm's ``drop_path_rate``; the paper uses none).
 
     Shapes:
         ``forward``: ``(B, in_chans, H, W) -> (B, num_classes)``;
@@ -202,6 +208,7 @@ class HATR(ModelContract, nn.Module):
         weighting_kernel: int = 7,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
         self.model_name = f"hatr_{backbone}"
@@ -216,6 +223,7 @@ class HATR(ModelContract, nn.Module):
             raise ValueError(f"{self.model_name}: expected num_classes to be a non-negative int, got {num_classes!r}")
         drop_rate = expect_rate(self.model_name, "drop_rate", drop_rate)
         attn_drop_rate = expect_rate(self.model_name, "attn_drop_rate", attn_drop_rate)
+        dpr = stage_drop_path_rates(self.model_name, "drop_path_rate", drop_path_rate, [vit_depth])[0]
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
@@ -253,8 +261,8 @@ class HATR(ModelContract, nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         self.blocks = nn.Sequential(
             *[
-                ViTBlock(embed_dim, vit_heads, mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate)
-                for _ in range(vit_depth)
+                ViTBlock(embed_dim, vit_heads, mlp_ratio=mlp_ratio, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=p)
+                for p in dpr
             ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -69,6 +69,32 @@ def test_timm_features_only(name):
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
+def test_timm_train_py_drop_path_rate(name):
+    # timm's train.py passes drop_path_rate=--drop-path to every model; HATR raised TypeError on it
+    torch.manual_seed(0)
+    ref = timm.create_model(name, num_classes=2, **SMALL[name])
+    torch.manual_seed(0)
+    m = timm.create_model(name, num_classes=2, drop_rate=0.0, drop_path_rate=0.5, **{**SMALL[name], **VIT2.get(name, {})})
+    if name.startswith("hatr"):
+        assert [b.drop_path for b in m.blocks] == [0.0, 0.5]  # linear over the ViT blocks, as timm's ViT
+        torch.manual_seed(0)
+        ref = timm.create_model(name, num_classes=2, **{**SMALL[name], **VIT2[name]})
+    x = torch.randn(4, 3, 64, 64)
+    ref.load_state_dict(m.state_dict())  # stochastic depth adds no parameters
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval()(x), ref.eval()(x), rtol=0, atol=0)
+        torch.manual_seed(1)
+        a = m.train()(x)
+        torch.manual_seed(1)
+        assert not torch.equal(a, ref.train()(x))  # blocks are dropped in training
+    with pytest.raises(ValueError, match=r"expected drop_path_rate in \[0, 1\), got 1.0"):
+        timm.create_model(name, drop_path_rate=1.0, **SMALL[name])
+
+
+VIT2 = {"hatr_resnet50": dict(vit_depth=2), "hatr_conv2d": dict(vit_depth=2)}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
 def test_timm_pretrained_error_names_a_route_that_exists(name, tmp_path):
     with pytest.raises(ValueError, match="publishes no timm weights") as err:
         timm.create_model(name, pretrained=True, **SMALL[name])
