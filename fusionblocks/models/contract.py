@@ -19,7 +19,9 @@ dotted path of the final Linear), ``global_pool_type``, ``no_weight_decay_keys``
 
 Feature maps cover the input: level ``i`` of stride ``s`` has ``ceil(H / s) x ceil(W / s)`` cells and cell
 ``(r, c)`` covers input pixels ``[r*s, (r+1)*s) x [c*s, (c+1)*s)`` (models that pad the input crop their maps of
-the padded frame to this), as a strided conv net's maps do.
+the padded frame to this), as a strided conv net's maps do. One exception: HATR's Conv2D backbone (a 2x2 max-pool ends
+each layer, see :class:`~fusionblocks.models.backbones.Conv2DBackbone`) drops a last odd row or column, so its maps have
+``floor(H / s) x floor(W / s)`` cells (17x22, 8x11, 4x5 at 70x90); decoders that resize to the skips cope.
 """
 from __future__ import annotations
 
@@ -199,7 +201,8 @@ class ModelContract:
                 return the list of maps. ``False`` (timm's default): return ``(forward_features(x), maps)``.
 
         Returns:
-            ``[(B, C_i, ceil(H / s_i), ceil(W / s_i))]`` for the levels asked for, in order (NHWC when asked), or
+            ``[(B, C_i, ceil(H / s_i), ceil(W / s_i))]`` (``floor`` for HATR's Conv2D backbone, see the module
+            docstring) for the levels asked for, in order (NHWC when asked), or
             ``(final, maps)``.
         """
         name = self._model_name

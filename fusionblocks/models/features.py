@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 from typing import Dict, List, Sequence
 
 import torch
@@ -30,15 +31,22 @@ def _feature_info_object(info: List[dict], out_indices: Sequence[int]):
 class FeatureExtractor(nn.Module):
     """Wrap a model so ``forward(x)`` returns ``[intermediates[i] for i in out_indices]``.
 
+    The model runs up to the deepest level asked for, no further. Its later levels, final norm and classifier
+    stay in it (the model is still whole) but get no gradient; ``prune=True`` removes them, as timm's
+    ``features_only=True`` does, so that every parameter of the encoder trains (``DistributedDataParallel``
+    refuses parameters without a gradient unless ``find_unused_parameters=True``).
+
     Args:
         model: a fusionblocks model (``forward_intermediates`` + ``feature_info``).
         out_indices: which of the model's feature levels to return (negative indices count from the end).
+        prune: remove, in place, what the selected levels do not use (``model.prune_intermediate_layers``): the
+            model then serves only as this encoder.
 
     ``feature_info`` is timm's ``FeatureInfo`` when timm is importable (``.channels()``,
     ``.reduction()``), else a list of dicts for the selected levels.
     """
 
-    def __init__(self, model: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3)):
+    def __init__(self, model: nn.Module, out_indices: Sequence[int] = (0, 1, 2, 3), *, prune: bool = False):
         super().__init__()
         name = type(model).__name__
         if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):
@@ -49,12 +57,22 @@ class FeatureExtractor(nn.Module):
             if not -n <= i < n:
                 raise ValueError(f"FeatureExtractor: {name} has {n} feature levels, got out_indices {tuple(out_indices)}")
             idx.append(i % n)
+        info = list(model.feature_info)
+        if prune:
+            if not hasattr(model, "prune_intermediate_layers"):
+                raise TypeError(f"FeatureExtractor: prune=True needs a model with prune_intermediate_layers, got {name}")
+            model.prune_intermediate_layers(sorted(set(idx)), prune_head=True)
         self.model = model
         self.out_indices = tuple(idx)
-        self.feature_info = _feature_info_object(list(model.feature_info), self.out_indices)
+        self.feature_info = _feature_info_object(info, self.out_indices)
+        # timm's signature (every fusionblocks model) runs only up to the deepest level asked for
+        self._levels = sorted(set(idx)) if "indices" in inspect.signature(model.forward_intermediates).parameters else None
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        feats = self.model.forward_intermediates(x)
+        if self._levels is None:
+            feats = self.model.forward_intermediates(x)
+        else:  # the levels asked for, in order
+            feats = dict(zip(self._levels, self.model.forward_intermediates(x, indices=self._levels)))
         return [feats[i] for i in self.out_indices]
 
 

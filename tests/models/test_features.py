@@ -30,6 +30,40 @@ def test_feature_extractor_selects_levels():
     assert fx.out_indices == (1, 3)
 
 
+def _small_hemf():
+    from fusionblocks.models.hemf import HEMF
+
+    return HEMF(num_classes=3, local_depths=(1, 1, 1, 1), global_depths=(1, 1, 1, 1), drop_path_rate=0.0)
+
+
+def test_feature_extractor_runs_only_the_levels_it_returns():
+    torch.manual_seed(0)
+    model = _small_hemf().eval()
+    x = torch.randn(2, 3, 64, 64)
+    ran = []
+    model.fusion[3].register_forward_hook(lambda *a: ran.append(3))
+    with torch.no_grad():
+        want = model.forward_intermediates(x)
+        ran.clear()
+        got = FeatureExtractor(model, out_indices=(1, 0))(x)
+    assert ran == []  # the deepest level asked for is 1: level 3's fusion never ran
+    assert [torch.equal(g, want[i]) for g, i in zip(got, (1, 0))] == [True, True]
+    assert hasattr(model, "head") and model(x).shape == (2, 3)  # prune=False: the model is still whole
+
+
+def test_feature_extractor_prune_leaves_no_parameter_without_a_gradient():
+    torch.manual_seed(0)
+    model = _small_hemf()
+    fx = FeatureExtractor(model, out_indices=(0, 1), prune=True)
+    x = torch.randn(2, 3, 64, 64)
+    sum(f.float().mean() for f in fx(x)).backward()
+    unused = [n for n, p in fx.named_parameters() if p.grad is None]
+    assert not unused, unused
+    assert len(model.feature_info) == 2 and model.num_classes == 0
+    with pytest.raises(TypeError, match="prune=True needs a model with prune_intermediate_layers, got _Pyramid"):
+        FeatureExtractor(_Pyramid(), prune=True)
+
+
 def test_feature_extractor_errors():
     with pytest.raises(ValueError, match=r"FeatureExtractor: _Pyramid has 4 feature levels, got out_indices \(0, 4\)"):
         FeatureExtractor(_Pyramid(), out_indices=(0, 4))
