@@ -5,7 +5,12 @@ import argparse
 import json
 from typing import List, Optional
 
-from ..cli import CLIError, _fraction, _non_negative_int, _positive_int
+from ..cli import CLIError, _arg_type, _fraction, _non_negative_int, _positive_int
+
+
+# --workers: auto or a count >= 0
+_workers = _arg_type(lambda s: s if s == "auto" else int(s), lambda v: v == "auto" or v >= 0,
+                     "auto or a non-negative integer")
 
 
 def _class_weights(text: Optional[str]):
@@ -116,7 +121,8 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--class-weights", type=_class_weights, default="recipe",
                    help="recipe (default), none, balanced (inverse frequency) or comma-separated weights")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--workers", type=_non_negative_int, default=0, help="data-loading worker processes")
+    t.add_argument("--workers", type=_workers, default="auto",
+                   help="data-loading worker processes, or auto (default): up to 8 on a GPU, none on CPU")
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -151,7 +157,8 @@ def add_cli_commands(sub) -> None:
     e.add_argument("--gradcam", type=_non_negative_int, default=0, metavar="N",
                    help="save Grad-CAM heatmaps of N images, taking the classes in turn")
     e.add_argument("--device", default=None)
-    e.add_argument("--workers", type=_non_negative_int, default=0)
+    e.add_argument("--workers", type=_workers, default="auto",
+                   help="data-loading worker processes, or auto (default): up to 8 on a GPU, none on CPU")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)

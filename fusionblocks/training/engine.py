@@ -71,7 +71,7 @@ class TrainConfig:
     class_weights: Optional[object] = "recipe"  # "recipe" | "none" | "balanced" | list of floats
     augment: str = "recipe"  # recipe | light | none
     seed: int = 0
-    num_workers: int = 0
+    num_workers: object = "auto"  # an int, or "auto": worker processes on CUDA, none on CPU (data_workers)
     amp: str = "auto"  # auto | bf16 | fp16 | none
     compile: bool = False
     grad_checkpointing: bool = False
@@ -246,17 +246,40 @@ class _AtEpoch(Dataset):
         return self.ds[i]
 
 
-def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None) -> DataLoader:
-    """Evaluation (``sampler=None``: every sample, in order) or training loader (``sampler``: see :class:`_Batches`)."""
+MAX_AUTO_WORKERS = 8
+
+
+def data_workers(requested, device: torch.device, world: int = 1) -> int:
+    """Data-loading worker processes for ``requested`` (an int >= 0, or ``"auto"``).
+
+    ``"auto"``: none on a CPU device, where the model's own threads use every core and workers would take cores
+    from it; on a GPU, the CPU cores this process may use, shared among the ``world`` processes of the machine,
+    one kept for the process itself, at most :data:`MAX_AUTO_WORKERS`. Decoding and augmenting a batch of images in
+    the training process (0 workers) would otherwise add to every step's time while the GPU waits. The workers
+    change no result: every sample draws its augmentation from its own seed (:class:`_AtEpoch`).
+    """
+    if requested != "auto":
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+            raise ValueError(f"train: expected num_workers as an int >= 0 or 'auto', got {requested!r}")
+        return requested
+    if device.type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(world, 1) - 1))
+
+
+def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None, pin_memory: bool = False) -> DataLoader:
+    """Evaluation (``sampler=None``: every sample, in order) or training loader (``sampler``: see :class:`_Batches`).
+    ``pin_memory`` for a CUDA device: the batches' copies to it (``non_blocking``) then overlap the step."""
     # a loader of its own for the workers' base seed: drawn from the global RNG, it would shift the model's
     # random stream (dropout) by one draw per new iterator, and persistent workers make one iterator per run, not
     # per epoch, so a resumed run would draw differently from an uninterrupted one (the datasets seed themselves)
     gen = torch.Generator().manual_seed(0)
     if sampler is None:
         return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                          persistent_workers=num_workers > 0, generator=gen)
+                          persistent_workers=num_workers > 0, generator=gen, pin_memory=pin_memory)
     return DataLoader(_AtEpoch(ds), batch_sampler=_Batches(_WithEpoch(sampler), batch_size), num_workers=num_workers,
-                      persistent_workers=num_workers > 0, generator=gen)
+                      persistent_workers=num_workers > 0, generator=gen, pin_memory=pin_memory)
 
 
 def _progress(it, enabled: bool, **kw):
@@ -546,13 +569,14 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     weight_t = torch.tensor(weights, device=device) if weights is not None else None
 
     sampler = _EpochSampler(len(train_ds), cfg.seed, rank, world)
-    train_loader = _loader(train_ds, batch_size, cfg.num_workers, sampler)
+    workers, pin = data_workers(cfg.num_workers, device, world), device.type == "cuda"
+    train_loader = _loader(train_ds, batch_size, workers, sampler, pin)
     if len(train_loader) == 0:
         raise D.DataError(f"train: {len(sampler)} training sample(s) per process cannot make a batch of 2 or more")
     if train_loader.batch_sampler.drops_one:
         say(f"the last training batch would hold 1 sample: it is left out each epoch (a different one each time; "
             f"BatchNorm needs 2 or more); evaluation sees every sample")
-    val_loader = _loader(val_ds, batch_size, cfg.num_workers)
+    val_loader = _loader(val_ds, batch_size, workers, pin_memory=pin)
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     optimizer = build_optimizer(model, recipe, cfg.lr)
     scheduler = build_scheduler(optimizer, recipe, steps_per_epoch, epochs, cfg.lr)
@@ -664,7 +688,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     result = _result(cfg_dict, classes, history, best, best_epoch, out)
     if test_ds is not None and len(test_ds):
         best_ckpt = load_inference(out / "best.pt")
-        test_loss, labels, probs = predict(best_ckpt.model.to(device), _loader(test_ds, batch_size, cfg.num_workers),
+        test_loss, labels, probs = predict(best_ckpt.model.to(device), _loader(test_ds, batch_size, workers, pin_memory=pin),
                                            device, amp, weight_t)
         result["test"] = classification_metrics(labels, probs, classes) | {
             "loss": test_loss, "checkpoint": "best.pt", "epoch": best_ckpt.epoch}
@@ -729,7 +753,8 @@ def _write_run_outputs(out: Path, cfg_dict, classes, history, best, best_epoch, 
 
 
 def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str = "auto", batch_size: int = 32,
-             gradcam: int = 0, device: Optional[str] = None, num_workers: int = 0, progress: bool = True) -> Dict[str, object]:
+             gradcam: int = 0, device: Optional[str] = None, num_workers: object = "auto",
+             progress: bool = True) -> Dict[str, object]:
     """Metrics, confusion matrix and ROC of a checkpoint on a data folder (``split``: test, val, train, all or auto)."""
     from .metrics import classification_metrics
 
@@ -768,7 +793,8 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
     out.mkdir(parents=True, exist_ok=True)
     weights = cfg.get("class_weights_resolved")  # the run's loss, as its own validation and test losses were
     weight_t = torch.tensor(weights, device=dev) if weights is not None else None
-    loss, labels, probs = predict(model, _loader(ds, batch_size, num_workers), dev,
+    loader = _loader(ds, batch_size, data_workers(num_workers, dev), pin_memory=dev.type == "cuda")
+    loss, labels, probs = predict(model, loader, dev,
                                   _amp_dtype(cfg.get("amp", "auto"), dev), weight_t, progress=progress)
     metrics = classification_metrics(labels, probs, classes) | {
         "loss": loss, "checkpoint": str(checkpoint), "epoch": ck.epoch, "data": str(data), "split": split}

@@ -62,7 +62,7 @@ def test_train_resume_flag(tmp_path, tiny_model, capsys):
         (["--data", "synthetic", "--image-size", "-5"], "argument --image-size: expected a positive integer"),
         (["--data", "synthetic", "--max-steps", "0"], "argument --max-steps: expected a positive integer, got '0'"),
         (["--data", "synthetic", "--synthetic-classes", "0"], "argument --synthetic-classes: expected a positive"),
-        (["--data", "synthetic", "--workers", "-1"], "argument --workers: expected a non-negative integer"),
+        (["--data", "synthetic", "--workers", "-1"], "argument --workers: expected auto or a non-negative integer, got '-1'"),
         (["--data", "synthetic", "--val-fraction", "1.5"], "argument --val-fraction: expected a fraction in [0, 1)"),
     ],
 )

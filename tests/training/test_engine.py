@@ -229,3 +229,26 @@ def test_eval_loss_is_the_weighted_cross_entropy_the_model_trains_with():
     assert labels.tolist() == y.tolist() and probs.shape == (7, 2)
     loss, _, _ = E.predict(model, loader, torch.device("cpu"), None)  # unweighted: the plain mean, as before
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+
+
+def test_data_workers_auto_uses_the_cores_on_a_gpu_and_none_on_cpu(monkeypatch):
+    monkeypatch.setattr(E.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert E.data_workers("auto", cpu) == 0  # the model's threads use every core
+    assert E.data_workers("auto", cuda) == E.MAX_AUTO_WORKERS == 8  # 15 cores left, capped
+    assert E.data_workers("auto", cuda, world=4) == 3  # 16 cores shared by 4 processes, one kept for each
+    assert E.data_workers("auto", cuda, world=32) == 0
+    assert E.data_workers(5, cuda) == 5 and E.data_workers(0, cuda) == 0  # a count is taken as given
+    for bad in (-1, 1.5, True, "many"):
+        with pytest.raises(ValueError, match="expected num_workers as an int >= 0 or 'auto'"):
+            E.data_workers(bad, cpu)
+
+
+def test_workers_option_takes_auto_or_a_count():
+    from fusionblocks.cli import build_parser
+
+    parser = build_parser()
+    base = ["train", "--model", "hatr_conv2d", "--data", "synthetic", "--out", "o"]
+    assert parser.parse_args(base).workers == "auto"
+    assert parser.parse_args(base + ["--workers", "3"]).workers == 3
+    assert parser.parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--out", "o"]).workers == "auto"
