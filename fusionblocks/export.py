@@ -197,12 +197,18 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], *, num
         path = Path(checkpoint)
         if not path.is_file():
             raise ExportError(f"checkpoint not found: {path}")
+        from .training.checkpoint import foreign_file
+
+        foreign = foreign_file(path)
+        if foreign is not None:
+            raise ExportError(foreign)
         if path.stat().st_size == 0:
             raise ExportError(f"{path}: empty checkpoint file (0 bytes)")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ExportError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # torch/zip/pickle raise many types, with many lines, for a file that is not one
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ExportError(f"cannot read checkpoint {path}: {type(e).__name__}: {first[:200]}") from None
         if isinstance(obj, dict) and all(key in obj for key in ("model", "config", "classes")):
             return _from_training_checkpoint(path, obj, model_name, num_classes, image_size, in_chans)
         sd = _state_dict_of(obj)
@@ -212,13 +218,13 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], *, num
             raise ExportError(f"{path} is a plain state_dict: name the MODEL it belongs to")
     elif model_name is None:
         raise ExportError("export: name a MODEL or give --checkpoint")
-    from .training.recipes import get_recipe
+    from .training.recipes import default_recipe, get_recipe
 
     k, size, ch = num_classes or 1000, image_size or 224, in_chans or 3
     model = create_model(model_name, num_classes=k, **({"in_chans": ch} if ch != 3 else {}))
     if sd is not None:
         _load_strict(model, sd, f"{checkpoint} does not fit {model_name} (num_classes={k}, in_chans={ch})")
-    recipe = get_recipe("hifuse")  # no training config: the default recipe's normalization
+    recipe = get_recipe(default_recipe(model_name))  # no training config: what `train` would use for this model
     meta = {"model": model_name, "classes": [f"class_{i}" for i in range(k)], "image_size": size, "in_chans": ch,
             "mean": list(recipe.mean), "std": list(recipe.std), "recipe": recipe.name,
             "weights": str(checkpoint) if sd is not None else "fresh (untrained)"}
@@ -268,6 +274,7 @@ def run_export(model_name, checkpoint, *, format, out, num_classes=None, image_s
     model, meta = load_for_export(model_name, checkpoint, num_classes=num_classes, image_size=image_size,
                                   in_chans=in_chans)
     from . import __version__
+    from .ops.dispatch import BackendUnavailable
 
     meta = meta | {"fusionblocks_version": __version__, "torch_version": torch.__version__, "format": format}
     try:  # the model's own input checks, with its own message, before the exporter wraps them
@@ -275,6 +282,8 @@ def run_export(model_name, checkpoint, *, format, out, num_classes=None, image_s
             model.eval()(_example(meta["in_chans"], meta["image_size"], batch=1))
     except ValueError as e:
         raise ExportError(f"{meta['model']} at --image-size {meta['image_size']}: {e}") from None
+    except BackendUnavailable as e:  # FUSIONBLOCKS_BACKEND names a backend that cannot run here (e.g. no _C)
+        raise ExportError(f"{meta['model']}: {e}") from None
     seconds = export_model(model, out, format=format, image_size=meta["image_size"], in_chans=meta["in_chans"],
                            metadata=meta)
     abs_err, rel_err = check_exported(out, format, model, image_size=meta["image_size"], in_chans=meta["in_chans"])

@@ -113,16 +113,36 @@ def _alternative(path: Path) -> str:
     return "use another checkpoint of the run (best.pt or last.pt) or train again"
 
 
+def foreign_file(path: Path) -> Optional[str]:
+    """What ``path`` is when its name says it is not a checkpoint (an exported model, an image), else None."""
+    from .data import IMAGE_EXTENSIONS
+
+    suffix = Path(path).suffix.lower()
+    if suffix == ".onnx":
+        return (f"{path}: an ONNX model (from `fusionblocks export`), not a training checkpoint; run it with "
+                f"`fusionblocks predict --onnx {path}`, or give the run's best.pt or last.pt")
+    if suffix == ".pt2":
+        return (f"{path}: a torch.export program (from `fusionblocks export --format pt2`), not a training "
+                "checkpoint; load it with torch.export.load, or give the run's best.pt or last.pt")
+    if suffix in IMAGE_EXTENSIONS:
+        return f"{path}: an image, not a training checkpoint; images go to --input, the checkpoint is the run's best.pt or last.pt"
+    return None
+
+
 def load_checkpoint(path: str | Path, *, require: tuple = ("model", "config", "classes")) -> Dict[str, object]:
     """Read a fusionblocks checkpoint on the CPU (``weights_only``), with readable errors.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: empty, truncated or damaged file, or not a fusionblocks checkpoint (lacks ``require``).
+        CheckpointError: empty, truncated or damaged file, or not a fusionblocks checkpoint (an exported model or
+            an image by its suffix, or lacks ``require``).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    foreign = foreign_file(path)
+    if foreign is not None:
+        raise CheckpointError(foreign)
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: empty checkpoint file (0 bytes); {_alternative(path)}")

@@ -107,6 +107,16 @@ class Predictor:
                     "export it with `fusionblocks export`, or pass --checkpoint for the preprocessing"
                 )
             pre = {k: meta[k] for k in _FIELDS}
+        want = {1: ("channels", pre["in_chans"]), 2: ("height", pre["image_size"]), 3: ("width", pre["image_size"])}
+        shape = sess.get_inputs()[0].shape
+        for axis, (what, n) in want.items():
+            if len(shape) == 4 and isinstance(shape[axis], int) and shape[axis] != n:
+                source = f"checkpoint {checkpoint}" if checkpoint is not None else "its metadata"
+                raise DataError(
+                    f"predict: {path} takes input {name} of shape {list(shape)}, but the preprocessing from {source} "
+                    f"makes (batch, {pre['in_chans']}, {pre['image_size']}, {pre['image_size']}) ({what} {shape[axis]} "
+                    f"vs {n}); give the checkpoint the file was exported from, or none"
+                )
         k = sess.get_outputs()[0].shape[-1]
         if isinstance(k, int) and k != len(pre["classes"]):
             raise DataError(f"predict: {path} outputs {k} classes, the preprocessing names {len(pre['classes'])}: "
@@ -198,6 +208,7 @@ def write_csv(path: str | Path, classes: Sequence[str], rows: Sequence[Tuple[str
 def _run_predict(args) -> int:
     from ..cli import CLIError
     from ..export import ExportError
+    from ..ops.dispatch import BackendUnavailable
     from .checkpoint import CheckpointError
 
     if args.checkpoint is None and args.onnx is None:
@@ -216,8 +227,11 @@ def _run_predict(args) -> int:
 
         tqdm.write(f"fusionblocks predict: skipped {err}", file=sys.stderr)  # above the progress bar
 
-    result = predict_images(predictor, files, batch_size=args.batch_size, num_workers=args.workers,
-                            progress=not args.no_progress, on_failure=warn)
+    try:
+        result = predict_images(predictor, files, batch_size=args.batch_size, num_workers=args.workers,
+                                progress=not args.no_progress, on_failure=warn)
+    except BackendUnavailable as e:  # FUSIONBLOCKS_BACKEND names a backend that cannot run here (e.g. no _C)
+        raise CLIError(f"{predictor.source}: {e}") from None
     write_csv(args.out, predictor.classes, result.rows)
     counts: Dict[str, int] = {}
     for _, probs in result.rows:

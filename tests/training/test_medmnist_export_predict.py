@@ -282,3 +282,83 @@ def test_predict_and_export_with_a_damaged_checkpoint_give_one_line(tmp_path):
         assert f"fusionblocks predict: error: {tmp_path / name}: {what}" in r.stderr
     r = _cli("export", "--checkpoint", tmp_path / "empty.pt", "--out", tmp_path / "x.onnx")
     assert r.returncode == 2 and "empty checkpoint file (0 bytes)" in r.stderr
+
+
+def _fake_checkpoint(path, classes=("a", "b"), image_size=8, in_chans=3):
+    """The entries predict reads for preprocessing (no weights: enough for --onnx with --checkpoint)."""
+    torch.save({"model": {}, "classes": list(classes),
+                "config": {"model": "hifuse_tiny", "recipe": "hifuse", "image_size": image_size, "in_chans": in_chans}},
+               path)
+    return path
+
+
+@pytest.mark.parametrize("image_size, in_chans, what", [(16, 3, "height 8 vs 16"), (8, 1, "channels 3 vs 1")])
+def test_predict_onnx_refuses_preprocessing_that_does_not_fit_its_input(tmp_path, image_size, in_chans, what):
+    """A checkpoint of another size or channel count (or metadata that disagrees with the graph) is a clear error,
+    not ONNX Runtime's traceback on the first batch."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    _tiny_onnx(tmp_path / "m.onnx")  # input (batch, 3, 8, 8)
+    _fake_checkpoint(tmp_path / "other.pt", image_size=image_size, in_chans=in_chans)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--checkpoint", tmp_path / "other.pt", "--input",
+             tmp_path / "a.png", "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"takes input image of shape ['batch', 3, 8, 8]" in r.stderr and what in r.stderr
+    assert f"checkpoint {tmp_path / 'other.pt'}" in r.stderr
+    meta = {"classes": ["a", "b"], "image_size": image_size, "in_chans": in_chans, "mean": [0.5], "std": [0.5]}
+    _tiny_onnx(tmp_path / "lying.onnx", meta)
+    r = _cli("predict", "--onnx", tmp_path / "lying.onnx", "--input", tmp_path / "a.png", "--out", tmp_path / "p.csv",
+             "--no-progress")
+    assert r.returncode == 2 and what in r.stderr and "from its metadata" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name, what, hint", [
+    ("model.onnx", "an ONNX model (from `fusionblocks export`)", "fusionblocks predict --onnx"),
+    ("model.pt2", "a torch.export program", "torch.export.load"),
+    ("scan.png", "an image, not a training checkpoint", "images go to --input"),
+])
+def test_an_exported_model_or_image_given_as_checkpoint_is_named(tmp_path, name, what, hint):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"")
+    (tmp_path / name).write_bytes(b"PK\x03\x04" + b"\x00" * 100)  # not a torch.save file: read, it looks damaged
+    for cmd in (("predict", "--input", tmp_path / "img", "--out", tmp_path / "p.csv"), ("export", "--out", tmp_path / "x.onnx")):
+        r = _cli(*cmd, "--checkpoint", tmp_path / name)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"fusionblocks {cmd[0]}: error: {tmp_path / name}: {what}" in r.stderr and hint in r.stderr
+        assert "damaged" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_export_of_a_plain_state_dict_records_the_models_default_recipe(tmp_path):
+    """A HATR state_dict gets the hatr recipe's normalization (what `train` uses for HATR), not HiFuse's."""
+    from fusionblocks import create_model
+    from fusionblocks.export import load_for_export
+    from fusionblocks.training.recipes import get_recipe
+
+    torch.save(create_model("hatr_conv2d", num_classes=2).state_dict(), tmp_path / "sd.pt")
+    _, meta = load_for_export("hatr_conv2d", str(tmp_path / "sd.pt"), num_classes=2, image_size=32)
+    hatr = get_recipe("hatr")
+    assert (meta["recipe"], meta["mean"], meta["std"]) == ("hatr", list(hatr.mean), list(hatr.std)) == ("hatr", [0.485], [0.229])
+
+
+def test_a_backend_that_cannot_run_is_an_error_of_export_and_predict_not_a_traceback(tmp_path, monkeypatch):
+    """FUSIONBLOCKS_BACKEND=cuda on CPU tensors (as =cpp without the compiled extension): the dispatcher's reasons,
+    as the command's error, exit status 2."""
+    from PIL import Image
+
+    from fusionblocks import create_model
+
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cuda")
+    r = _cli("export", "hemf", "--num-classes", 2, "--image-size", 32, "--out", tmp_path / "m.pt2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("fusionblocks export: error: hemf: ") and "backend 'cuda'" in r.stderr
+    assert not (tmp_path / "m.pt2").exists()
+    torch.save({"model": create_model("hemf", num_classes=2).state_dict(), "classes": ["a", "b"],
+                "config": {"model": "hemf", "recipe": "hifuse", "image_size": 32, "in_chans": 3}}, tmp_path / "best.pt")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    r = _cli("predict", "--checkpoint", tmp_path / "best.pt", "--device", "cpu", "--input", tmp_path / "a.png",
+             "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith(f"fusionblocks predict: error: checkpoint {tmp_path / 'best.pt'} (hemf): ")
+    assert "backend 'cuda'" in r.stderr
