@@ -196,6 +196,20 @@ def preprocessing_of(config: Dict[str, object], mean, std) -> Dict[str, object]:
     }
 
 
+def recorded_preprocessing(ckpt: Dict[str, object]) -> Dict[str, object]:
+    """The checkpoint's ``preprocessing`` entry; for checkpoints written before it was recorded, the one their
+    recipe gives (``hifuse`` when the config names none). Evaluate, predict and export all read it here."""
+    pre = ckpt.get("preprocessing")
+    if pre is None:
+        from .recipes import get_recipe
+
+        cfg = ckpt["config"]
+        r = get_recipe(cfg.get("recipe") or "hifuse")
+        pre = preprocessing_of({"image_size": cfg.get("image_size", 224), "in_chans": cfg.get("in_chans", 3)},
+                               r.mean, r.std)
+    return dict(pre)
+
+
 @dataclass
 class InferenceCheckpoint:
     """What :func:`load_inference` returns.
@@ -238,12 +252,7 @@ def load_inference(path: str | Path) -> InferenceCheckpoint:
     path = Path(path)
     ckpt = load_checkpoint(path)
     cfg = dict(ckpt["config"])
-    pre = ckpt.get("preprocessing")
-    if pre is None:
-        from .recipes import get_recipe
-
-        r = get_recipe(cfg.get("recipe") or "hifuse")
-        pre = preprocessing_of(cfg, r.mean, r.std)
+    pre = recorded_preprocessing(ckpt)
     model = model_from_checkpoint(ckpt, path).eval()
     epoch = int(ckpt.get("epoch", -1)) + (1 if ckpt.get("version", 1) < 2 else 0)
     return InferenceCheckpoint(model, cfg, list(ckpt["classes"]), dict(pre), epoch, path)

@@ -124,8 +124,17 @@ def _distributed() -> tuple[int, int, int]:
 
 
 def _device(requested: Optional[str], local_rank: int) -> torch.device:
+    """``--device`` (default cuda:LOCAL_RANK if available, else cpu); ValueError for one this machine lacks."""
     if requested:
-        return torch.device(requested)
+        try:
+            dev = torch.device(requested)
+        except RuntimeError:
+            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {requested!r}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

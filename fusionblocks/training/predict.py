@@ -132,13 +132,13 @@ _FIELDS = ("classes", "image_size", "in_chans", "mean", "std")
 
 
 def _preprocessing(ckpt: Dict[str, object]) -> Dict[str, object]:
-    """Class names, image size, channels and the recipe's mean/std of a training checkpoint."""
-    from .recipes import get_recipe
+    """Class names, image size, channels and mean/std of a training checkpoint: the preprocessing it records
+    (what ``evaluate`` uses too), or its recipe's for checkpoints written before that was recorded."""
+    from .checkpoint import recorded_preprocessing
 
-    cfg = ckpt["config"]
-    recipe = get_recipe(cfg.get("recipe", "hifuse"))
-    return {"classes": list(ckpt["classes"]), "image_size": int(cfg.get("image_size", 224)),
-            "in_chans": int(cfg.get("in_chans", 3)), "mean": list(recipe.mean), "std": list(recipe.std)}
+    pre = recorded_preprocessing(ckpt)
+    return {"classes": list(ckpt["classes"]), "image_size": int(pre["image_size"]), "in_chans": int(pre["in_chans"]),
+            "mean": list(pre["mean"]), "std": list(pre["std"])}
 
 
 @dataclass
@@ -219,7 +219,7 @@ def _run_predict(args) -> int:
         else:
             predictor = Predictor.from_checkpoint(args.checkpoint, args.device)
         files = collect_images(args.input)
-    except (DataError, ExportError, CheckpointError, FileNotFoundError, KeyError) as e:
+    except (DataError, ExportError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         raise CLIError(str(e)) from None
 
     def warn(file: str, err: str) -> None:

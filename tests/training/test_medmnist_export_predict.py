@@ -362,3 +362,50 @@ def test_a_backend_that_cannot_run_is_an_error_of_export_and_predict_not_a_trace
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith(f"fusionblocks predict: error: checkpoint {tmp_path / 'best.pt'} (hemf): ")
     assert "backend 'cuda'" in r.stderr
+
+
+def test_predict_and_export_use_the_preprocessing_the_checkpoint_records(tmp_path):
+    """evaluate (load_inference) reads the checkpoint's ``preprocessing``; predict --checkpoint and export read the
+    same entry, not the recipe table (which may change), and a config without a recipe is the hifuse one."""
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from fusionblocks import create_model
+    from fusionblocks.export import load_for_export
+    from fusionblocks.training.checkpoint import load_inference
+    from fusionblocks.training.transforms import build
+
+    pre = {"image_size": 8, "in_chans": 3, "mean": [0.3], "std": [0.2]}
+    w = _tiny_onnx(tmp_path / "m.onnx")
+    torch.save({"model": {}, "classes": ["a", "b"], "preprocessing": pre,
+                "config": {"model": "hifuse_tiny", "recipe": None, "image_size": 8, "in_chans": 3}}, tmp_path / "c.pt")
+    pixels = np.random.default_rng(4).integers(0, 256, (9, 12, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--checkpoint", tmp_path / "c.pt", "--input", tmp_path / "a.png",
+             "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = _read_csv(tmp_path / "p.csv")
+    x = build(False, {}, 8, [0.3], [0.2])(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    logits = x.reshape(1, -1).numpy() @ w
+    want = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose([float(row["a"]), float(row["b"])], want[0], atol=2e-6)
+
+    model = create_model("hatr_conv2d", num_classes=2)
+    ckpt = {"model": model.state_dict(), "classes": ["a", "b"], "preprocessing": pre | {"image_size": 32},
+            "config": {"model": "hatr_conv2d", "recipe": "hatr", "image_size": 32, "in_chans": 3}, "version": 2, "epoch": 1}
+    torch.save(ckpt, tmp_path / "best.pt")
+    _, meta = load_for_export(None, str(tmp_path / "best.pt"))
+    ev = load_inference(tmp_path / "best.pt").preprocessing
+    assert (meta["mean"], meta["std"]) == (ev["mean"], ev["std"]) == ([0.3], [0.2])
+
+
+def test_predict_device_that_is_not_here_is_an_error(tmp_path, monkeypatch):
+    _fake_checkpoint(tmp_path / "c.pt")
+    (tmp_path / "a.png").write_bytes(b"")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, what in (("gpu", "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+                         ("cuda", "--device cuda: no CUDA device here")):
+        r = _cli("predict", "--checkpoint", tmp_path / "c.pt", "--device", device, "--input", tmp_path / "a.png",
+                 "--out", tmp_path / "p.csv", "--no-progress")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"fusionblocks predict: error: {what}" in r.stderr
