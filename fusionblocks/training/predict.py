@@ -213,6 +213,9 @@ def _run_predict(args) -> int:
 
     if args.checkpoint is None and args.onnx is None:
         raise CLIError("give --checkpoint (a training checkpoint) or --onnx (a file from `fusionblocks export`)")
+    if Path(args.out).is_dir():  # checked before the model runs: the predictions would be lost at the end
+        raise CLIError(f"--out {args.out} is a folder; expected the CSV file to write, e.g. "
+                       f"{Path(args.out) / 'predictions.csv'}")
     try:
         if args.onnx is not None:
             predictor = Predictor.from_onnx(args.onnx, args.checkpoint)
@@ -232,7 +235,10 @@ def _run_predict(args) -> int:
                                 progress=not args.no_progress, on_failure=warn)
     except BackendUnavailable as e:  # FUSIONBLOCKS_BACKEND names a backend that cannot run here (e.g. no _C)
         raise CLIError(f"{predictor.source}: {e}") from None
-    write_csv(args.out, predictor.classes, result.rows)
+    try:
+        write_csv(args.out, predictor.classes, result.rows)
+    except OSError as e:
+        raise CLIError(f"cannot write --out {args.out}: {e.strerror or e}") from None
     counts: Dict[str, int] = {}
     for _, probs in result.rows:
         c = predictor.classes[max(range(len(probs)), key=probs.__getitem__)]

@@ -409,3 +409,21 @@ def test_predict_device_that_is_not_here_is_an_error(tmp_path, monkeypatch):
                  "--out", tmp_path / "p.csv", "--no-progress")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"fusionblocks predict: error: {what}" in r.stderr
+
+
+def test_predict_out_that_is_a_folder_is_refused_before_predicting(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    from fusionblocks.training import predict
+
+    _tiny_onnx(tmp_path / "m.onnx", {"classes": ["a", "b"], "image_size": 8, "in_chans": 3, "mean": [0.5], "std": [0.5]})
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "results").mkdir()
+    ran = []
+    monkeypatch.setattr(predict, "predict_images", lambda *a, **k: ran.append(1))
+    r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--input", tmp_path / "a.png", "--out", tmp_path / "results",
+             "--no-progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"fusionblocks predict: error: --out {tmp_path / 'results'} is a folder" in r.stderr
+    assert str(tmp_path / "results" / "predictions.csv") in r.stderr and not ran
