@@ -241,7 +241,7 @@ def _load_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> No
 
 def _from_training_checkpoint(path, ckpt, model_name, num_classes, image_size, in_chans):
     from .models.registry import create_model
-    from .training.checkpoint import recorded_preprocessing
+    from .training.checkpoint import recorded_epoch, recorded_preprocessing
     from .training.engine import _model_kwargs
     from .training.recipes import get_recipe
 
@@ -263,8 +263,7 @@ def _from_training_checkpoint(path, ckpt, model_name, num_classes, image_size, i
     meta = {"model": cfg["model"], "classes": classes, "image_size": trained["image_size"],
             "in_chans": trained["in_chans"], "mean": list(pre["mean"]), "std": list(pre["std"]),
             "recipe": get_recipe(cfg.get("recipe") or "hifuse").name, "weights": str(path),
-            # version-2 checkpoints store the 1-based epoch, older ones the 0-based one (as load_inference reads them)
-            "epoch": int(ckpt.get("epoch", -1)) + (1 if int(ckpt.get("version", 1)) < 2 else 0)}
+            "epoch": recorded_epoch(ckpt)}
     return model, meta
 
 

@@ -210,6 +210,12 @@ def recorded_preprocessing(ckpt: Dict[str, object]) -> Dict[str, object]:
     return dict(pre)
 
 
+def recorded_epoch(ckpt: Dict[str, object]) -> int:
+    """The 1-based epoch a checkpoint was written after: version-2 checkpoints store it as such, older ones the
+    0-based one. Evaluate, predict and export all read it here."""
+    return int(ckpt.get("epoch", -1)) + (1 if int(ckpt.get("version", 1)) < 2 else 0)
+
+
 @dataclass
 class InferenceCheckpoint:
     """What :func:`load_inference` returns.
@@ -254,8 +260,7 @@ def load_inference(path: str | Path) -> InferenceCheckpoint:
     cfg = dict(ckpt["config"])
     pre = recorded_preprocessing(ckpt)
     model = model_from_checkpoint(ckpt, path).eval()
-    epoch = int(ckpt.get("epoch", -1)) + (1 if ckpt.get("version", 1) < 2 else 0)
-    return InferenceCheckpoint(model, cfg, list(ckpt["classes"]), dict(pre), epoch, path)
+    return InferenceCheckpoint(model, cfg, list(ckpt["classes"]), dict(pre), recorded_epoch(ckpt), path)
 
 
 def file_size_str(n: int) -> str:
