@@ -198,14 +198,13 @@ def activation_bytes(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
             return t
         if ptr not in exclude and ptr not in seen and size:
             seen.add(ptr)
-            per[stack[-1] if stack else TOP] += size
+            per[tracker.current] += size
         return t
 
     def unpack(t):
         return t
 
     tracker = _StageTracker(model)
-    stack = tracker.stack
     was_training = model.training
     model.train()
     try:
