@@ -72,6 +72,11 @@ def create_model(
         close = difflib.get_close_matches(name, list(_MODELS), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"create_model: unknown model {name!r}{hint} Available: {', '.join(sorted(_MODELS))}")
+    if pretrained_official is not None and not has_official_code(name):  # refused before the model is built
+        raise ValueError(
+            f"create_model: expected pretrained_official only for a model with official code (HiFuse, HEMF: "
+            f"load_official_state_dict); {name} has none, got pretrained_official={pretrained_official!r}"
+        )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     model = _MODELS[name](**kwargs)
@@ -79,12 +84,6 @@ def create_model(
         model.pretrained_cfg["architecture"] = name
     if pretrained_official is not None:
         import torch
-
-        if not hasattr(model, "load_official_state_dict"):
-            raise ValueError(
-                f"create_model: expected pretrained_official only for a model with official code (HiFuse, HEMF: "
-                f"load_official_state_dict); {name} has none, got pretrained_official={pretrained_official!r}"
-            )
 
         sd = torch.load(pretrained_official, map_location="cpu", weights_only=True)
         for key in ("model", "state_dict"):
