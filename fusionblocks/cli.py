@@ -141,21 +141,23 @@ def add_info(sub) -> None:
     p.set_defaults(func=cmd_info)
 
 
+def _check_device(device: Optional[str]) -> None:
+    """A command's ``--device`` checked against this machine before anything runs (:class:`CLIError` with
+    :func:`fusionblocks._device.resolve_device`'s message, the check every command's ``--device`` shares)."""
+    from ._device import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 def _check_info_setup(device: Optional[str]) -> None:
     """Raise :class:`CLIError` for what ``info`` cannot report on: an invalid ``--device`` or one this torch lacks,
     an invalid ``FUSIONBLOCKS_BACKEND``, ``FUSIONBLOCKS_AUTOTUNE`` or ``FUSIONBLOCKS_CPU_ISA``."""
-    import torch
-
     from .ops import autotune, cpp, dispatch
 
-    if device is not None:
-        try:
-            dev = torch.device(device)
-        except RuntimeError as e:
-            raise CLIError(f"--device {device!r} is not a device: {str(e).splitlines()[0]}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise CLIError(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
-                           f"CUDA build: {torch.version.cuda or 'none'})")
+    _check_device(device)
     backend = os.environ.get(dispatch.ENV_VAR)
     if backend and backend not in dispatch.BACKENDS:
         raise CLIError(f"{dispatch.ENV_VAR}={backend!r}: expected one of {list(dispatch.BACKENDS)} (or unset: auto)")
@@ -213,6 +215,7 @@ def cmd_summary(args) -> int:
     from .summary import summarize
 
     _check_model(args.model)
+    _check_device(args.device)
     try:
         s = summarize(args.model, args.image_size, args.batch_size, num_classes=args.num_classes, device=args.device)
     except ValueError as e:  # the model's own input checks; BatchNorm in the training step at one value per channel
@@ -295,8 +298,7 @@ def cmd_bench(args) -> int:
 
     from . import bench
 
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available here")
+    _check_device(args.device)
     progress = False if args.no_progress else None
     threads = args.threads or [None]
     if args.out:

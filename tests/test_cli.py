@@ -508,9 +508,14 @@ def test_info_reports_an_invalid_environment_in_one_line(capsys, monkeypatch, en
     assert code == 2 and f"fusionblocks info: error: {match}" in err and "Traceback" not in err
 
 
-def test_info_reports_a_device_it_cannot_use_in_one_line(capsys):
-    code, err = cli_error(capsys, "info", "--device", "gpu0")
-    assert code == 2 and "fusionblocks info: error: --device 'gpu0' is not a device" in err
-    if not torch.cuda.is_available():
-        code, err = cli_error(capsys, "info", "--device", "cuda")
-        assert code == 2 and "fusionblocks info: error: --device cuda: CUDA is not available here" in err
+@pytest.mark.parametrize("command", [("info",), ("summary", "hemf"), ("bench", "--quick")])
+def test_a_device_a_command_cannot_use_is_one_line_before_anything_runs(capsys, monkeypatch, command):
+    """info, summary and bench share train/evaluate/predict's --device check (fusionblocks._device.resolve_device):
+    a string that is not a device, or CUDA where there is none, is one line naming the option, no traceback."""
+    name = command[0]
+    code, err = cli_error(capsys, *command, "--device", "gpu0")
+    assert code == 2 and f"fusionblocks {name}: error: --device 'gpu0' is not a device: expected cpu, cuda" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = cli_error(capsys, *command, "--device", "cuda")
+    assert code == 2 and f"fusionblocks {name}: error: --device cuda: no CUDA device here" in err
+    assert "Traceback" not in err

@@ -305,7 +305,7 @@ def test_predict_onnx_refuses_preprocessing_that_does_not_fit_its_input(tmp_path
     r = _cli("predict", "--onnx", tmp_path / "m.onnx", "--checkpoint", tmp_path / "other.pt", "--input",
              tmp_path / "a.png", "--out", tmp_path / "p.csv", "--no-progress")
     assert r.returncode == 2, r.stderr[-2000:]
-    assert f"takes input image of shape ['batch', 3, 8, 8]" in r.stderr and what in r.stderr
+    assert "takes input image of shape ['batch', 3, 8, 8]" in r.stderr and what in r.stderr
     assert f"checkpoint {tmp_path / 'other.pt'}" in r.stderr
     meta = {"classes": ["a", "b"], "image_size": image_size, "in_chans": in_chans, "mean": [0.5], "std": [0.5]}
     _tiny_onnx(tmp_path / "lying.onnx", meta)
@@ -403,7 +403,7 @@ def test_predict_device_that_is_not_here_is_an_error(tmp_path, monkeypatch):
     _fake_checkpoint(tmp_path / "c.pt")
     (tmp_path / "a.png").write_bytes(b"")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for device, what in (("gpu", "--device: expected cpu, cuda or cuda:N, got 'gpu'"),
+    for device, what in (("gpu", "--device 'gpu' is not a device: expected cpu, cuda or cuda:N"),
                          ("cuda", "--device cuda: no CUDA device here")):
         r = _cli("predict", "--checkpoint", tmp_path / "c.pt", "--device", device, "--input", tmp_path / "a.png",
                  "--out", tmp_path / "p.csv", "--no-progress")
