@@ -46,7 +46,7 @@ import torch
 
 from fusionblocks import bench
 from fusionblocks.ops import choose as choose_backend
-from fusionblocks.ops import cpp, decay_attention, reference, window_attention
+from fusionblocks.ops import cpp, decay_attention, window_attention
 
 NAME = "cpu_kernels"
 IMPLS = ("reference", "cpp")

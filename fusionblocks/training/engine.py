@@ -29,7 +29,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,12 +40,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .._device import resolve_device
 from ..models.registry import create_model
 from . import data as D
 from . import plots
 from .checkpoint import (CHECKPOINT_VERSION, CheckpointError, _model_kwargs, crash_point, file_size_str,
                          load_checkpoint, load_inference, model_from_checkpoint, preprocessing_of,
-                         remove_stale_temporaries, save_checkpoint)
+                         recorded_epoch, remove_stale_temporaries, save_checkpoint)
 from .recipes import (Recipe, augment_spec, build_optimizer, build_scheduler, default_recipe, describe_augment,
                       get_recipe, load_optimizer_state, resolve_class_weights)
 from .transforms import build as build_transform
@@ -121,23 +121,6 @@ def _distributed() -> tuple[int, int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
-def _device(requested: Optional[str], local_rank: int) -> torch.device:
-    """``--device`` (default cuda:LOCAL_RANK if available, else cpu); ValueError for one this machine lacks."""
-    if requested:
-        try:
-            dev = torch.device(requested)
-        except RuntimeError:
-            raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {requested!r}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device here (torch {torch.__version__}); use --device cpu")
-        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
 
 
 def _amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -258,18 +241,19 @@ class _AtEpoch(Dataset):
 MAX_AUTO_WORKERS = 8
 
 
-def data_workers(requested, device: torch.device, world: int = 1) -> int:
+def data_workers(requested, device: torch.device, world: int = 1, who: str = "train") -> int:
     """Data-loading worker processes for ``requested`` (an int >= 0, or ``"auto"``).
 
     ``"auto"``: none on a CPU device, where the model's own threads use every core and workers would take cores
     from it; on a GPU, the CPU cores this process may use, shared among the ``world`` processes of the machine,
     one kept for the process itself, at most :data:`MAX_AUTO_WORKERS`. Decoding and augmenting a batch of images in
     the training process (0 workers) would otherwise add to every step's time while the GPU waits. The workers
-    change no result: every sample draws its augmentation from its own seed (:class:`_AtEpoch`).
+    change no result: every sample draws its augmentation from its own seed (:class:`_AtEpoch`). ``who`` names the
+    command in the error for a bad ``requested``.
     """
     if requested != "auto":
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
-            raise ValueError(f"train: expected num_workers as an int >= 0 or 'auto', got {requested!r}")
+            raise ValueError(f"{who}: expected num_workers as an int >= 0 or 'auto', got {requested!r}")
         return requested
     if device.type == "cpu":
         return 0
@@ -429,7 +413,7 @@ def _prepare_out(cfg: TrainConfig, out: Path, now: Dict[str, object]) -> bool:
         diffs = config_differences(saved, now) if saved is not None else ["(its configuration cannot be read)"]
         if diffs:
             raise ValueError(f"train: {out} already holds a run of another configuration:\n  " + "\n  ".join(diffs)
-                             + f"\npass --overwrite to replace it, or choose another --out")
+                             + "\npass --overwrite to replace it, or choose another --out")
         raise ValueError(f"train: {out} already holds a run of this configuration: pass --resume to continue it, "
                          f"or --overwrite to start it again")
     return False
@@ -531,7 +515,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         if v is not None and v < 1:
             raise ValueError(f"train: expected {what} >= 1, got {v}")
     rank, local_rank, world = _distributed()
-    device = _device(cfg.device, local_rank)
+    device = resolve_device(cfg.device, local_rank)
     amp = _amp_dtype(cfg.amp, device)
     out = Path(cfg.out)
     say = (lambda *a: print(*a, flush=True)) if (cfg.log and rank == 0) else (lambda *a: None)
@@ -583,8 +567,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     if len(train_loader) == 0:
         raise D.DataError(f"train: {len(sampler)} training sample(s) per process cannot make a batch of 2 or more")
     if train_loader.batch_sampler.drops_one:
-        say(f"the last training batch would hold 1 sample: it is left out each epoch (a different one each time; "
-            f"BatchNorm needs 2 or more); evaluation sees every sample")
+        say("the last training batch would hold 1 sample: it is left out each epoch (a different one each time; "
+            "BatchNorm needs 2 or more); evaluation sees every sample")
     val_loader = _loader(val_ds, batch_size, workers, pin_memory=pin)
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     optimizer = build_optimizer(model, recipe, cfg.lr)
@@ -599,13 +583,12 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        legacy = int(ckpt.get("version", 1)) < 2
-        done = int(ckpt["epoch"]) + (1 if legacy else 0)
+        done = recorded_epoch(ckpt)
         best, history = float(ckpt["best_metric"]), list(ckpt["history"])
         best_epoch = int(ckpt.get("best_epoch", 0))
         best_preds = ckpt.get("best_val_predictions")
         _set_rng_state(ckpt["rng"])
-        if rank == 0 and not legacy:
+        if rank == 0 and int(ckpt.get("version", 1)) >= 2:  # a version-1 best.pt counts its epoch from 0
             _check_best(out, best_epoch, done, ckpt)
         say(f"resuming {out} after epoch {done} of {epochs} (best val accuracy {best:.4f} at epoch {best_epoch})")
         ckpt = None  # free the optimizer state copy
@@ -769,7 +752,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
 
     ck = load_inference(checkpoint)
     cfg, classes, pre = ck.config, ck.classes, ck.preprocessing
-    dev = _device(device, 0)
+    dev = resolve_device(device)
     model = ck.model.to(dev).eval()
     tf = ck.transform()
     if data == "synthetic":
@@ -802,7 +785,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
     out.mkdir(parents=True, exist_ok=True)
     weights = cfg.get("class_weights_resolved")  # the run's loss, as its own validation and test losses were
     weight_t = torch.tensor(weights, device=dev) if weights is not None else None
-    loader = _loader(ds, batch_size, data_workers(num_workers, dev), pin_memory=dev.type == "cuda")
+    loader = _loader(ds, batch_size, data_workers(num_workers, dev, who="evaluate"), pin_memory=dev.type == "cuda")
     loss, labels, probs = predict(model, loader, dev,
                                   _amp_dtype(cfg.get("amp", "auto"), dev), weight_t, progress=progress)
     metrics = classification_metrics(labels, probs, classes) | {

@@ -56,6 +56,7 @@ class Predictor:
     std: List[float]
     run: Callable[[torch.Tensor], torch.Tensor]
     source: str
+    device: str = "cpu"  # where ``run`` computes (ONNX Runtime: the CPU)
 
     @property
     def transform(self):
@@ -63,17 +64,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Optional[str] = None) -> "Predictor":
-        from .engine import _device, load_checkpoint, model_from_checkpoint
+        from .._device import resolve_device
+        from .engine import load_checkpoint, model_from_checkpoint
 
+        dev = resolve_device(device)  # a bad --device before a large checkpoint is read
         ckpt = load_checkpoint(path)
-        dev = _device(device, 0)
         model = model_from_checkpoint(ckpt).to(dev).eval()
 
         @torch.no_grad()
         def run(x: torch.Tensor) -> torch.Tensor:
             return model(x.to(dev)).float().softmax(-1).cpu()
 
-        return cls(**_preprocessing(ckpt), run=run, source=f"checkpoint {path} ({ckpt['config']['model']})")
+        return cls(**_preprocessing(ckpt), run=run, source=f"checkpoint {path} ({ckpt['config']['model']})",
+                   device=str(dev))
 
     @classmethod
     def from_onnx(cls, path: str | Path, checkpoint: Optional[str | Path] = None) -> "Predictor":
@@ -165,13 +168,20 @@ def _collate(items):
     return items
 
 
-def predict_images(predictor: Predictor, files: Sequence[Path], *, batch_size: int = 32, num_workers: int = 0,
+def predict_images(predictor: Predictor, files: Sequence[Path], *, batch_size: int = 32, num_workers: object = "auto",
                    progress: bool = True, on_failure: Optional[Callable[[str, str], None]] = None) -> PredictResult:
-    """Probabilities for every readable file, in order; unreadable ones go to ``failures``."""
+    """Probabilities for every readable file, in order; unreadable ones go to ``failures``.
+
+    ``num_workers``: image-decoding worker processes, or ``"auto"``: as training's
+    (:func:`fusionblocks.training.engine.data_workers`): several when the model runs on a GPU, which would
+    otherwise wait while each batch is decoded, none on the CPU, whose cores the model uses."""
+    from .engine import data_workers
+
     if batch_size < 1:
         raise ValueError(f"predict: expected batch_size >= 1, got {batch_size}")
+    workers = data_workers(num_workers, torch.device(predictor.device), who="predict")
     loader = torch.utils.data.DataLoader(_Images(files, predictor.in_chans, predictor.transform),
-                                         batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(files), desc="predict", unit="img", dynamic_ncols=True, leave=False, disable=not progress)
@@ -254,7 +264,8 @@ def _run_predict(args) -> int:
 
 
 def add_cli_commands(sub) -> None:
-    from ..cli import _non_negative_int, _positive_int
+    from ..cli import _positive_int
+    from .cli import _workers
 
     p = sub.add_parser(
         "predict", help="class probabilities of a checkpoint or an exported ONNX file on image files/folders",
@@ -268,7 +279,9 @@ def add_cli_commands(sub) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="DIR|FILE", help="image files and/or folders (recursive)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--workers", type=_non_negative_int, default=0, help="image-decoding worker processes")
+    p.add_argument("--workers", type=_workers, default="auto",
+                   help="image-decoding worker processes, or auto (default): up to 8 when the model runs on a GPU, "
+                        "none on CPU")
     p.add_argument("--device", default=None, help="for --checkpoint: default cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -252,3 +253,29 @@ def test_workers_option_takes_auto_or_a_count():
     assert parser.parse_args(base).workers == "auto"
     assert parser.parse_args(base + ["--workers", "3"]).workers == 3
     assert parser.parse_args(["evaluate", "--checkpoint", "c.pt", "--data", "d", "--out", "o"]).workers == "auto"
+    predict = ["predict", "--checkpoint", "c.pt", "--input", "i", "--out", "p.csv"]
+    assert parser.parse_args(predict).workers == "auto" and parser.parse_args(predict + ["--workers", "2"]).workers == 2
+
+
+def test_predict_workers_auto_decodes_in_workers_only_for_a_gpu_model(monkeypatch, tmp_path):
+    from fusionblocks.training import predict as P
+
+    seen = []
+
+    class Loader:
+        def __init__(self, ds, batch_size, num_workers, collate_fn):
+            seen.append(num_workers)
+
+        def __iter__(self):
+            return iter(())
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    pred = P.Predictor(["a", "b"], 32, 3, [0.5] * 3, [0.5] * 3, run=lambda x: x, source="test")
+    P.predict_images(pred, [], progress=False)
+    P.predict_images(P.Predictor(**{**pred.__dict__, "device": "cuda:0"}), [], progress=False)
+    P.predict_images(pred, [], num_workers=2, progress=False)
+    assert seen == [0, 3, 2]  # CPU: none; GPU: 4 cores less one; a count as given
+    with pytest.raises(ValueError, match=r"^predict: expected num_workers as an int >= 0 or 'auto', got -1"):
+        P.predict_images(pred, [], num_workers=-1, progress=False)
