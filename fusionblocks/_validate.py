@@ -136,6 +136,15 @@ def expect_hw(block: str, name: str, value: object) -> Tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
+def expect_size(block: str, name: str, value: object) -> Tuple[int, int]:
+    """An image size: a positive integral number (square) or a pair ``(H, W)`` of them, returned as Python ints."""
+    if is_int(value) and value > 0:
+        return int(value), int(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(is_int(v) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{block}: expected {name} as a positive int or a pair (H, W) of them, got {value!r}")
+
+
 def expect_scale(block: str, name: str, value: object) -> Optional[float]:
     """``None`` or a real number, returned as a Python ``float``."""
     if value is None:

@@ -43,14 +43,14 @@ parameters (371,264 in the backbone), 5.66 GFLOPs.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
-from .._validate import expect_rate, expect_nchw, expect_positive_int
+from .._validate import expect_nchw, expect_positive_int, expect_rate, expect_size
 from ..layers.drop import drop_path
 from ..layers.tokens import OverlapTokenizer, TokenWeighting
 from .backbones import Conv2DBackbone, ResNet50
@@ -124,15 +124,6 @@ class ViTBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
-
-
-def _size2(name: str, v: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    hw = (v, v) if isinstance(v, int) else tuple(v)
-    if len(hw) != 2:
-        raise ValueError(f"{name}: expected img_size as an int or (H, W), got {v!r}")
-    for s in hw:
-        expect_positive_int(name, "img_size", s)
-    return hw  # type: ignore[return-value]
 
 
 _MIN_SIDE = {"resnet50": 33, "conv2d": 31}
@@ -227,7 +218,7 @@ class HATR(ModelContract, nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.embed_dim = self.num_features = embed_dim
-        self.img_size = _size2(self.model_name, img_size)
+        self.img_size = expect_size(self.model_name, "img_size", img_size)
 
         if backbone == "resnet50":
             self.backbone: nn.Module = ResNet50(in_chans)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import typing
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
@@ -46,6 +47,58 @@ def has_official_code(name: str) -> bool:
     return hasattr(typing.get_type_hints(_MODELS[name]).get("return"), "load_official_state_dict")
 
 
+def _constructor_kwargs(name: str, kwargs: Dict[str, object]) -> Tuple[Dict[str, object], Optional[Tuple[int, int]]]:
+    """``kwargs`` less timm's generic arguments that ``name``'s constructor does not take (checked: see
+    :func:`create_model`), and the ``img_size`` to state in its ``pretrained_cfg`` (``None``: the model's own).
+    A name the constructor does not take is refused here, before anything is built. A factory whose arguments
+    cannot be known (``**kwargs`` and no class as its return annotation, as a user's own registered model may
+    be) gets ``kwargs`` as they are."""
+    from .._validate import expect_size
+
+    def named(fn) -> Tuple[set, bool]:  # the names fn takes, and whether it takes any other (**kwargs)
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        return ({p.name for p in params if p.kind not in variadic},
+                any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params))
+
+    # timm's generic arguments: None means not given (timm.create_model drops them so)
+    kwargs = {k: v for k, v in kwargs.items() if not (k in ("global_pool", "drop_block_rate", "img_size") and v is None)}
+    factory = _MODELS[name]
+    try:
+        cls = typing.get_type_hints(factory).get("return")
+    except (NameError, TypeError):  # an annotation that does not resolve
+        cls = None
+    takes, passes_on = named(factory)
+    if passes_on:  # the factory hands the rest to its class
+        if not isinstance(cls, type):
+            return kwargs, None
+        more, passes_on = named(cls.__init__)
+        if passes_on:
+            return kwargs, None
+        takes |= more
+    img_size = None
+    if "global_pool" not in takes and "global_pool" in kwargs:
+        own = getattr(cls, "global_pool_type", None)
+        if kwargs["global_pool"] != own:
+            raise ValueError(f"create_model: {name} pools its features with {own!r}; expected global_pool None or "
+                             f"{own!r}, got {kwargs['global_pool']!r}")
+        del kwargs["global_pool"]
+    if "drop_block_rate" not in takes and "drop_block_rate" in kwargs:
+        if kwargs["drop_block_rate"] != 0:
+            raise ValueError(f"create_model: {name} has no DropBlock layers; expected drop_block_rate None or 0, "
+                             f"got {kwargs['drop_block_rate']!r} (drop_path_rate sets its stochastic depth)")
+        del kwargs["drop_block_rate"]
+    if "img_size" not in takes and "img_size" in kwargs:
+        img_size = expect_size(name, "img_size", kwargs.pop("img_size"))
+    unknown = sorted(set(kwargs) - takes)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(takes), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"create_model: {name} takes no argument {unknown[0]!r}{hint}; it takes "
+                         f"{', '.join(sorted(takes))}")
+    return kwargs, img_size
+
+
 def list_models(pattern: Optional[str] = None) -> List[str]:
     """Sorted registered model names, optionally filtered by a glob ``pattern`` (e.g. ``"hifuse*"``)."""
     _load()
@@ -65,7 +118,12 @@ def create_model(
             model's factory give.
         pretrained_official: path to a checkpoint of the official repository; its state_dict is
             loaded strictly through ``model.load_official_state_dict``.
-        **kwargs: passed to the model's constructor.
+        **kwargs: passed to the model's constructor. timm's generic model arguments are taken for every model,
+            as ``timm.create_model`` (and its ``train.py``) pass them: ``global_pool`` (``None`` or the model's
+            own pooling, ``"avg"``), ``drop_block_rate`` (``None`` or 0: no model has DropBlock) and, for a model
+            whose size is not a constructor argument (HiFuse, HEMF run at any size), ``img_size``: the
+            ``input_size`` its ``pretrained_cfg`` states. Any other name the constructor does not take is a
+            ``ValueError`` listing those it does.
     """
     _load()
     if name not in _MODELS:
@@ -79,8 +137,13 @@ def create_model(
         )
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    kwargs, img_size = _constructor_kwargs(name, kwargs)
     model = _MODELS[name](**kwargs)
     if isinstance(getattr(model, "pretrained_cfg", None), dict):
+        if img_size is not None:
+            from .contract import adapt_cfg
+
+            model._set_pretrained_cfg(adapt_cfg(model.pretrained_cfg, model.pretrained_cfg["input_size"][0], img_size))
         model.pretrained_cfg["architecture"] = name
     if pretrained_official is not None:
         import torch

@@ -91,6 +91,22 @@ def test_timm_train_py_drop_path_rate(name):
         timm.create_model(name, drop_path_rate=1.0, **SMALL[name])
 
 
+@pytest.mark.parametrize("name", ["hifuse_tiny", "hemf", "hatr_conv2d"])
+def test_timm_train_py_generic_arguments(name):
+    # timm's train.py hands --gp, --drop-block and model_kwargs' img_size to any model (None when not set)
+    own = "token" if name.startswith("hatr") else "avg"
+    m = timm.create_model(name, num_classes=2, global_pool=own, drop_block_rate=0.0, bn_momentum=None,
+                          img_size=(64, 96), **SMALL[name])
+    assert m.pretrained_cfg["input_size"] == (3, 64, 96)
+    assert timm.data.resolve_data_config({}, model=m)["input_size"] == (3, 64, 96)
+    with torch.no_grad():
+        assert m.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 2)
+    with pytest.raises(ValueError, match=rf"create_model: {name} pools its features with '{own}'"):
+        timm.create_model(name, global_pool="max", **SMALL[name])
+    with pytest.raises(ValueError, match=rf"create_model: {name} has no DropBlock layers"):
+        timm.create_model(name, drop_block_rate=0.1, **SMALL[name])
+
+
 VIT2 = {"hatr_resnet50": dict(vit_depth=2), "hatr_conv2d": dict(vit_depth=2)}
 
 

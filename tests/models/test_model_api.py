@@ -83,6 +83,31 @@ def test_registry():
         create_model("hifuse_tiyn", num_classes=2)
 
 
+@pytest.mark.parametrize("name", ["hemf", "hatr_conv2d"])
+def test_create_model_takes_timms_generic_arguments_and_names_what_it_refuses(name):
+    """timm.create_model (and timm's train.py) pass global_pool, drop_block_rate and img_size to any model; each
+    is taken where it means what it says and refused, naming the model, where it cannot; a misspelt argument is a
+    ValueError listing the ones the model takes, raised before the model is built."""
+    small = dict(dims=(16, 32, 64, 128), num_heads=2) if name == "hemf" else dict(embed_dim=32, vit_depth=1, vit_heads=2)
+    own = "avg" if name == "hemf" else "token"
+    m = create_model(name, num_classes=2, global_pool=own, drop_block_rate=0.0, img_size=(96, 128), **small)
+    assert m.pretrained_cfg["input_size"] == (3, 96, 128) and m.pretrained_cfg["architecture"] == name
+    assert create_model(name, global_pool=None, drop_block_rate=None, img_size=None, in_chans=1,
+                        **small).pretrained_cfg["input_size"] == (1, 224, 224)
+    with torch.no_grad():
+        assert m.eval()(torch.randn(1, 3, 96, 128)).shape == (1, 2)
+    with pytest.raises(ValueError, match=rf"^create_model: {name} pools its features with '{own}'; expected "
+                                         rf"global_pool None or '{own}', got 'max'$"):
+        create_model(name, global_pool="max", **small)
+    with pytest.raises(ValueError, match=rf"^create_model: {name} has no DropBlock layers; .* got 0.1"):
+        create_model(name, drop_block_rate=0.1, **small)
+    with pytest.raises(ValueError, match=rf"^{name}: expected img_size as a positive int or a pair \(H, W\)"):
+        create_model(name, img_size=(96, 0), **small)
+    with pytest.raises(ValueError, match=rf"^create_model: {name} takes no argument 'drop_path' \(did you mean "
+                                         r"'drop_path_rate'\?\); it takes .*drop_path_rate, drop_rate"):
+        create_model(name, drop_path=0.1, **small)
+
+
 def test_reset_classifier(model):
     m = HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=5).eval()
     m.reset_classifier(0)
