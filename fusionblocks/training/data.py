@@ -38,18 +38,42 @@ class DataError(ValueError):
     """A problem with the data on disk; the message names the file or folder."""
 
 
+def _hidden(p: Path) -> bool:
+    """Dot-files and dot-folders: .DS_Store, macOS AppleDouble ``._name.png`` files, .ipynb_checkpoints."""
+    return p.name.startswith(".")
+
+
+def _is_image_file(p: Path) -> bool:
+    return not _hidden(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
 def _list_class_dir(folder: Path) -> List[Path]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files, nested = [], []
+    for p in sorted(folder.iterdir()):
+        if _hidden(p):
+            continue
+        if p.is_dir():
+            if any(_is_image_file(f) for f in p.rglob("*")):
+                nested.append(p.name)
+        elif _is_image_file(p):
+            files.append(p)
+    if nested:
+        raise DataError(f"{folder} holds sub-folders with images ({', '.join(nested)}), which would be left out: "
+                        f"put the images directly in the class folder ({folder}/<image>), or make each sub-folder a "
+                        f"class of its own")
     if not files:
         raise DataError(f"empty class folder: {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
 def scan_folder(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
-    """``root/<class>/*`` -> (sorted class names, [(path, label)])."""
+    """``root/<class>/*`` -> (sorted class names, [(path, label)]).
+
+    Hidden files and folders are ignored; images in sub-folders of a class folder are an error, not left out
+    unsaid."""
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p))
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
     samples = [(f, i) for i, c in enumerate(classes) for f in _list_class_dir(root / c)]

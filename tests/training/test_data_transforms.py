@@ -80,6 +80,30 @@ def test_unreadable_image_is_named(image_tree):
         ds[idx]
 
 
+def test_hidden_files_are_not_taken_for_images(image_tree):
+    # macOS leaves AppleDouble "._name.png" files (not images) next to every file copied to some disks
+    (image_tree / "train" / "normal" / "._0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (image_tree / "train" / "normal" / ".DS_Store").write_bytes(b"Bud1")
+    (image_tree / "train" / "pneumonia" / ".ipynb_checkpoints").mkdir()
+    (image_tree / "train" / "pneumonia" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"x")
+    s = D.load_splits(image_tree)
+    assert len(s.train) == 12 and not any(p.name.startswith(".") for p, _ in s.train)
+    assert D.check_images({"train": s.train}) == 12
+
+
+def test_images_in_class_sub_folders_are_an_error_not_left_out(image_tree):
+    import shutil
+
+    sub = image_tree / "train" / "pneumonia" / "viral"
+    sub.mkdir()
+    shutil.copy(image_tree / "train" / "pneumonia" / "0.png", sub / "v0.png")
+    with pytest.raises(D.DataError, match=r"train/pneumonia holds sub-folders with images \(viral\)"):
+        D.load_splits(image_tree)
+    (sub / "v0.png").unlink()
+    (sub / "notes.txt").write_text("no images here")
+    assert len(D.load_splits(image_tree).train) == 12
+
+
 def test_missing_folder():
     with pytest.raises(D.DataError, match="data folder not found: /nonexistent"):
         D.load_splits("/nonexistent")
