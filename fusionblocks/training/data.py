@@ -364,6 +364,25 @@ def _stratified_split(samples, fractions: Sequence[float], seed: int):
     return parts
 
 
+# folder names that mean a split but are not spelled as one (any case): valid/ next to train/ would be left out,
+# Train/Val/Test without train/ would be taken for three classes
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}
+
+
+def check_split_names(root: Path, present: Sequence[str]) -> None:
+    """Refuse folders of ``root`` named like a split but not spelled ``train``/``val``/``test`` (``valid/``,
+    ``Train/``, ...): they would be left out of a split layout, or taken for classes without one."""
+    odd = sorted(p.name for p in root.iterdir()
+                 if p.is_dir() and p.name not in SPLITS and p.name.lower() in _SPLIT_ALIASES)
+    if odd:
+        renames = ", ".join(f"{n}/ -> {_SPLIT_ALIASES[n.lower()]}/" for n in odd)
+        now = (f"next to {', '.join(s + '/' for s in present)} they would be left out" if present
+               else "they would be taken for classes")
+        raise DataError(f"{root}: split folders must be named train/, val/, test/; found {', '.join(n + '/' for n in odd)} "
+                        f"({now}): rename {renames}")
+
+
 def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                 class_names: Optional[Sequence[str]] = None) -> Splits:
     """Find train/val/test samples under ``root`` (see the module docstring for the layouts; a MedMNIST
@@ -378,6 +397,7 @@ def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: 
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     present = [s for s in SPLITS if (root / s).is_dir()]
+    check_split_names(root, present)
     if not present:
         classes, samples = scan_folder(root)
         train, val, test = _stratified_split(samples, (1 - val_fraction - test_fraction, val_fraction, test_fraction), seed)

@@ -104,6 +104,17 @@ def test_images_in_class_sub_folders_are_an_error_not_left_out(image_tree):
     assert len(D.load_splits(image_tree).train) == 12
 
 
+@pytest.mark.parametrize("names, said", [(("train", "valid", "test"), r"found valid/ \(next to train/, test/ they "
+                                          r"would be left out\): rename valid/ -> val/"),
+                                         (("Train", "Val", "Test"), r"found Test/, Train/, Val/ \(they would be taken "
+                                          r"for classes\): rename Test/ -> test/, Train/ -> train/, Val/ -> val/")])
+def test_split_folders_spelled_otherwise_are_named(image_tree, names, said):
+    for split, name in zip(("train", "val", "test"), names):
+        (image_tree / split).rename(image_tree / name)
+    with pytest.raises(D.DataError, match="split folders must be named train/, val/, test/; " + said):
+        D.load_splits(image_tree)
+
+
 def test_missing_folder():
     with pytest.raises(D.DataError, match="data folder not found: /nonexistent"):
         D.load_splits("/nonexistent")
