@@ -383,6 +383,12 @@ def check_split_names(root: Path, present: Sequence[str]) -> None:
                         f"({now}): rename {renames}")
 
 
+def _at_least_two(root: Path, classes: Sequence[str]) -> None:
+    if len(classes) < 2:
+        raise DataError(f"{root} has 1 class folder ({classes[0]!r}); a classifier needs 2 or more "
+                        f"({root}/<class>/<image files>, one folder per class)")
+
+
 def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0,
                 class_names: Optional[Sequence[str]] = None) -> Splits:
     """Find train/val/test samples under ``root`` (see the module docstring for the layouts; a MedMNIST
@@ -399,13 +405,18 @@ def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: 
     present = [s for s in SPLITS if (root / s).is_dir()]
     check_split_names(root, present)
     if not present:
+        if val_fraction + test_fraction >= 1:
+            raise DataError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave no training "
+                            f"images in {root}: their sum must be below 1")
         classes, samples = scan_folder(root)
+        _at_least_two(root, classes)
         train, val, test = _stratified_split(samples, (1 - val_fraction - test_fraction, val_fraction, test_fraction), seed)
         return Splits(classes, train, val, test)
     if "train" not in present:
         raise DataError(f"{root} has {present} but no train/ split")
     scanned = {s: scan_folder(root / s) for s in present}
     classes = scanned["train"][0]
+    _at_least_two(root / "train", classes)
     for s in present:
         if scanned[s][0] != classes:
             raise DataError(

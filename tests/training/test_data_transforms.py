@@ -115,6 +115,23 @@ def test_split_folders_spelled_otherwise_are_named(image_tree, names, said):
         D.load_splits(image_tree)
 
 
+def test_a_single_class_is_refused(image_tree):
+    import shutil
+
+    for split in ("train", "val", "test"):
+        shutil.rmtree(image_tree / split / "pneumonia")
+    with pytest.raises(D.DataError, match=r"data/train has 1 class folder \('normal'\); a classifier needs 2 or more"):
+        D.load_splits(image_tree)
+    with pytest.raises(D.DataError, match=r"data/val has 1 class folder \('normal'\)"):
+        D.load_splits(image_tree / "val")
+
+
+def test_split_fractions_that_leave_no_training_images_are_refused(image_tree):
+    with pytest.raises(D.DataError, match=r"--val-fraction 0.6 and --test-fraction 0.5 leave no training images in "
+                                          r".*data/train: their sum must be below 1"):
+        D.load_splits(image_tree / "train", val_fraction=0.6, test_fraction=0.5)
+
+
 def test_missing_folder():
     with pytest.raises(D.DataError, match="data folder not found: /nonexistent"):
         D.load_splits("/nonexistent")
