@@ -147,7 +147,8 @@ def add_cli_commands(sub) -> None:
     e = sub.add_parser(
         "evaluate", help="metrics, confusion matrix, ROC and Grad-CAM of a checkpoint on an image folder",
         description="Evaluate CHECKPOINT on DATA (its test/ split if present, else val/, else the whole folder; "
-                    "or 'synthetic'). Writes OUT/metrics.json and PNG plots.",
+                    "of a single folder ROOT/<class>/* that the run trained on, the test split its seed made; "
+                    "or 'synthetic'). --split all takes every split folder. Writes OUT/metrics.json and PNG plots.",
     )
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)

@@ -768,15 +768,36 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
         root = Path(data)
         if not root.is_dir():
             raise D.DataError(f"evaluate: data folder not found: {root}")
-        has_splits = any((root / s).is_dir() for s in D.SPLITS)
-        if split == "auto":
-            split = "test" if (root / "test").is_dir() else ("val" if (root / "val").is_dir() else "all")
-        folder = root / split if (has_splits and split != "all") else root
-        if has_splits and split != "all" and not folder.is_dir():
-            raise D.DataError(f"evaluate: no {split}/ split in {root}")
-        found, samples = D.scan_folder(folder)
-        if found != classes:
-            raise D.DataError(f"evaluate: {folder} has classes {found}, the checkpoint was trained on {classes}")
+        present = [s for s in D.SPLITS if (root / s).is_dir()]
+        D.check_split_names(root, present)
+        if present:
+            if split == "auto":
+                split = "test" if "test" in present else ("val" if "val" in present else "all")
+            if split != "all" and split not in present:
+                raise D.DataError(f"evaluate: no {split}/ split in {root}")
+            samples = []
+            for s in present if split == "all" else [split]:
+                folder = root / s
+                found, part = D.scan_folder(folder)
+                if found != classes:
+                    raise D.DataError(f"evaluate: {folder} has classes {found}, the checkpoint was trained on {classes}")
+                samples += part
+        else:
+            # one folder ROOT/<class>/*: train split it with the run's seed and fractions, so its val and test
+            # splits are found again; auto takes the test split when ROOT is the folder the run trained on
+            trained_on = cfg.get("data") not in (None, "synthetic") and Path(cfg["data"]).resolve() == root.resolve()
+            if split == "auto":
+                split = "test" if trained_on and cfg.get("test_fraction", 0.15) > 0 else "all"
+            found, samples = D.scan_folder(root)
+            if found != classes:
+                raise D.DataError(f"evaluate: {root} has classes {found}, the checkpoint was trained on {classes}")
+            if split != "all":
+                kw = {k: cfg.get(k, v) for k, v in (("val_fraction", 0.15), ("test_fraction", 0.15), ("seed", 0))}
+                samples = getattr(D.load_splits(root, **kw), split)
+                if not samples:
+                    raise D.DataError(f"evaluate: the {split} split of {root} (seed {kw['seed']}, --val-fraction "
+                                      f"{kw['val_fraction']:g}, --test-fraction {kw['test_fraction']:g}, as in "
+                                      f"training) is empty")
         D.check_images({split: samples}, progress=progress)
         ds = D.ImageFolderDataset(samples, classes, tf, pre["in_chans"])
         what = f"{split} split of {root}" if split != "all" else f"all of {root}"

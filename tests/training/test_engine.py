@@ -118,6 +118,37 @@ def test_evaluate_rejects_other_classes(tmp_path, tiny_model, image_tree):
         E.evaluate(tmp_path / "run" / "last.pt", str(image_tree), tmp_path / "eval", progress=False)
 
 
+def test_evaluate_finds_the_seeded_splits_of_a_single_folder_again(tmp_path, tiny_model, image_tree):
+    # ROOT/<class>/*, split by train with its seed: --split test evaluated the whole folder (training images
+    # included) and called it the test split
+    import shutil
+
+    from fusionblocks.training import data as D
+
+    flat = image_tree / "train"
+    result = E.train(_cfg(tmp_path, tiny_model, data=str(flat), epochs=1, val_fraction=0.25, test_fraction=0.25))
+    want = D.load_splits(flat, val_fraction=0.25, test_fraction=0.25, seed=3)
+    ckpt, out = tmp_path / "run" / "best.pt", tmp_path / "eval"
+    for split, n in (("test", len(want.test)), ("auto", len(want.test)), ("val", len(want.val)),
+                     ("train", len(want.train)), ("all", 12)):
+        m = E.evaluate(ckpt, str(flat), out, split=split, progress=False)
+        assert m["num_samples"] == n and m["split"] == ("test" if split == "auto" else split), split
+    assert len(want.test) == 4 and len(want.train) == 6
+    m = E.evaluate(ckpt, str(flat), out, progress=False)
+    assert m["split"] == "test" and m["loss"] == pytest.approx(result["test"]["loss"], rel=1e-5)
+    other = shutil.copytree(flat, tmp_path / "other")  # not the folder the run trained on: auto takes all of it
+    assert E.evaluate(ckpt, str(other), out, progress=False)["num_samples"] == 12
+
+
+def test_evaluate_split_all_takes_every_split_folder(tmp_path, tiny_model, image_tree):
+    E.train(_cfg(tmp_path, tiny_model, data=str(image_tree), epochs=1))
+    m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", split="all", progress=False)
+    assert m["split"] == "all" and m["num_samples"] == 24
+    (image_tree / "val").rename(image_tree / "valid")
+    with pytest.raises(ValueError, match=r"found valid/ \(next to train/, test/ they would be left out\)"):
+        E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", split="all", progress=False)
+
+
 def test_missing_checkpoint():
     with pytest.raises(FileNotFoundError, match="checkpoint not found: /nope.pt"):
         E.load_checkpoint("/nope.pt")
