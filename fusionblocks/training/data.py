@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -47,7 +47,7 @@ def _is_image_file(p: Path) -> bool:
     return not _hidden(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _list_class_dir(folder: Path) -> List[Path]:
+def _list_class_dir(folder: Path, skipped: Optional[List[Path]] = None) -> List[Path]:
     files, nested = [], []
     for p in sorted(folder.iterdir()):
         if _hidden(p):
@@ -57,6 +57,8 @@ def _list_class_dir(folder: Path) -> List[Path]:
                 nested.append(p.name)
         elif _is_image_file(p):
             files.append(p)
+        elif skipped is not None:  # another file type (.gif, .txt), or a broken link
+            skipped.append(p)
     if nested:
         raise DataError(f"{folder} holds sub-folders with images ({', '.join(nested)}), which would be left out: "
                         f"put the images directly in the class folder ({folder}/<image>), or make each sub-folder a "
@@ -66,17 +68,17 @@ def _list_class_dir(folder: Path) -> List[Path]:
     return files
 
 
-def scan_folder(root: Path) -> Tuple[List[str], List[Tuple[Path, int]]]:
+def scan_folder(root: Path, skipped: Optional[List[Path]] = None) -> Tuple[List[str], List[Tuple[Path, int]]]:
     """``root/<class>/*`` -> (sorted class names, [(path, label)]).
 
     Hidden files and folders are ignored; images in sub-folders of a class folder are an error, not left out
-    unsaid."""
+    unsaid; the other files left out (not of a type in ``IMAGE_EXTENSIONS``) are added to ``skipped``."""
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p))
     if not classes:
         raise DataError(f"no class folders in {root} (expected {root}/<class>/<image files>)")
-    samples = [(f, i) for i, c in enumerate(classes) for f in _list_class_dir(root / c)]
+    samples = [(f, i) for i, c in enumerate(classes) for f in _list_class_dir(root / c, skipped)]
     return classes, samples
 
 
@@ -340,6 +342,7 @@ class Splits:
     train: List[Tuple[Path, int]]
     val: List[Tuple[Path, int]]
     test: List[Tuple[Path, int]]
+    skipped: List[Path] = field(default_factory=list)  # files in class folders that are not images of a known type
 
 
 def _stratified_split(samples, fractions: Sequence[float], seed: int):
@@ -408,13 +411,15 @@ def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: 
         if val_fraction + test_fraction >= 1:
             raise DataError(f"--val-fraction {val_fraction:g} and --test-fraction {test_fraction:g} leave no training "
                             f"images in {root}: their sum must be below 1")
-        classes, samples = scan_folder(root)
+        skipped: List[Path] = []
+        classes, samples = scan_folder(root, skipped)
         _at_least_two(root, classes)
         train, val, test = _stratified_split(samples, (1 - val_fraction - test_fraction, val_fraction, test_fraction), seed)
-        return Splits(classes, train, val, test)
+        return Splits(classes, train, val, test, skipped)
     if "train" not in present:
         raise DataError(f"{root} has {present} but no train/ split")
-    scanned = {s: scan_folder(root / s) for s in present}
+    skipped = []
+    scanned = {s: scan_folder(root / s, skipped) for s in present}
     classes = scanned["train"][0]
     _at_least_two(root / "train", classes)
     for s in present:
@@ -428,7 +433,7 @@ def load_splits(root: str | Path, *, val_fraction: float = 0.15, test_fraction: 
     else:
         train, val = _stratified_split(train, (1 - val_fraction, val_fraction), seed)
     test = scanned["test"][1] if "test" in scanned else []
-    return Splits(classes, train, val, test)
+    return Splits(classes, train, val, test, skipped)
 
 
 def class_counts(samples: Sequence[Tuple[object, int]], num_classes: int) -> List[int]:

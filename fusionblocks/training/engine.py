@@ -138,8 +138,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _datasets(cfg: TrainConfig, recipe: Recipe, aug: Dict[str, object]):
-    """-> classes, train/val/test datasets, train class counts, and the image files per split (None: nothing
-    on disk to check)."""
+    """-> classes, train/val/test datasets, train class counts, the image files per split (None: nothing
+    on disk to check), and the files of the class folders left out as not images."""
     mean, std = recipe.mean, recipe.std
     train_tf = build_transform(True, aug, cfg.image_size, mean, std)
     eval_tf = build_transform(False, aug, cfg.image_size, mean, std)
@@ -151,7 +151,7 @@ def _datasets(cfg: TrainConfig, recipe: Recipe, aug: Dict[str, object]):
         val = mk(max(n // 4, k), cfg.seed + 1, eval_tf)
         test = mk(max(n // 4, k), cfg.seed + 2, eval_tf)
         counts = [len(range(c, n, k)) for c in range(k)]
-        return train.classes, train, val, test, counts, None
+        return train.classes, train, val, test, counts, None, []
     splits = D.load_splits(cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=cfg.seed,
                            class_names=cfg.class_names)
     if not splits.val:
@@ -160,7 +160,7 @@ def _datasets(cfg: TrainConfig, recipe: Recipe, aug: Dict[str, object]):
     counts = D.class_counts(splits.train, len(splits.classes))
     test = mk(splits.test, eval_tf) if splits.test else None
     files = {"train": splits.train, "val": splits.val, "test": splits.test}
-    return splits.classes, mk(splits.train, train_tf), mk(splits.val, eval_tf), test, counts, files
+    return splits.classes, mk(splits.train, train_tf), mk(splits.val, eval_tf), test, counts, files, splits.skipped
 
 
 class _EpochSampler(torch.utils.data.Sampler):
@@ -520,7 +520,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     out = Path(cfg.out)
     say = (lambda *a: print(*a, flush=True)) if (cfg.log and rank == 0) else (lambda *a: None)
 
-    classes, train_ds, val_ds, test_ds, counts, files = _datasets(cfg, recipe, aug)
+    classes, train_ds, val_ds, test_ds, counts, files, skipped = _datasets(cfg, recipe, aug)
     spec = recipe.class_weights if cfg.class_weights == "recipe" else cfg.class_weights
     weights, weights_source = resolve_class_weights(spec, classes, counts, recipe.name if cfg.class_weights == "recipe" else None)
     cfg_dict = _resolved_config(cfg, recipe, epochs, batch_size, world)
@@ -549,6 +549,11 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     say(f"class weights: {weights_source}" + (f": {[round(w, 4) for w in weights]}" if weights else ""))
     say(f"data: {len(classes)} classes {classes}; {len(train_ds)} train, {len(val_ds)} val, "
         f"{len(test_ds) if test_ds is not None else 0} test images")
+    if skipped:
+        kinds = sorted({p.suffix.lower() or p.name for p in skipped})
+        say(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} of the class folders that "
+            f"{'are' if len(skipped) > 1 else 'is'} not {'/'.join(e[1:] for e in D.IMAGE_EXTENSIONS)} "
+            f"({', '.join(kinds)}): " + ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
     if files is not None:
         n = D.check_images(files, progress=cfg.progress and rank == 0)
         say(f"checked {n} images: all readable")

@@ -213,6 +213,18 @@ def test_setup_is_stated_in_the_log(tmp_path, capsys):
     assert "checkpoints: best.pt" in out
 
 
+def test_files_left_out_of_the_class_folders_are_stated(tmp_path, tiny_model, image_tree, capsys):
+    # a GIF or JFIF copy of an image, or a note, was left out without a word
+    from PIL import Image
+
+    Image.new("L", (20, 24)).save(image_tree / "train" / "normal" / "extra.gif")
+    (image_tree / "val" / "pneumonia" / "notes.txt").write_text("x")
+    E.train(_cfg(tmp_path, tiny_model, data=str(image_tree), epochs=1, tensorboard=False, plots=False))
+    out = capsys.readouterr().out
+    assert ("left out 2 files of the class folders that are not png/jpg/jpeg/bmp/tif/tiff/webp/dcm (.gif, .txt): "
+            f"{image_tree}/train/normal/extra.gif, {image_tree}/val/pneumonia/notes.txt") in out
+
+
 def test_worker_processes_augment_with_each_epochs_seed_and_leave_the_global_rng_alone():
     """Persistent workers keep the dataset copy of the epoch they started in: the epoch must travel with the
     indices, or every epoch repeats the first one's augmentation (and a resumed run, whose workers start at a
