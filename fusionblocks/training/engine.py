@@ -549,6 +549,12 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     say(f"class weights: {weights_source}" + (f": {[round(w, 4) for w in weights]}" if weights else ""))
     say(f"data: {len(classes)} classes {classes}; {len(train_ds)} train, {len(val_ds)} val, "
         f"{len(test_ds) if test_ds is not None else 0} test images")
+    for split, samples in (files or {}).items():
+        missing = [c for c, n in zip(classes, D.class_counts(samples, len(classes))) if n == 0]
+        if samples and missing:
+            say(f"note: no {split} images of class{'es' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} "
+                f"(too few images to split?): the {split} metrics' macro averages count "
+                f"{'them' if len(missing) > 1 else 'it'} as 0 and the AUC is undefined")
     if skipped:
         kinds = sorted({p.suffix.lower() or p.name for p in skipped})
         say(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} of the class folders that "

@@ -225,6 +225,21 @@ def test_files_left_out_of_the_class_folders_are_stated(tmp_path, tiny_model, im
             f"{image_tree}/train/normal/extra.gif, {image_tree}/val/pneumonia/notes.txt") in out
 
 
+def test_a_class_missing_from_a_seeded_split_is_stated(tmp_path, tiny_model, image_tree, capsys):
+    # a class too small for the split fractions had no val/test images: its 0 recall lowered the macro averages
+    import shutil
+
+    flat = image_tree / "train"
+    for f in sorted((flat / "pneumonia").iterdir())[1:]:
+        f.unlink()
+    shutil.copytree(flat / "pneumonia", flat / "rare")
+    E.train(_cfg(tmp_path, tiny_model, data=str(flat), epochs=1, batch_size=2, tensorboard=False, plots=False))
+    out = capsys.readouterr().out
+    assert ("note: no val images of classes 'pneumonia', 'rare' (too few images to split?): the val metrics' macro "
+            "averages count them as 0 and the AUC is undefined") in out
+    assert "note: no test images of classes 'pneumonia', 'rare'" in out and "no train images" not in out
+
+
 def test_worker_processes_augment_with_each_epochs_seed_and_leave_the_global_rng_alone():
     """Persistent workers keep the dataset copy of the epoch they started in: the epoch must travel with the
     indices, or every epoch repeats the first one's augmentation (and a resumed run, whose workers start at a
