@@ -24,13 +24,16 @@ __all__ = ["Predictor", "PredictResult", "collect_images", "predict_images", "ad
 
 
 def collect_images(inputs: Sequence[str | Path]) -> List[Path]:
-    """Files named directly, plus every image file under named folders (recursive, sorted); no duplicates."""
+    """Files named directly, plus every image file under named folders (recursive, sorted, hidden ones left
+    out); no duplicates."""
     out: List[Path] = []
     seen = set()
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            # hidden files and folders (macOS "._name.png" AppleDouble files, .ipynb_checkpoints) are not images
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"predict: no images ({', '.join(IMAGE_EXTENSIONS)}) under {p}")
         elif p.is_file():

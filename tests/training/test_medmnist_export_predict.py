@@ -427,3 +427,17 @@ def test_predict_out_that_is_a_folder_is_refused_before_predicting(tmp_path, mon
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"fusionblocks predict: error: --out {tmp_path / 'results'} is a folder" in r.stderr
     assert str(tmp_path / "results" / "predictions.csv") in r.stderr and not ran
+
+
+def test_predict_folders_leave_hidden_files_out(tmp_path):
+    # macOS AppleDouble "._x.png" files were listed as unreadable images in every prediction run
+    from PIL import Image
+
+    from fusionblocks.training.predict import collect_images
+
+    Image.new("L", (8, 8)).save(tmp_path / "x.png")
+    (tmp_path / "._x.png").write_bytes(b"\x00\x05\x16\x07" + bytes(40))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / ".ipynb_checkpoints" / "x-checkpoint.png")
+    assert collect_images([tmp_path]) == [tmp_path / "x.png"]
+    assert collect_images([tmp_path / "._x.png"]) == [tmp_path / "._x.png"]  # named: taken as asked
