@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import (expect_choice, expect_divisible, expect_rate, expect_nchw, expect_positive_int,
+from .._validate import (expect_divisible, expect_rate, expect_nchw, expect_positive_int,
                          expect_same_batch, expect_same_spatial, shape_str)
 from ..models.convert import KeyRules, OfficialWeights, Rule, join_rules, prefix_rules
 from .conv import ConvBN
@@ -150,7 +150,8 @@ class _HierarchicalFusion(OfficialWeights, nn.Module):
         dim = expect_positive_int(name, "dim", dim)
         l_dim = dim if l_dim is None else expect_positive_int(name, "l_dim", l_dim)
         g_dim = dim if g_dim is None else expect_positive_int(name, "g_dim", g_dim)
-        expect_choice(name, "with_prev", with_prev, (None, True, False))
+        if not (with_prev is None or isinstance(with_prev, bool)):  # 1 == True would pass a choice check
+            raise ValueError(f"{name}: expected with_prev to be one of [None, True, False], got {with_prev!r}")
         fuse_kernel = expect_positive_int(name, "fuse_kernel", fuse_kernel)
         if fuse_kernel % 2 == 0:
             raise ValueError(f"{name}: expected an odd fuse_kernel, got {fuse_kernel}")

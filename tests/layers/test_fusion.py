@@ -248,3 +248,14 @@ def test_batch_mismatch_is_named_before_any_kernel(cls, monkeypatch):
     with pytest.raises(ValueError, match=rf"^{cls.__name__}: expected f with the batch size 2 of l, got \(1, 8, 10, 14\)$"):
         blk(l, l, torch.randn(1, 8, 10, 14))
     assert not ran
+
+
+@pytest.mark.parametrize("cls", [HFF, HEF])
+@pytest.mark.parametrize("bad", [1, 0, 1.0])
+def test_with_prev_takes_only_none_or_a_bool(cls, bad):
+    # 1 == True: a choice check let 1 through, which built both paths yet kept with_prev=1, so the drop list and
+    # official_unused_params() named the f-less path unused and forward took f=None where True refuses it
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}: expected with_prev to be one of \[None, True, False\], "
+                                         rf"got {bad!r}$"):
+        cls(16, with_prev=bad)
+    assert cls(16, with_prev=True).with_prev is True and cls(16, with_prev=None).official_unused_params() == 0
