@@ -65,7 +65,16 @@ def expect_nchw(block: str, name: str, x: object, channels: Optional[int] = None
     x = expect_rank(block, name, x, 4, "(B, C, H, W)")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{block}: expected {name} with {channels} channels, got {shape_str(x)}")
+    expect_nonempty(block, name, x, "(B, C, H, W)")
     return expect_input_like(block, name, x, like)
+
+
+def expect_nonempty(block: str, name: str, x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Every size of ``x`` but the batch (the first) at least 1: a map with no rows, columns or channels is
+    refused here rather than deep inside a convolution or an op."""
+    if any(n == 0 for n in x.shape[1:]):
+        raise ValueError(f"{block}: expected {name} {layout} with every size but B at least 1, got {shape_str(x)}")
+    return x
 
 
 def expect_tokens(block: str, name: str, x: object, dim: Optional[int] = None, *,

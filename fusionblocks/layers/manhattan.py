@@ -20,7 +20,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .._validate import expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_input_like, expect_rank
+from .._validate import (expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_input_like,
+                         expect_nonempty, expect_rank)
 from ..models.convert import KeyRules, Rule, join_rules, prefix_rules
 from ..ops import BACKENDS, decay_attention
 
@@ -215,6 +216,7 @@ class ManhattanSelfAttention(nn.Module):
         expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected x with {self.dim} channels in the last axis (B, H, W, C), got {tuple(x.shape)}")
+        expect_nonempty(name, "x", x, "(B, H, W, C)")
         b, h, w, c = x.shape
         n, nh, d = h * w, self.num_heads, self.head_dim
         if rotary is not None:

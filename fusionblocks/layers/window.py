@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._validate import (expect_choice, expect_divisible, expect_rate, expect_int, expect_nchw,
-                         expect_positive_int, expect_input_like, expect_rank, shape_str)
+                         expect_positive_int, expect_input_like, expect_nonempty, expect_rank, shape_str)
 from ..ops import BACKENDS, window_attention
 from .drop import drop_path
 
@@ -85,6 +85,7 @@ class WindowAttention(nn.Module):
         expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected x (B, H, W, C) with {self.dim} channels, got {shape_str(x)}")
+        expect_nonempty(name, "x", x, "(B, H, W, C)")
         b, h, w, c = x.shape
         ws = self.window_size
         pad_h, pad_w = (-h) % ws, (-w) % ws
@@ -191,6 +192,7 @@ class HiFuseGlobalBlock(nn.Module):
         expect_input_like(name, "x", expect_rank(name, "x", x, 4, "(B, H, W, C)"), self)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{name}: expected x (B, H, W, C) with {self.dim} channels, got {shape_str(x)}")
+        expect_nonempty(name, "x", x, "(B, H, W, C)")
         return self._forward_channels_last(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import fusionblocks as fb
 from fusionblocks import ops
 from fusionblocks.layers.fusion import HEF
 from fusionblocks.layers.mlp import IRMLP
@@ -88,3 +89,40 @@ def test_scale_must_be_a_real_number(bad):
     q = torch.randn(1, 2, 12, 4)
     with pytest.raises(TypeError, match="decay_attention: expected scale as a float or None"):
         ops.decay_attention(q, q, q, torch.zeros(2), hw=(3, 4), scale=bad)
+
+
+_ONE_INPUT_BLOCKS = {
+    "ChannelAttn": lambda: fb.ChannelAttn(8, 4), "SpatialAttn": lambda: fb.SpatialAttn(7),
+    "LayerNorm2d": lambda: fb.LayerNorm2d(8), "ConvBN": lambda: fb.ConvBN(8, 8, 3), "IRMLP": lambda: fb.IRMLP(8, 8),
+    "SIRMLP": lambda: fb.SIRMLP(8, 8, 8), "MultiHeadExternalAttention": lambda: fb.MultiHeadExternalAttention(8, 2),
+    "MixedAttention": lambda: fb.MixedAttention(8, num_heads=2),
+    "ManhattanSelfAttention": lambda: fb.ManhattanSelfAttention(8, 2),
+    "WindowAttention": lambda: fb.WindowAttention(8, 2, 4), "LocalBlock": lambda: fb.LocalBlock(8),
+    "ELFBlock": lambda: fb.ELFBlock(8), "HiFuseGlobalBlock": lambda: fb.HiFuseGlobalBlock(8, 2, 4),
+    "HiFuseGlobalStage": lambda: fb.HiFuseGlobalStage(8, 1, 2, 4), "PatchMerging": lambda: fb.PatchMerging(8),
+    "EGFBlock": lambda: fb.EGFBlock(8, 2, 1), "OverlapTokenizer": lambda: fb.OverlapTokenizer(8, 4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ONE_INPUT_BLOCKS))
+@pytest.mark.parametrize("shape", [(1, 8, 0, 6), (2, 8, 5, 0)])
+def test_an_empty_map_is_named_by_the_block(name, shape):
+    # was a traceback from a convolution ("Kernel size can't be greater than actual input size"), an op's error
+    # (window_attention: ... hw) or, in some blocks, an empty result; a batch of 0 still runs
+    block = _ONE_INPUT_BLOCKS[name]().eval()
+    with pytest.raises(ValueError, match="^" + re.escape(f"{name}: expected x (B, C, H, W) with every size but B at "
+                                                         f"least 1, got {shape}")):
+        block(torch.randn(shape))
+    block(torch.randn(0, 8, 5, 6))
+
+
+def test_an_empty_map_is_named_in_every_input_and_layout():
+    with pytest.raises(ValueError, match=r"^SpatialAttn: expected x \(B, C, H, W\) with every size but B at least 1, "
+                                         r"got \(2, 0, 5, 5\)$"):
+        fb.SpatialAttn()(torch.randn(2, 0, 5, 5))
+    with pytest.raises(ValueError, match=r"^HEF: expected f \(B, C, H, W\) with every size but B at least 1"):
+        HEF(16)(torch.randn(1, 16, 1, 1), torch.randn(1, 16, 1, 1), torch.randn(1, 8, 2, 0))
+    for block in (fb.WindowAttention(8, 2, 4), fb.HiFuseGlobalBlock(8, 2, 4), fb.ManhattanSelfAttention(8, 2)):
+        with pytest.raises(ValueError, match=rf"^{type(block).__name__}: expected x \(B, H, W, C\) with every size "
+                                             r"but B at least 1, got \(1, 0, 3, 8\)$"):
+            block.forward_channels_last(torch.randn(1, 0, 3, 8))
