@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._validate import expect_nchw
+from .._validate import expect_divisible, expect_nchw, expect_positive_int
 
 
 class ConvBN(nn.Module):
@@ -38,6 +38,14 @@ class ConvBN(nn.Module):
         groups: int = 1,
     ):
         super().__init__()
+        name = type(self).__name__
+        in_channels = expect_positive_int(name, "in_channels", in_channels)
+        out_channels = expect_positive_int(name, "out_channels", out_channels)
+        kernel_size = expect_positive_int(name, "kernel_size", kernel_size)
+        stride = expect_positive_int(name, "stride", stride)
+        groups = expect_positive_int(name, "groups", groups)
+        expect_divisible(name, "in_channels", in_channels, groups, "groups")
+        expect_divisible(name, "out_channels", out_channels, groups, "groups")
         self.in_channels = in_channels
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, padding=(kernel_size - 1) // 2, bias=bias, groups=groups

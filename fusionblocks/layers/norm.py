@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._validate import expect_nchw
+from .._validate import expect_nchw, expect_positive_int
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -18,6 +18,7 @@ class LayerNorm2d(nn.LayerNorm):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6, elementwise_affine: bool = True):
+        num_channels = expect_positive_int(type(self).__name__, "num_channels", num_channels)
         super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

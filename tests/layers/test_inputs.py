@@ -126,3 +126,23 @@ def test_an_empty_map_is_named_in_every_input_and_layout():
         with pytest.raises(ValueError, match=rf"^{type(block).__name__}: expected x \(B, H, W, C\) with every size "
                                              r"but B at least 1, got \(1, 0, 3, 8\)$"):
             block.forward_channels_last(torch.randn(1, 0, 3, 8))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: fb.ConvBN(True, 8), "ConvBN: expected in_channels to be a positive int, got True"),
+    (lambda: fb.ConvBN(0, 8), "ConvBN: expected in_channels to be a positive int, got 0"),
+    (lambda: fb.ConvBN(8, 0), "ConvBN: expected out_channels to be a positive int, got 0"),
+    (lambda: fb.ConvBN(8, 8, 3.0), "ConvBN: expected kernel_size to be a positive int, got 3.0"),
+    (lambda: fb.ConvBN(8, 8, 3, 0), "ConvBN: expected stride to be a positive int, got 0"),
+    (lambda: fb.ConvBN(8, 8, groups=3), "ConvBN: expected in_channels (8) to be divisible by groups (3)"),
+    (lambda: fb.ConvBN(8, 6, groups=4), "ConvBN: expected out_channels (6) to be divisible by groups (4)"),
+    (lambda: fb.LayerNorm2d(0), "LayerNorm2d: expected num_channels to be a positive int, got 0"),
+    (lambda: fb.LayerNorm2d(True), "LayerNorm2d: expected num_channels to be a positive int, got True"),
+    (lambda: fb.LayerNorm2d(-1), "LayerNorm2d: expected num_channels to be a positive int, got -1"),
+])
+def test_conv_bn_and_layer_norm_check_their_arguments(make, match):
+    # were built silently (ConvBN(True, 8) as a 1-channel conv, ConvBN(0, 8), LayerNorm2d(0), stride 0) or failed
+    # inside torch without the block's name
+    with pytest.raises(ValueError, match="^" + re.escape(match) + "$"):
+        make()
+    assert fb.ConvBN(np.int64(8), 4, np.int64(3), groups=2).conv.weight.shape == (4, 4, 3, 3)
