@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .._validate import expect_divisible, expect_nchw, expect_positive_int
+from .._validate import expect_divisible, expect_nchw, expect_positive_int, expect_rate
 from ..models.convert import KeyRules
 
 
@@ -53,6 +53,7 @@ class MultiHeadExternalAttention(nn.Module):
         num_heads = expect_positive_int(name, "num_heads", num_heads)
         memory_size = expect_positive_int(name, "memory_size", memory_size)
         expect_divisible(name, "channels", channels, num_heads, "num_heads")
+        dropout = expect_rate(name, "dropout", dropout)
         self.channels = channels
         self.num_heads = num_heads
         self.memory_size = memory_size

@@ -1,4 +1,6 @@
 """MultiHeadExternalAttention: official parity, the double normalization, non-square maps, gradcheck, errors."""
+import re
+
 import pytest
 import torch
 
@@ -100,3 +102,11 @@ def test_mhea_errors():
         m(torch.randn(2, 16, 16))
     with pytest.raises(TypeError, match="MultiHeadExternalAttention: expected x to be a torch.Tensor, got list"):
         m([1.0])
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, "0.1", True])
+def test_mhea_dropout_is_a_rate(bad):
+    # a negative rate was dropped silently (no dropout at all), 1.5 failed in nn.Dropout without the block's name
+    with pytest.raises(ValueError, match=rf"^MultiHeadExternalAttention: expected dropout in \[0, 1\), got {re.escape(repr(bad))}$"):
+        MultiHeadExternalAttention(8, 2, dropout=bad)
+    assert MultiHeadExternalAttention(8, 2, dropout=0.25).drop.p == 0.25
