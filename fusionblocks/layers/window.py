@@ -13,7 +13,7 @@ still shifts by 3). Any ``H, W >= 1`` works.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,19 @@ from ..ops import BACKENDS, window_attention
 from .drop import drop_path
 
 __all__ = ["WindowAttention", "PatchMerging", "HiFuseGlobalBlock", "HiFuseGlobalStage"]
+
+
+def _expect_window_args(name: str, dim: object, num_heads: object, window_size: object, shift: object,
+                        backend: Optional[str]) -> Tuple[int, int, int, int]:
+    """The attention arguments of ``name``'s constructor, checked there (so that errors name the block the user
+    built): ``(dim, num_heads, window_size, shift)`` as Python ints."""
+    dim = expect_positive_int(name, "dim", dim)
+    num_heads = expect_positive_int(name, "num_heads", num_heads)
+    window_size = expect_positive_int(name, "window_size", window_size)
+    expect_divisible(name, "dim", dim, num_heads, "num_heads")
+    shift = expect_int(name, "shift", shift, lo=0, hi=window_size)
+    expect_choice(name, "backend", backend, (None,) + BACKENDS)
+    return dim, num_heads, window_size, shift
 
 
 class WindowAttention(nn.Module):
@@ -59,13 +72,8 @@ class WindowAttention(nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
-        name = type(self).__name__
-        dim = expect_positive_int(name, "dim", dim)
-        num_heads = expect_positive_int(name, "num_heads", num_heads)
-        window_size = expect_positive_int(name, "window_size", window_size)
-        expect_divisible(name, "dim", dim, num_heads, "num_heads")
-        shift = expect_int(name, "shift", shift, lo=0, hi=window_size)
-        expect_choice(name, "backend", backend, (None,) + BACKENDS)
+        dim, num_heads, window_size, shift = _expect_window_args(
+            type(self).__name__, dim, num_heads, window_size, shift, backend)
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
@@ -175,7 +183,7 @@ class HiFuseGlobalBlock(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        dim = expect_positive_int(name, "dim", dim)
+        dim, num_heads, window_size, shift = _expect_window_args(name, dim, num_heads, window_size, shift, backend)
         self.dim = dim
         self.drop_path = expect_rate(name, "drop_path", drop_path)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
@@ -240,7 +248,10 @@ class HiFuseGlobalStage(nn.Module):
         super().__init__()
         name = type(self).__name__
         depth = expect_positive_int(name, "depth", depth)
+        window_size = expect_positive_int(name, "window_size", window_size)
         shift = window_size // 2 if shift is None else shift
+        dim, num_heads, window_size, shift = _expect_window_args(name, dim, num_heads, window_size, shift, backend)
+        in_dim = None if in_dim is None else expect_positive_int(name, "in_dim", in_dim)
         if isinstance(drop_path, (list, tuple)):
             if len(drop_path) != depth:
                 raise ValueError(f"{name}: expected drop_path as one rate or a list of depth ({depth}) rates, "

@@ -1,6 +1,7 @@
 """WindowAttention, PatchMerging and HiFuse's global block/stage: parity with the official code, padding,
 odd sizes, gradients and errors."""
 import math
+import re
 
 import pytest
 import torch
@@ -204,3 +205,22 @@ def test_global_block_channels_last_and_constructor_errors_name_the_block():
         PatchMerging(8, 0)
     with pytest.raises(ValueError, match=r"^WindowAttention: expected backend to be one of \[None, 'reference', "):
         WindowAttention(8, 2, 4, backend="cpu")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: HiFuseGlobalStage(8, 2, 2, None), "HiFuseGlobalStage: expected window_size to be a positive int, got None"),
+    (lambda: HiFuseGlobalStage(8, 2, 2, "7"), "HiFuseGlobalStage: expected window_size to be a positive int, got '7'"),
+    (lambda: HiFuseGlobalStage(8, 2, 3), "HiFuseGlobalStage: expected dim (8) to be divisible by num_heads (3)"),
+    (lambda: HiFuseGlobalStage(8, 2, 2, 4, shift=4), "HiFuseGlobalStage: expected shift to be an int in [0, 4), got 4"),
+    (lambda: HiFuseGlobalStage(8, 2, 2, in_dim=0), "HiFuseGlobalStage: expected in_dim to be a positive int, got 0"),
+    (lambda: HiFuseGlobalStage(8, 2, 2, backend="gpu"), "HiFuseGlobalStage: expected backend to be one of "
+                                                         "[None, 'reference', 'triton', 'cpp', 'cuda'], got 'gpu'"),
+    (lambda: HiFuseGlobalBlock(8, 0), "HiFuseGlobalBlock: expected num_heads to be a positive int, got 0"),
+    (lambda: HiFuseGlobalBlock(8, 2, 0), "HiFuseGlobalBlock: expected window_size to be a positive int, got 0"),
+    (lambda: HiFuseGlobalBlock(8, 2, 4, -1), "HiFuseGlobalBlock: expected shift to be an int in [0, 4), got -1"),
+])
+def test_global_block_and_stage_errors_name_the_block_built(make, match):
+    # the stage crashed on window_size // 2 (TypeError from None // 2) before any check; otherwise both named the
+    # inner WindowAttention / PatchMerging / HiFuseGlobalBlock instead of the block the caller built
+    with pytest.raises(ValueError, match="^" + re.escape(match) + "$"):
+        make()
