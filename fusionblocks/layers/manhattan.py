@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._validate import (expect_choice, expect_divisible, expect_nchw, expect_positive_int, expect_input_like,
-                         expect_nonempty, expect_rank)
+                         expect_nonempty, expect_rank, is_real)
 from ..models.convert import KeyRules, Rule, join_rules, prefix_rules
 from ..ops import BACKENDS, decay_attention
 
@@ -93,6 +93,14 @@ def apply_rotary(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch
     return x * cos + _rotate_pairs(x) * sin
 
 
+def _expect_decay_args(name: str, initial_value: object, heads_range: object) -> Tuple[float, float]:
+    """The decay arguments of ``name``'s constructor as Python floats (any real number, not a ``bool``)."""
+    for what, value in (("initial_value", initial_value), ("heads_range", heads_range)):
+        if not is_real(value):
+            raise TypeError(f"{name}: expected {what} as a float, got {type(value).__name__} {value!r}")
+    return float(initial_value), float(heads_range)
+
+
 def _expect_attention_args(name: str, dim: int, num_heads: int, mode: str, backend: Optional[str]) -> Tuple[int, int]:
     """The attention arguments of ``name``'s constructor, checked there (so that errors name the block the user
     built): ``(dim, num_heads)``, positive ints with an even head dim for the rotary pairs."""
@@ -151,6 +159,7 @@ class ManhattanSelfAttention(nn.Module):
         super().__init__()
         name = type(self).__name__
         dim, num_heads = _expect_attention_args(name, dim, num_heads, mode, backend)
+        initial_value, heads_range = _expect_decay_args(name, initial_value, heads_range)
         head_dim = dim // num_heads
         lepe_kernel_size = expect_positive_int(name, "lepe_kernel_size", lepe_kernel_size)
         if lepe_kernel_size % 2 == 0:
@@ -278,6 +287,7 @@ class EGFBlock(nn.Module):
         super().__init__()
         name = type(self).__name__
         dim, num_heads = _expect_attention_args(name, dim, num_heads, mode, backend)
+        initial_value, heads_range = _expect_decay_args(name, initial_value, heads_range)
         depth = expect_positive_int(name, "depth", depth)
         self.dim = dim
         self.num_heads = num_heads

@@ -1,6 +1,7 @@
 """ManhattanSelfAttention (RMT MaSA) and EGFBlock (HEMF global branch): parity, gradients, errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,3 +303,16 @@ def test_masa_rotary_and_backend_errors_name_the_block():
         EGFBlock(16, 2, 1, backend="cpu")
     with pytest.raises(ValueError, match=r"^EGFBlock: expected an even head dim .* got 12 / 4 = 3$"):
         EGFBlock(12, 4, 1)
+
+
+@pytest.mark.parametrize("cls", [ManhattanSelfAttention, EGFBlock])
+@pytest.mark.parametrize("kw, got", [(dict(initial_value="a"), "str 'a'"), (dict(initial_value=None), "NoneType None"),
+                                     (dict(heads_range=True), "bool True")])
+def test_decay_config_must_be_real_numbers(cls, kw, got):
+    # was a TypeError from 'bad operand type for unary -' inside manhattan_log_decay ('a', None), or True taken as 1
+    what = next(iter(kw))
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}: expected {what} as a float, got {got}$"):
+        cls(8, 2, **kw)
+    block = cls(8, 2, initial_value=np.float32(1.5), heads_range=3)
+    masa = block if cls is ManhattanSelfAttention else block.attn[0]
+    assert (masa.initial_value, masa.heads_range) == (1.5, 3.0) and type(masa.initial_value) is float
