@@ -10,6 +10,7 @@ float16/bfloat16/float32 under autocast) — pass ``like=self`` to :func:`expect
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Sequence, Tuple
 
@@ -155,11 +156,14 @@ def expect_size(block: str, name: str, value: object) -> Tuple[int, int]:
 
 
 def expect_scale(block: str, name: str, value: object) -> Optional[float]:
-    """``None`` or a real number, returned as a Python ``float``."""
+    """``None`` or a finite real number, returned as a Python ``float`` (NaN or infinity would make every output
+    NaN)."""
     if value is None:
         return None
     if not is_real(value):
         raise TypeError(f"{block}: expected {name} as a float or None, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{block}: expected {name} as a finite float or None, got {float(value)!r}")
     return float(value)
 
 

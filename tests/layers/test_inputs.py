@@ -91,6 +91,16 @@ def test_scale_must_be_a_real_number(bad):
         ops.decay_attention(q, q, q, torch.zeros(2), hw=(3, 4), scale=bad)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_scale_must_be_finite(bad):
+    # NaN or infinity made every output NaN without a word
+    q = torch.randn(1, 2, 12, 4)
+    with pytest.raises(ValueError, match=r"^decay_attention: expected scale as a finite float or None, got (nan|inf|-inf)$"):
+        ops.decay_attention(q, q, q, torch.zeros(2), hw=(3, 4), scale=bad)
+    with pytest.raises(ValueError, match=r"^window_attention: expected scale as a finite float or None"):
+        ops.window_attention(q, q, q, None, hw=(3, 4), window_size=2, scale=bad)
+
+
 _ONE_INPUT_BLOCKS = {
     "ChannelAttn": lambda: fb.ChannelAttn(8, 4), "SpatialAttn": lambda: fb.SpatialAttn(7),
     "LayerNorm2d": lambda: fb.LayerNorm2d(8), "ConvBN": lambda: fb.ConvBN(8, 8, 3), "IRMLP": lambda: fb.IRMLP(8, 8),
