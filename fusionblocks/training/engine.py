@@ -24,6 +24,7 @@ Multi-GPU: launch with ``torchrun --nproc-per-node N -m fusionblocks train ...``
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .._device import resolve_device
-from ..models.registry import create_model
+from ..models.registry import create_model, default_cfg
 from . import data as D
 from . import plots
 from .checkpoint import (CHECKPOINT_VERSION, CheckpointError, _model_kwargs, crash_point, file_size_str,
@@ -98,7 +99,7 @@ RESULT_FIELDS = {
     "in_chans": "--in-chans", "class_weights": "--class-weights", "seed": "--seed", "val_fraction": "--val-fraction",
     "test_fraction": "--test-fraction", "synthetic_samples": "--synthetic-samples",
     "synthetic_classes": "--synthetic-classes", "max_steps_per_epoch": "--max-steps", "amp": "--amp",
-    "world_size": "world size (torchrun --nproc-per-node)",
+    "world_size": "world size (torchrun --nproc-per-node)", "data_files": "the images in --data",
 }
 # invocation controls, not part of a run's identity
 _NOT_SAVED = ("resume", "overwrite", "progress", "log", "plots", "tensorboard")
@@ -340,6 +341,8 @@ def _comparable(cfg: Dict[str, object]) -> Dict[str, object]:
             v = None
         if k == "augment" and v is None:
             v = "recipe"
+        if k == "data_files" and isinstance(v, dict):
+            v = ", ".join(f"{v[s]} {s}" for s in D.SPLITS if s in v) + f" (fingerprint {v.get('sha1', '?')})"
         out[k] = v
     return out
 
@@ -349,6 +352,8 @@ def config_differences(saved: Dict[str, object], now: Dict[str, object]) -> List
     a, b = _comparable(saved), _comparable(now)
     lines = []
     for k, flag in RESULT_FIELDS.items():
+        if k == "data_files" and (a[k] is None or b[k] is None):  # runs saved before it was recorded
+            continue
         if a[k] != b[k]:
             if k == "class_weights":
                 lines.append(f"{flag}: {a[k][0]} (weights {a[k][1]}) in the saved run, {b[k][0]} (weights {b[k][1]}) now")
@@ -501,6 +506,31 @@ def _sizes(out: Path) -> Dict[str, int]:
 # ------------------------------------------------------------------------------------------------ train
 
 
+def _data_files(root: str, files: Optional[Dict[str, Sequence[Tuple[Path, int]]]]) -> Optional[Dict[str, object]]:
+    """The images of each split and a fingerprint of them all (their paths under ``root`` and labels), saved with
+    a run's config: a resumed run on images added, removed or relabelled since would go on unsaid."""
+    if files is None:
+        return None
+    digest = hashlib.sha1()
+    for split in D.SPLITS:
+        for i, (path, label) in enumerate(files.get(split, ())):
+            # a file by its path under root; an image held in memory (a MedMNIST .npz entry) by its position
+            name = os.path.relpath(path, root) if isinstance(path, (str, os.PathLike)) else i
+            digest.update(f"{split}\0{name}\0{label}\n".encode())
+    return {**{s: len(files.get(s, ())) for s in D.SPLITS}, "sha1": digest.hexdigest()[:12]}
+
+
+def _check_image_size(model: str, size: int) -> None:
+    """``--image-size`` against the smallest input the model takes (its ``pretrained_cfg``'s ``min_input_size``:
+    HATR's), before the data is read: the first forward would fail only after every image was checked."""
+    try:
+        lo = default_cfg(model).get("min_input_size")
+    except (ValueError, AttributeError):  # an unknown model (create_model says so) or one without default_cfgs
+        return
+    if lo is not None and size < max(lo[1], lo[2]):
+        raise ValueError(f"train: --image-size {size} is below the smallest input {model} takes, {lo[1]}x{lo[2]}")
+
+
 def train(cfg: TrainConfig) -> Dict[str, object]:
     """Run a training job; returns the content of ``metrics.json``."""
     from .metrics import classification_metrics
@@ -514,6 +544,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                     ("max_steps_per_epoch", cfg.max_steps_per_epoch)):
         if v is not None and v < 1:
             raise ValueError(f"train: expected {what} >= 1, got {v}")
+    _check_image_size(cfg.model, cfg.image_size)
     rank, local_rank, world = _distributed()
     device = resolve_device(cfg.device, local_rank)
     amp = _amp_dtype(cfg.amp, device)
@@ -524,7 +555,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     spec = recipe.class_weights if cfg.class_weights == "recipe" else cfg.class_weights
     weights, weights_source = resolve_class_weights(spec, classes, counts, recipe.name if cfg.class_weights == "recipe" else None)
     cfg_dict = _resolved_config(cfg, recipe, epochs, batch_size, world)
-    cfg_dict.update(class_weights_resolved=weights, class_weights_source=weights_source, augment_resolved=aug)
+    cfg_dict.update(class_weights_resolved=weights, class_weights_source=weights_source, augment_resolved=aug,
+                    data_files=_data_files(cfg.data, files))
 
     resume = _prepare_out(cfg, out, cfg_dict) if rank == 0 else bool(cfg.resume) and (out / "last.pt").is_file()
     ckpt = None

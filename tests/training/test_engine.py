@@ -70,6 +70,26 @@ def test_resume_continues_exactly(tmp_path, tiny_model, monkeypatch):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_resume_refuses_images_added_removed_or_relabelled_since(tmp_path, tiny_model, image_tree):
+    import shutil
+
+    cfg = dict(data=str(image_tree), recipe="hatr", in_chans=1, resume="auto")
+    E.train(_cfg(tmp_path, tiny_model, epochs=2, **cfg))
+    config = json.loads((tmp_path / "run" / "metrics.json").read_text())["config"]
+    assert {k: config["data_files"][k] for k in ("train", "val", "test")} == {"train": 12, "val": 6, "test": 6}
+    shutil.copy(image_tree / "train" / "normal" / "0.png", image_tree / "train" / "normal" / "new.png")
+    with pytest.raises(ValueError, match=r"the images in --data: '12 train, 6 val, 6 test \(fingerprint \w+\)' in the "
+                                         r"saved run, '13 train, 6 val, 6 test \(fingerprint \w+\)' now"):
+        E.train(_cfg(tmp_path, tiny_model, epochs=2, **cfg))
+    (image_tree / "train" / "normal" / "new.png").unlink()
+    shutil.move(image_tree / "train" / "normal" / "5.png", image_tree / "train" / "pneumonia" / "moved.png")
+    with pytest.raises(ValueError, match=r"the images in --data: '12 train, 6 val, 6 test \(fingerprint \w+\)' in the "
+                                         r"saved run, '12 train, 6 val, 6 test \(fingerprint \w+\)' now"):
+        E.train(_cfg(tmp_path, tiny_model, epochs=2, **cfg))  # the same counts, one image relabelled
+    shutil.move(image_tree / "train" / "pneumonia" / "moved.png", image_tree / "train" / "normal" / "5.png")
+    assert len(E.train(_cfg(tmp_path, tiny_model, epochs=2, **cfg))["epochs"]) == 2  # the same images: resumes (done)
+
+
 def test_resume_refuses_another_model(tmp_path, tiny_model):
     E.train(_cfg(tmp_path, tiny_model, epochs=1))
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -301,6 +321,14 @@ def test_data_workers_auto_uses_the_cores_on_a_gpu_and_none_on_cpu(monkeypatch):
     for bad in (-1, 1.5, True, "many"):
         with pytest.raises(ValueError, match="expected num_workers as an int >= 0 or 'auto'"):
             E.data_workers(bad, cpu)
+
+
+def test_an_image_size_below_the_models_smallest_input_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    # hatr_conv2d takes 31x31 and more; at 16 the first forward failed after every image had been decoded
+    monkeypatch.setattr(E, "_datasets", lambda *a: pytest.fail("the data was read"))
+    with pytest.raises(ValueError, match=r"^train: --image-size 16 is below the smallest input hatr_conv2d takes, 31x31$"):
+        E.train(_cfg(tmp_path, "hatr_conv2d", image_size=16))
+    assert not (tmp_path / "run").exists()
 
 
 def test_workers_option_takes_auto_or_a_count():
