@@ -8,8 +8,8 @@ faster, so the automatic choice never makes a call slower than the reference:
 2. Known answer: the choice made earlier for the same **call class** in this process, or stored in the
    per-machine cache on disk (read once per class, then held in this process). A call class is the op, its
    tensors' shapes (batch rounded up to a power of two), dtypes and contiguity, its integer/string options
-   (``hw``, ``mode``, ``window_size``, ``shift``), the device, the intra-op thread count, and whether a
-   backward will follow (grad enabled and an input requires grad: a training step pays the backward too, so
+   (``hw``, ``mode``, ``window_size``, ``shift``), the device, the intra-op thread count, the autocast dtype
+   where autocast is on for the device, and whether a backward will follow (grad enabled and an input requires grad: a training step pays the backward too, so
    it is timed too). :func:`recall` is this step alone, for the dispatcher's every call: a class met before
    costs one dictionary lookup (its key's text is built once per class).
 3. Measured (CPU, eager, not while ``torch.compile`` traces or ``torch.export`` exports): every candidate
@@ -228,7 +228,11 @@ def _class_of(op: str, args: tuple, kwargs: dict, grad: bool, compiling: bool) -
             options.append((k, size(v)))
         elif isinstance(v, tuple) and all([isinstance(x, int) for x in v]):
             options.append((k, tuple([size(x) for x in v])))
-    return op, tuple(tensors), tuple(options), dev or "cpu", _threads(), grad
+    dev = dev or "cpu"
+    # autocast changes what the reference computes (its products in the autocast dtype), not what the
+    # fused kernels compute: a choice measured with it on is not the answer with it off, and back
+    amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return op, tuple(tensors), tuple(options), dev, _threads(), grad, amp
 
 
 def _text(v) -> str:
@@ -240,7 +244,7 @@ def _text(v) -> str:
 
 
 def _render(cls: tuple) -> str:
-    op, tensors, options, dev, threads, grad = cls
+    op, tensors, options, dev, threads, grad, amp = cls
     parts = [op]
     for t in tensors:
         if t is None:
@@ -253,6 +257,8 @@ def _render(cls: tuple) -> str:
     parts.append(f"device={dev}")
     parts.append(f"threads={threads}")
     parts.append("grad" if grad else "nograd")
+    if amp is not None:
+        parts.append(f"autocast={str(amp).replace('torch.', '')}")
     return " ".join(parts)
 
 
@@ -260,7 +266,8 @@ _render_known = functools.lru_cache(maxsize=4096)(_render)  # an eager call's ke
 
 
 def call_class(op: str, args: tuple, kwargs: dict, grad: bool) -> str:
-    """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads."""
+    """The cache key of a call: op, shapes (batch rounded up to a power of two), dtypes, options, device, threads,
+    grad, and the autocast dtype where autocast is on."""
     compiling = torch.compiler.is_compiling()
     cls = _class_of(op, args, kwargs, grad, compiling)
     if compiling:  # dynamo traces plain code only (and a traced size may be symbolic)

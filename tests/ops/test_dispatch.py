@@ -261,6 +261,23 @@ def test_call_class_text_is_the_cache_files_format(one_thread):
                    "hw=(7, 7) mode=full device=cpu threads=1 nograd")
 
 
+def test_a_choice_made_without_autocast_is_not_taken_under_autocast(fresh_cache, one_thread):
+    # under torch.autocast the reference computes its products in bfloat16 (another speed), the fused kernels in
+    # float32: the class of a call says so, and a choice measured outside autocast is measured again inside it
+    q = torch.ones(3, 2, 49, 16)
+    plain = autotune.call_class("op", (q,), dict(hw=(7, 7)), grad=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = autotune.call_class("op", (q,), dict(hw=(7, 7)), grad=False)
+    assert amp == plain + " autocast=bfloat16"
+    op = _fake_op("_tune_autocast", ref_s=0.004, fast_s=0.0)
+    x = torch.ones(4)
+    first = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = dispatch._choice(op, None, (x,), dict(n=1))[1]
+    assert inside.how == "measured" and inside is not first and inside.key == first.key + " autocast=bfloat16"
+    assert dispatch._choice(op, None, (x,), dict(n=1))[1] is first
+
+
 def test_a_trace_writes_the_eager_call_class_and_symbolic_sizes_as_any(one_thread):
     q = torch.ones(3, 2, 4, 4)
     kw = dict(flag=True, hw=(2, 2), n=3, mode="x", scale=0.5)
