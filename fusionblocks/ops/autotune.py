@@ -383,6 +383,7 @@ def _file_lock(path: str):
 
 def _store(choice: Choice) -> None:
     path = cache_path()
+    tmp = None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _file_lock(path):
@@ -392,10 +393,15 @@ def _store(choice: Choice) -> None:
             with os.fdopen(fd, "w") as f:
                 json.dump({"machine": machine_key(), "entries": entries}, f, indent=1, sort_keys=True)
             os.replace(tmp, path)
+            tmp = None
         if _disk is not None:
             _disk[choice.key] = asdict(choice)
     except OSError:  # a read-only home must not break a forward pass; the answer stays in memory
         pass
+    finally:
+        if tmp is not None:  # a write that failed half-way (a full disk): no stray file left behind
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def load_cache() -> Dict[str, dict]:
@@ -418,7 +424,8 @@ def clear_cache() -> List[str]:
         d = cache_dir()
         if os.path.isdir(d):
             for name in sorted(os.listdir(d)):
-                if name.startswith("dispatch-") and (name.endswith(".json") or name.endswith(".json.lock")):
+                if (name.startswith("dispatch-") and (name.endswith(".json") or name.endswith(".json.lock"))
+                        or name.startswith(".dispatch-")):  # a write's temporary file (a process killed mid-write)
                     with contextlib.suppress(OSError):
                         os.remove(os.path.join(d, name))
                         removed.append(os.path.join(d, name))

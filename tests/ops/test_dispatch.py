@@ -423,6 +423,29 @@ def test_concurrent_writers_keep_the_cache_whole(fresh_cache):
     assert sorted(entries) == sorted(c.key for c in choices)
 
 
+def test_a_failed_write_leaves_no_stray_file_and_clearing_removes_old_ones(fresh_cache, monkeypatch):
+    # a full disk fails the write half-way: the op goes on, its answer stays in memory, and no temporary file
+    # is left in the cache folder at each new call class; one a killed process left behind is cleared
+    import errno
+    import json
+
+    def full(obj, f, **kw):
+        f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    autotune._store(autotune.Choice("op", "reference", "measured", "t", key="k0"))
+    monkeypatch.setattr(json, "dump", full)
+    autotune._store(autotune.Choice("op", "reference", "measured", "t", key="k1"))
+    monkeypatch.undo()
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(fresh_cache))
+    cache = autotune.cache_dir()
+    assert sorted(n for n in os.listdir(cache) if not n.endswith(".lock")) == [os.path.basename(autotune.cache_path())]
+    assert list(json.load(open(autotune.cache_path()))["entries"]) == ["k0"]
+    stray = os.path.join(cache, ".dispatch-kp3x9q2a")  # mkstemp's name of a write killed before its replace
+    open(stray, "w").write('{"machine": ')
+    assert stray in autotune.clear_cache() and os.listdir(cache) == []
+
+
 def test_env_off_uses_the_rule_and_never_measures(fresh_cache, monkeypatch):
     op = _fake_op("_tune_off", ref_s=0.004, fast_s=0.0)
     monkeypatch.setenv(autotune.ENV_TUNE, "off")
