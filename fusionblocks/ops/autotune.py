@@ -32,7 +32,9 @@ faster, so the automatic choice never makes a call slower than the reference:
 The cache file lives in ``$FUSIONBLOCKS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusionblocks``, else
 ``~/.cache/fusionblocks``), one JSON file per machine key (CPU model, torch version, fusionblocks version,
 build id of ``fusionblocks._C``): another CPU, another torch or a rebuilt extension starts a fresh file.
-Writes merge under a lock file and replace the file atomically, so concurrent processes are safe.
+Writes merge under a lock file and replace the file atomically, so concurrent processes are safe. A file keeps
+the :data:`MAX_CACHED` most recently measured classes (many input sizes would otherwise grow it, and the cost of
+each rewrite, without bound).
 
 Environment: ``FUSIONBLOCKS_AUTOTUNE=on`` (default: measure, cache on disk), ``memory`` (measure, keep the
 answers in this process only), ``off`` (never measure, no cache: the rule answers everywhere).
@@ -65,6 +67,7 @@ MIN_ROUNDS, MAX_ROUNDS = 2, 15
 MARGIN = 0.05  # a fast path must be at least 5 % faster than the reference to replace it
 CACHE_FORMAT = 2  # 2: a choice names the backend's variant
 MEASURED_DEVICES = ("cpu",)
+MAX_CACHED = 1024  # call classes a cache file keeps (the most recently measured): every new one rewrites the file
 
 __all__ = ["Choice", "Rule", "RULES", "decide", "recall", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
 
@@ -388,10 +391,13 @@ def _store(choice: Choice) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _file_lock(path):
             entries = _read(path)
-            entries[choice.key] = asdict(choice)
+            entries.pop(choice.key, None)
+            entries[choice.key] = asdict(choice)  # the file lists its entries oldest first
+            for old in list(entries)[:max(0, len(entries) - MAX_CACHED)]:
+                del entries[old]
             fd, tmp = tempfile.mkstemp(prefix=".dispatch-", dir=os.path.dirname(path))
             with os.fdopen(fd, "w") as f:
-                json.dump({"machine": machine_key(), "entries": entries}, f, indent=1, sort_keys=True)
+                json.dump({"machine": machine_key(), "entries": entries}, f, indent=1)
             os.replace(tmp, path)
             tmp = None
         if _disk is not None:

@@ -446,6 +446,16 @@ def test_a_failed_write_leaves_no_stray_file_and_clearing_removes_old_ones(fresh
     assert stray in autotune.clear_cache() and os.listdir(cache) == []
 
 
+def test_the_cache_file_keeps_the_most_recently_measured_classes(fresh_cache, monkeypatch):
+    # many input sizes (a class each) would grow the file, and the rewrite each new class costs, without bound
+    import json
+
+    monkeypatch.setattr(autotune, "MAX_CACHED", 3)
+    for k in ("k0", "k1", "k2", "k3", "k4", "k2", "k5"):  # k2 measured again (e.g. by another process)
+        autotune._store(autotune.Choice("op", "reference", "measured", "t", key=k))
+    assert list(json.load(open(autotune.cache_path()))["entries"]) == ["k4", "k2", "k5"]
+
+
 def test_env_off_uses_the_rule_and_never_measures(fresh_cache, monkeypatch):
     op = _fake_op("_tune_off", ref_s=0.004, fast_s=0.0)
     monkeypatch.setenv(autotune.ENV_TUNE, "off")
