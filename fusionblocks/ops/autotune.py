@@ -31,7 +31,8 @@ faster, so the automatic choice never makes a call slower than the reference:
 
 The cache file lives in ``$FUSIONBLOCKS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fusionblocks``, else
 ``~/.cache/fusionblocks``), one JSON file per machine key (CPU model, torch version, fusionblocks version,
-build id of ``fusionblocks._C``): another CPU, another torch or a rebuilt extension starts a fresh file.
+build id of ``fusionblocks._C``, the ``cpp`` variant and whether it is forced): another CPU, another torch, a
+rebuilt extension or a forced variant (``FUSIONBLOCKS_CPU_ISA``, which times that variant alone) starts a fresh file.
 Writes merge under a lock file and replace the file atomically, so concurrent processes are safe. A file keeps
 the :data:`MAX_CACHED` most recently measured classes (many input sizes would otherwise grow it, and the cost of
 each rewrite, without bound).
@@ -315,6 +316,8 @@ def machine_key() -> Dict[str, str]:
 
             current = getattr(cpp, "current_isa", None)
             isa = str(current()) if callable(current) else "n/a"
+            if getattr(cpp, "isa_forced", lambda: False)():  # one variant timed: not what timing them all picks
+                isa += " (forced)"
         except Exception:  # a missing or broken extension: the key says n/a
             pass
         _machine = {"cpu": device_name("cpu"), "torch": torch.__version__, "fusionblocks": __version__,

@@ -73,7 +73,7 @@ ISA_ENV = "FUSIONBLOCKS_CPU_ISA"
 
 __all__ = [
     "available", "LOAD_ERROR", "BUILD_HINT", "COMPUTE_DTYPES", "ISAS", "ISA_ENV", "supported_isas", "current_isa",
-    "set_isa", "use_isa", "call_isa", "isa_variants", "isa_unsupported_reason", "decay_attention_cpp",
+    "set_isa", "use_isa", "call_isa", "isa_variants", "isa_forced", "isa_unsupported_reason", "decay_attention_cpp",
     "window_attention_cpp",
 ]
 
@@ -171,9 +171,15 @@ def isa_variants() -> List[str]:
     the extension, or with one built from older sources that cannot set a thread's variant: rebuild it)."""
     if _C is None or not hasattr(_C, "set_thread_cpu_isa"):
         return []
-    if _forced_isa is not None or os.environ.get(ISA_ENV, "auto").lower() not in ("", "auto"):
+    if isa_forced():
         return [current_isa()]
     return supported_isas()
+
+
+def isa_forced() -> bool:
+    """Whether :func:`set_isa` or ``FUSIONBLOCKS_CPU_ISA`` forces one variant (the automatic choice then times
+    only that one)."""
+    return _forced_isa is not None or os.environ.get(ISA_ENV, "auto").lower() not in ("", "auto")
 
 
 def _isa_reasons() -> List[str]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusionblocks.ops as ops
-from fusionblocks.ops import dispatch
+from fusionblocks.ops import cpp, dispatch
 
 
 def _args():
@@ -406,6 +406,18 @@ def test_cache_round_trip_and_invalidation(fresh_cache, monkeypatch):
     monkeypatch.setattr(autotune, "_machine", None)
     assert path in autotune.clear_cache() and not os.path.exists(path)
     assert autotune.load_cache() == {}
+
+
+@pytest.mark.skipif(not cpp.available(), reason="needs fusionblocks._C")
+def test_a_forced_cpu_variant_has_a_cache_file_of_its_own(fresh_cache, monkeypatch):
+    # FUSIONBLOCKS_CPU_ISA=<the widest variant> times that variant alone: its answers (cpp without a variant, or the
+    # reference) must not become those of a process that times every variant, although the variant in use is the same
+    monkeypatch.delenv(cpp.ISA_ENV, raising=False)
+    monkeypatch.setattr(autotune, "_machine", None)
+    auto_path, auto_isa = autotune.cache_path(), autotune.machine_key()["isa"]
+    monkeypatch.setenv(cpp.ISA_ENV, cpp.supported_isas()[0])
+    monkeypatch.setattr(autotune, "_machine", None)
+    assert autotune.machine_key()["isa"] == auto_isa + " (forced)" and autotune.cache_path() != auto_path
 
 
 def test_concurrent_writers_keep_the_cache_whole(fresh_cache):
