@@ -344,7 +344,7 @@ def _read(path: str) -> Dict[str, dict]:
     try:
         with open(path) as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested deeper than json reads
         return {}
     if not isinstance(data, dict) or data.get("machine") != machine_key():
         return {}

@@ -670,6 +670,18 @@ def test_a_malformed_cache_entry_is_measured_again(fresh_cache, entry):
     assert json.load(open(path))["entries"][first.key]["how"] == "measured"  # the bad entry is replaced
 
 
+@pytest.mark.parametrize("text", ["", '{"machine": ', "[1, 2]", "null", "\udcff", "[" * 100000],
+                         ids=["empty", "truncated", "list", "null", "not-utf8", "deeply-nested"])
+def test_a_cache_file_that_is_not_a_cache_is_measured_over(fresh_cache, text):
+    # whatever the file holds, `import fusionblocks` (which reads it) and the op go on: the class is measured
+    op = _fake_op("_tune_bad_file", ref_s=0.004, fast_s=0.0)
+    with open(autotune.cache_path(), "w", errors="surrogateescape") as f:
+        f.write(text)
+    assert autotune.load_cache() == {}
+    c = dispatch._choice(op, None, (torch.ones(4),), dict(n=1))[1]
+    assert (c.backend, c.how) == ("cpp", "measured")
+
+
 def test_explain_names_a_backend_argument_it_does_not_take():
     q = torch.randn(1, 1, 6, 4)
     with pytest.raises(TypeError, match=r"^explain: got backend='cpp', but explain takes the op's other arguments"):
