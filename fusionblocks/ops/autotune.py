@@ -135,6 +135,16 @@ _disk: Optional[Dict[str, dict]] = None
 _machine: Optional[Dict[str, str]] = None
 
 
+def _new_lock_after_fork() -> None:
+    """A child forked while another thread held the lock (measuring; e.g. DataLoader workers) would wait forever."""
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock_after_fork)
+
+
 def tune_mode() -> str:
     """``FUSIONBLOCKS_AUTOTUNE`` as one of :data:`TUNE_MODES` (unknown values raise)."""
     raw = os.environ.get(ENV_TUNE, "on").strip().lower() or "on"

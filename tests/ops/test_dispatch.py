@@ -468,6 +468,33 @@ def test_the_cache_file_keeps_the_most_recently_measured_classes(fresh_cache, mo
     assert list(json.load(open(autotune.cache_path()))["entries"]) == ["k4", "k2", "k5"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_another_thread_measures_can_measure(fresh_cache):
+    # e.g. DataLoader workers forked while a thread of the parent measures a new call class: the child's copy of
+    # the lock is held by a thread it does not have, and its first new call class would wait forever
+    import threading
+
+    held, done = threading.Event(), threading.Event()
+
+    def measuring():
+        with autotune._lock:
+            held.set()
+            done.wait(10)
+
+    t = threading.Thread(target=measuring)
+    t.start()
+    held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if autotune._lock.acquire(timeout=5) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        done.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_env_off_uses_the_rule_and_never_measures(fresh_cache, monkeypatch):
     op = _fake_op("_tune_off", ref_s=0.004, fast_s=0.0)
     monkeypatch.setenv(autotune.ENV_TUNE, "off")
