@@ -7,7 +7,7 @@ import torch
 
 from .._validate import expect_hw, expect_rank, expect_scale, shape_str
 from . import reference
-from .dispatch import dispatch, register_backend, register_op
+from .dispatch import autocast_inputs, dispatch, register_backend, register_op
 
 OP = "decay_attention"
 MODES = ("full", "decomposed")
@@ -71,9 +71,11 @@ def decay_attention(
 
 
 def prepare_decay_args(q, k, v, log_gamma, *, hw, mode="full", scale=None):
-    """The arguments every backend receives: validated (:func:`check_decay_args`), ``hw`` a tuple, ``scale`` a float."""
+    """The arguments every backend receives: validated (:func:`check_decay_args`), ``hw`` a tuple, ``scale`` a float,
+    ``q, k, v`` in the autocast dtype under ``torch.autocast`` (:func:`~fusionblocks.ops.dispatch.autocast_inputs`)."""
     hw, scale = check_decay_args(q, k, v, log_gamma, hw, mode, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale  # backends always get a float
+    q, k, v = autocast_inputs(q, k, v)
     return (q, k, v, log_gamma), dict(hw=hw, mode=mode, scale=scale)
 
 

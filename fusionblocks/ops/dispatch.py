@@ -102,6 +102,20 @@ def register_op(op: str, prepare: Callable[..., Tuple[tuple, dict]]) -> None:
     _PREPARE[op] = prepare
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``q, k, v`` as an attention op computes from them: under ``torch.autocast`` on their device, floating
+    tensors other than float64 in the autocast dtype, as autocast treats torch's own attention
+    (``scaled_dot_product_attention``). Every backend then starts from, and returns, the same dtype: the reference's
+    products ran in the autocast dtype (a bfloat16 result) while a fused kernel took the float32 inputs as they
+    were (a float32 result), so the output's dtype depended on the backend chosen."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype not in (dtype, torch.float64) else t
+                 for t in tensors)
+
+
 def prepare(op: str, *args, **kwargs) -> Tuple[tuple, dict]:
     """Validate ``op``'s arguments and resolve its defaults like the public op (identity for an unregistered op)."""
     fn = _PREPARE.get(op)

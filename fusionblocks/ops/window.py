@@ -7,7 +7,7 @@ import torch
 
 from .._validate import expect_hw, expect_rank, expect_scale, is_int, shape_str
 from . import reference
-from .dispatch import dispatch, register_backend, register_op
+from .dispatch import autocast_inputs, dispatch, register_backend, register_op
 
 OP = "window_attention"
 
@@ -84,9 +84,11 @@ def window_attention(
 
 
 def prepare_window_args(q, k, v, bias_table, *, hw, window_size, shift=0, scale=None):
-    """The arguments every backend receives: validated (:func:`check_window_args`), ``hw`` a tuple, ``scale`` a float."""
+    """The arguments every backend receives: validated (:func:`check_window_args`), ``hw`` a tuple, ``scale`` a float,
+    ``q, k, v`` in the autocast dtype under ``torch.autocast`` (:func:`~fusionblocks.ops.dispatch.autocast_inputs`)."""
     hw, window_size, shift, scale = check_window_args(q, k, v, bias_table, hw, window_size, shift, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale  # backends always get a float
+    q, k, v = autocast_inputs(q, k, v)
     return (q, k, v, bias_table), dict(hw=hw, window_size=window_size, shift=shift, scale=scale)
 
 

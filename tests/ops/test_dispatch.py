@@ -262,8 +262,9 @@ def test_call_class_text_is_the_cache_files_format(one_thread):
 
 
 def test_a_choice_made_without_autocast_is_not_taken_under_autocast(fresh_cache, one_thread):
-    # under torch.autocast the reference computes its products in bfloat16 (another speed), the fused kernels in
-    # float32: the class of a call says so, and a choice measured outside autocast is measured again inside it
+    # under torch.autocast the reference computes its products in bfloat16 (another speed), the fused kernels
+    # accumulate in float32: the class of a call says so, and a choice measured outside autocast is measured again
+    # inside it
     q = torch.ones(3, 2, 49, 16)
     plain = autotune.call_class("op", (q,), dict(hw=(7, 7)), grad=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -276,6 +277,35 @@ def test_a_choice_made_without_autocast_is_not_taken_under_autocast(fresh_cache,
         inside = dispatch._choice(op, None, (x,), dict(n=1))[1]
     assert inside.how == "measured" and inside is not first and inside.key == first.key + " autocast=bfloat16"
     assert dispatch._choice(op, None, (x,), dict(n=1))[1] is first
+
+
+@pytest.mark.skipif(not cpp.available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("op", ["decay", "window"])
+def test_under_autocast_every_backend_takes_and_returns_the_autocast_dtype(op, one_thread):
+    # float32 q, k, v under autocast: the reference's products ran in bfloat16 (a bfloat16 result) while cpp took
+    # them as they were (a float32 result); now both start from bfloat16 q, k, v, like torch's own attention, and
+    # the gradients come back in the inputs' float32
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(3))
+    outs, grads = {}, {}
+    for backend in ("reference", "cpp", None):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if op == "decay":
+                out = ops.decay_attention(q, k, v, torch.full((2,), -0.3), hw=(4, 4), backend=backend)
+            else:
+                out = ops.window_attention(q, k, v, torch.randn(9, 2, generator=torch.Generator().manual_seed(1)),
+                                           hw=(4, 4), window_size=2, shift=1, backend=backend)
+        assert out.dtype == torch.bfloat16, backend
+        outs[backend] = out.float()
+        grads[backend] = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+        assert all(g.dtype == torch.float32 for g in grads[backend])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left as it is, as autocast leaves it
+        assert ops.decay_attention(q.double(), k.double(), v.double(), torch.full((2,), -0.3), hw=(4, 4),
+                                   backend="cpp").dtype == torch.float64
+    for backend in ("cpp", None):  # bfloat16's rounding (eps 7.8e-3) of the reference's intermediate products
+        torch.testing.assert_close(outs[backend], outs["reference"], rtol=1.6e-2, atol=2e-2)  # seen: 7.8e-3
+        for g, ref in zip(grads[backend], grads["reference"]):  # gradients up to ~7 here; seen: 3.5e-2
+            torch.testing.assert_close(g, ref, rtol=1.6e-2, atol=5e-2)
 
 
 def test_a_trace_writes_the_eager_call_class_and_symbolic_sizes_as_any(one_thread):
