@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .memory_format import channels_last_weights
-from .._validate import expect_nchw
+from .._validate import expect_nchw, expect_positive_int, is_int
 from .registry import create_model
 
 
@@ -71,14 +71,15 @@ class FusionUNet(nn.Module):
     """U-Net over a fusion encoder.
 
     Args:
-        num_classes: output channels (1 for binary masks with a sigmoid/BCE loss).
+        num_classes: output channels, a positive int (1 for binary masks with a sigmoid/BCE loss).
         encoder: a registered model name (its ``forward_intermediates`` gives the skips; what the skips never
             use, the classifier's norm and HATR's token bridge and ViT, is pruned away, so that every parameter
             gets a gradient) or a module with ``feature_info`` of 4 levels (used as given): a model with
             ``forward_intermediates``, or a features_only module whose ``forward`` returns the maps
             (:class:`~fusionblocks.FeatureExtractor`, ``timm.create_model(..., features_only=True)``).
-        decoder_channels: widths of the decoder stages at strides 16, 8, 4 and 1.
-        encoder_kwargs: passed to ``create_model`` when ``encoder`` is a name.
+        decoder_channels: widths of the decoder stages at strides 16, 8, 4 and 1 (4 positive ints).
+        encoder_kwargs: passed to ``create_model`` when ``encoder`` is a name (without ``num_classes``: the encoder
+            has no classifier); refused with an encoder module, which is used as built.
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes, H, W)``.
     """
@@ -91,6 +92,24 @@ class FusionUNet(nn.Module):
         encoder_kwargs: Optional[Dict[str, object]] = None,
     ):
         super().__init__()
+        name = type(self).__name__
+        num_classes = expect_positive_int(name, "num_classes", num_classes)
+        if not isinstance(decoder_channels, (tuple, list)) or len(decoder_channels) != 4:
+            got = tuple(decoder_channels) if isinstance(decoder_channels, (tuple, list)) else repr(decoder_channels)
+            raise ValueError(f"{name}: expected 4 decoder_channels, got {got}")
+        if not all(is_int(c) and c > 0 for c in decoder_channels):
+            raise ValueError(f"{name}: expected 4 decoder_channels as positive ints, got {tuple(decoder_channels)}")
+        if encoder_kwargs and not isinstance(encoder, str):
+            raise ValueError(
+                f"{name}: encoder_kwargs are passed to create_model for an encoder given by name; got a "
+                f"{type(encoder).__name__} instance with encoder_kwargs {dict(encoder_kwargs)!r} (build the encoder "
+                "with them instead)"
+            )
+        if encoder_kwargs and "num_classes" in encoder_kwargs:
+            raise ValueError(
+                f"{name}: expected encoder_kwargs without num_classes (the encoder is built without a classifier; "
+                f"num_classes sets the mask channels), got num_classes={encoder_kwargs['num_classes']!r}"
+            )
         self._pruned_keys: Tuple[str, ...] = ()
         if isinstance(encoder, str):
             encoder = create_model(encoder, num_classes=0, **(encoder_kwargs or {}))
@@ -114,8 +133,6 @@ class FusionUNet(nn.Module):
                 "FusionUNet: expected an encoder with 4 feature levels (forward_intermediates and feature_info, or a "
                 f"features_only module: FeatureExtractor, timm's features_only=True), got {got}"
             )
-        if len(decoder_channels) != 4:
-            raise ValueError(f"FusionUNet: expected 4 decoder_channels, got {tuple(decoder_channels)}")
         self.encoder = encoder
         chs = [f["num_chs"] for f in info]
         red = [int(f["reduction"]) for f in info]

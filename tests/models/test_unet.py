@@ -195,3 +195,29 @@ def test_fusion_maps_cover_the_input_from_its_top_left(size):
         torch.testing.assert_close(f, g[..., : f.shape[-2], : f.shape[-1]], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features(x), full[-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_classes=0), r"^FusionUNet: expected num_classes to be a positive int, got 0$"),
+    (dict(num_classes=True), r"^FusionUNet: expected num_classes to be a positive int, got True$"),
+    (dict(num_classes=2.0), r"^FusionUNet: expected num_classes to be a positive int, got 2.0$"),
+    (dict(decoder_channels=(16, 16, 8, 0)), r"^FusionUNet: expected 4 decoder_channels as positive ints, got \(16, 16, 8, 0\)$"),
+    (dict(decoder_channels=(16, 16.0, 8, 8)), r"^FusionUNet: expected 4 decoder_channels as positive ints, got \(16, 16.0, 8, 8\)$"),
+    (dict(decoder_channels=16), r"^FusionUNet: expected 4 decoder_channels, got 16$"),
+    (dict(decoder_channels="abcd"), r"^FusionUNet: expected 4 decoder_channels, got 'abcd'$"),
+    (dict(encoder="hemf", encoder_kwargs=dict(num_classes=3)),
+     r"^FusionUNet: expected encoder_kwargs without num_classes \(the encoder is built without a classifier; "
+     r"num_classes sets the mask channels\), got num_classes=3$"),
+    (dict(encoder_kwargs=dict(in_chans=1)),
+     r"^FusionUNet: encoder_kwargs are passed to create_model for an encoder given by name; got a HEMF instance "
+     r"with encoder_kwargs \{'in_chans': 1\} \(build the encoder with them instead\)$"),
+])
+def test_arguments_are_checked_before_anything_is_built(kwargs, match):
+    # num_classes / decoder_channels of 0, a bool or a float failed inside nn.Conv2d (at the first forward for
+    # num_classes=0); encoder_kwargs holding num_classes failed in create_model ('multiple values'), and
+    # encoder_kwargs next to an encoder instance were ignored without a word (in_chans=1 built a 3-channel net)
+    args = dict(encoder=_small_hemf(), decoder_channels=(8, 8, 8, 8))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        FusionUNet(**args)
+
