@@ -156,7 +156,7 @@ class FusionUNet(nn.Module):
             state_dict.pop(prefix + k, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expect_nchw(type(self).__name__, "x", x)
+        expect_nchw(type(self).__name__, "x", x, like=self)
         f4, f8, f16, f32 = self.encoder(x) if self._features_only else self.encoder.forward_intermediates(x)
         y = self.up4(self.up8(self.up16(f32, f16), f8), f4)
         y = upsample_to_grid(y, self.out_scale, x.shape[-2:])

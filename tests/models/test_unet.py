@@ -221,3 +221,12 @@ def test_arguments_are_checked_before_anything_is_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FusionUNet(**args)
 
+
+def test_an_input_of_another_dtype_is_named():
+    # was torch's 'Input type (double) and bias type (float) should be the same' from the encoder's first conv
+    net = FusionUNet(encoder=_small_hemf(), decoder_channels=(8, 8, 8, 8)).eval()
+    with pytest.raises(TypeError, match=r"^FusionUNet: expected x as torch.float32 \(the block's parameters\), got "
+                                        r"torch.float64 \(1, 3, 45, 70\)"):
+        net(torch.randn(1, 3, 45, 70, dtype=torch.float64))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op
+        assert net(torch.randn(1, 3, 45, 70).bfloat16()).shape == (1, 1, 45, 70)
