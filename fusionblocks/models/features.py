@@ -61,7 +61,7 @@ class FeatureExtractor(nn.Module):
         if prune:
             if not hasattr(model, "prune_intermediate_layers"):
                 raise TypeError(f"FeatureExtractor: prune=True needs a model with prune_intermediate_layers, got {name}")
-            model.prune_intermediate_layers(sorted(set(idx)), prune_head=True)
+            model.prune_intermediate_layers(sorted(set(idx)), prune_norm=True, prune_head=True)
         self.model = model
         self.out_indices = tuple(idx)
         self.feature_info = _feature_info_object(info, self.out_indices)

@@ -64,6 +64,17 @@ def test_feature_extractor_prune_leaves_no_parameter_without_a_gradient():
         FeatureExtractor(_Pyramid(), prune=True)
 
 
+@pytest.mark.parametrize("out_indices", [(0, 1, 2, 3), (-1,), (1, 3)])
+def test_feature_extractor_prune_of_the_last_level_drops_the_head_norm(out_indices):
+    # with the last level kept nothing was cut but the classifier: the head's LayerNorm, which only the pooled
+    # features pass through, stayed without a gradient (timm's features_only prunes it: prune_norm=not norm)
+    model = _small_hemf()
+    fx = FeatureExtractor(model, out_indices=out_indices, prune=True)
+    sum(f.float().mean() for f in fx(torch.randn(2, 3, 64, 64))).backward()
+    assert [n for n, p in fx.named_parameters() if p.grad is None] == []
+    assert isinstance(model.head.norm, nn.Identity) and model.num_classes == 0
+
+
 def test_feature_extractor_errors():
     with pytest.raises(ValueError, match=r"FeatureExtractor: _Pyramid has 4 feature levels, got out_indices \(0, 4\)"):
         FeatureExtractor(_Pyramid(), out_indices=(0, 4))
