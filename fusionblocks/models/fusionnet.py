@@ -326,12 +326,15 @@ class FusionNet(ModelContract, OfficialWeights, nn.Module):
 
     def official_key_rules(self) -> KeyRules:
         """The official state_dict -> this model: :meth:`official_global_key_rules`, then the renames the
-        official HiFuse and HEMF share (local branch, head, fusion). Dropped keys are documented by the subclass."""
+        official HiFuse and HEMF share (local branch, head, fusion). Dropped keys are documented by the subclass;
+        a model without a classifier (``num_classes=0``) also drops ``conv_head``, and one whose head norm was
+        pruned (``prune_intermediate_layers(prune_norm=True)``, a FusionUNet encoder) ``conv_norm``."""
         head = [(r"conv_norm\.(.*)", r"head.norm.\1"), (r"conv_head\.(.*)", r"head.fc.\1")]
+        absent = [rf"{k}\..*" for k, m in (("conv_norm", self.head.norm), ("conv_head", self.head.fc)) if isinstance(m, nn.Identity)]
         return join_rules(
             self.official_global_key_rules(),
             conv_branch_rules("downsample_layers", "stages", "local_branch"),
-            (head, []),
+            (head, absent),
             fusion_rules(self.fusion),
         )
 

@@ -230,3 +230,34 @@ def test_an_input_of_another_dtype_is_named():
         net(torch.randn(1, 3, 45, 70, dtype=torch.float64))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts per op
         assert net(torch.randn(1, 3, 45, 70).bfloat16()).shape == (1, 1, 45, 70)
+
+
+@pytest.mark.parametrize("name", ["hifuse_tiny", "hemf"])
+def test_an_official_checkpoint_initialises_the_encoder(name, tmp_path):
+    # the official checkpoints are classifiers (conv_norm, conv_head): loading one into the headless encoder
+    # (encoder_kwargs=dict(pretrained_official=...), or net.encoder.load_official_state_dict after pruning) was a
+    # KeyError for the unexpected conv_head (and conv_norm) keys, so no official weights could reach a FusionUNet
+    from fusionblocks import create_model
+    from fusionblocks.models.convert import official_key_for
+
+    torch.manual_seed(0)
+    src = create_model(name, num_classes=7, **ENCODERS[name])
+    rules, drop = src.official_key_rules()
+    official = {official_key_for(k, rules, drop): v for k, v in src.state_dict().items()}
+    assert None not in official and "conv_head.weight" in official and "conv_norm.weight" in official
+    path = tmp_path / f"{name}_official.pth"
+    torch.save(official, path)
+
+    net = FusionUNet(encoder=name, encoder_kwargs=dict(ENCODERS[name], pretrained_official=str(path)), decoder_channels=(8, 8, 8, 8))
+    want = src.state_dict()
+    got = net.encoder.state_dict()
+    assert set(got) == set(want) - {"head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias"}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+    fresh = FusionUNet(encoder=name, encoder_kwargs=ENCODERS[name], decoder_channels=(8, 8, 8, 8))
+    fresh.encoder.load_official_state_dict(official)
+    assert all(torch.equal(v, got[k]) for k, v in fresh.encoder.state_dict().items())
+    # a classifier still refuses a checkpoint without its head
+    with pytest.raises(KeyError, match=r"missing official keys \(2\): \['conv_head.weight', 'conv_head.bias'\]"):
+        create_model(name, num_classes=7, **ENCODERS[name]).load_official_state_dict(
+            {k: v for k, v in official.items() if not k.startswith("conv_head.")})
