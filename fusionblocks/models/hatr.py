@@ -57,7 +57,7 @@ from .backbones import Conv2DBackbone, ResNet50
 from . import checkpointing
 from .contract import ModelContract, model_cfg
 from .fusionnet import stage_drop_path_rates
-from .registry import register_model
+from .registry import register_model, variant_kwargs
 
 __all__ = ["HATR", "PAPER_RESULTS", "hatr_resnet50", "hatr_conv2d"]
 
@@ -398,13 +398,13 @@ class HATR(ModelContract, nn.Module):
 @register_model
 def hatr_resnet50(num_classes: int = 2, **kwargs) -> HATR:
     """HATR-ResNet: ResNet-50 -> 1x1 to 512 -> overlap tokens (k2 s1) -> token weighting -> ViT. Table 2: 91.4 %."""
-    return HATR("resnet50", num_classes, **kwargs)
+    return HATR(num_classes=num_classes, **variant_kwargs("hatr_resnet50", kwargs, backbone="resnet50"))
 
 
 @register_model
 def hatr_conv2d(num_classes: int = 2, **kwargs) -> HATR:
     """HATR-Conv2D: 3-layer Conv2D -> overlap tokens 256 -> 512 (k2 s1) -> token weighting -> ViT. Table 2: 88.2 %."""
-    return HATR("conv2d", num_classes, **kwargs)
+    return HATR(num_classes=num_classes, **variant_kwargs("hatr_conv2d", kwargs, backbone="conv2d"))
 
 
 #: timm-style ``pretrained_cfg`` of each registered model (the data config of the ``hatr`` recipe)

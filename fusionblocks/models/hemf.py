@@ -29,7 +29,7 @@ from ..layers.fusion import HEF
 from ..layers.manhattan import EGFBlock
 from .convert import KeyRules, join_rules, prefix_rules
 from .fusionnet import FusionNet, conv_branch_rules, conv_stages, expect_four, stage_drop_path_rates
-from .registry import register_model
+from .registry import register_model, variant_kwargs
 
 __all__ = ["HEMF", "hemf"]
 
@@ -140,7 +140,7 @@ class HEMF(FusionNet):
 @register_model
 def hemf(num_classes: int = 1000, **kwargs) -> HEMF:
     """The official HEMF: ELF depths (4,4,4,4), EGF depths (3,3,3,3), dims 96-192-384-768, 8 heads."""
-    return HEMF((4, 4, 4, 4), (3, 3, 3, 3), num_classes=num_classes, **kwargs)
+    return HEMF(num_classes=num_classes, **variant_kwargs("hemf", kwargs, local_depths=(4, 4, 4, 4), global_depths=(3, 3, 3, 3)))
 
 
 #: timm-style ``pretrained_cfg`` of the registered model (the data config of the ``hifuse`` recipe)

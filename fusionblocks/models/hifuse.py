@@ -24,7 +24,7 @@ from ..layers.fusion import HFF
 from ..layers.window import HiFuseGlobalStage
 from .convert import KeyRules
 from .fusionnet import FusionNet, conv_stages, expect_four, stage_drop_path_rates
-from .registry import register_model
+from .registry import register_model, variant_kwargs
 
 __all__ = ["HiFuse", "PatchEmbed", "hifuse_tiny", "hifuse_small", "hifuse_base"]
 
@@ -157,19 +157,19 @@ class HiFuse(FusionNet):
 @register_model
 def hifuse_tiny(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Tiny: depths (2, 2, 2, 2) in both branches."""
-    return HiFuse((2, 2, 2, 2), num_classes=num_classes, **kwargs)
+    return HiFuse(num_classes=num_classes, **variant_kwargs("hifuse_tiny", kwargs, depths=(2, 2, 2, 2)))
 
 
 @register_model
 def hifuse_small(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Small: depths (2, 2, 6, 2) in both branches."""
-    return HiFuse((2, 2, 6, 2), num_classes=num_classes, **kwargs)
+    return HiFuse(num_classes=num_classes, **variant_kwargs("hifuse_small", kwargs, depths=(2, 2, 6, 2)))
 
 
 @register_model
 def hifuse_base(num_classes: int = 1000, **kwargs) -> HiFuse:
     """HiFuse-Base: depths (2, 2, 18, 2) in both branches."""
-    return HiFuse((2, 2, 18, 2), num_classes=num_classes, **kwargs)
+    return HiFuse(num_classes=num_classes, **variant_kwargs("hifuse_base", kwargs, depths=(2, 2, 18, 2)))
 
 
 #: timm-style ``pretrained_cfg`` of each registered model (the data config of the ``hifuse`` recipe)

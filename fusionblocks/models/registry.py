@@ -47,6 +47,20 @@ def has_official_code(name: str) -> bool:
     return hasattr(typing.get_type_hints(_MODELS[name]).get("return"), "load_official_state_dict")
 
 
+def variant_kwargs(name: str, kwargs: Dict[str, object], **fixed) -> Dict[str, object]:
+    """A registered variant's constructor arguments: what it fixes (``fixed``: HiFuse-T's depths, HATR's backbone)
+    and the caller's ``kwargs``, which may not set those (``create_model("hemf", local_depths=...)`` failed with
+    "got multiple values for argument"); the error says to build the class for other values."""
+    clash = sorted(set(fixed) & set(kwargs))
+    if clash:
+        cls = typing.get_type_hints(_MODELS[name]).get("return") if name in _MODELS else None
+        what = ", ".join(f"{k}={fixed[k]!r}" for k in clash)
+        build = f"; for other values build {cls.__module__}.{cls.__name__}(...)" if isinstance(cls, type) else ""
+        raise ValueError(f"create_model: {name} is the variant with {what}, got {', '.join(f'{k}={kwargs[k]!r}' for k in clash)}"
+                         f"{build}")
+    return {**fixed, **kwargs}
+
+
 def _constructor_kwargs(name: str, kwargs: Dict[str, object]) -> Tuple[Dict[str, object], Optional[Tuple[int, int]]]:
     """``kwargs`` less timm's generic arguments that ``name``'s constructor does not take (checked: see
     :func:`create_model`), and the ``img_size`` to state in its ``pretrained_cfg`` (``None``: the model's own).

@@ -108,6 +108,15 @@ def test_create_model_takes_timms_generic_arguments_and_names_what_it_refuses(na
         create_model(name, drop_path=0.1, **small)
 
 
+@pytest.mark.parametrize("name,fixed", [("hifuse_tiny", "depths"), ("hemf", "local_depths"), ("hatr_conv2d", "backbone")])
+def test_a_variant_refuses_to_be_given_what_it_fixes(name, fixed):
+    # create_model("hemf", local_depths=...) failed with "got multiple values for argument 'local_depths'"
+    cls = {"hifuse_tiny": "hifuse.HiFuse", "hemf": "hemf.HEMF", "hatr_conv2d": "hatr.HATR"}[name]
+    with pytest.raises(ValueError, match=rf"^create_model: {name} is the variant with {fixed}=.*, got {fixed}=.*; "
+                                         rf"for other values build fusionblocks\.models\.{cls}\(\.\.\.\)$"):
+        create_model(name, **{fixed: "resnet50" if fixed == "backbone" else (1, 1, 1, 1)})
+
+
 def test_reset_classifier(model):
     m = HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=5).eval()
     m.reset_classifier(0)
