@@ -167,6 +167,21 @@ def official_key_for(key: str, rules: Sequence[Rule], drop: Iterable[str] = ()) 
     return None
 
 
+#: prefixes a wrapper puts before every key of the module it wraps: DataParallel / DistributedDataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` without the wrapper prefixes (:data:`WRAPPER_PREFIXES`, nested in any order) that all of its
+    keys share; as given when they do not all share one."""
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
 def load_official(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -178,7 +193,9 @@ def load_official(
     """Load an official ``state_dict`` into ``model`` strictly after renaming by ``rules``.
 
     A missing BatchNorm ``num_batches_tracked`` keeps the module's current value, as
-    ``nn.Module.load_state_dict`` does (it counts steps, it holds no weights).
+    ``nn.Module.load_state_dict`` does (it counts steps, it holds no weights). The prefix a wrapper adds to every
+    key (``module.``: the official code run under ``DataParallel`` / ``DistributedDataParallel``; ``_orig_mod.``:
+    under ``torch.compile``) is taken off first (:func:`unwrap_keys`).
 
     Raises:
         KeyError: a key of ``model`` has no official counterpart, or an official key maps to nothing
@@ -189,6 +206,7 @@ def load_official(
     """
     name = type(model).__name__
     drop = list(drop)
+    state_dict = unwrap_keys(state_dict)
     mapped = convert_keys(state_dict, rules, drop)
     ours = model.state_dict()
     for k, v in ours.items():

@@ -78,6 +78,19 @@ def test_missing_keys_are_named_officially_in_the_official_order():
         load_official(_Toy(), sd, TOY_RULES, source="toy")
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_a_wrapped_official_state_dict_loads(prefix):
+    # the official code trained under DataParallel/DDP (or torch.compile) saves every key with the wrapper's prefix:
+    # loading failed with every key missing and every key unexpected
+    sd = _toy_official()
+    model = _Toy()
+    load_official(model, {prefix + k: v for k, v in sd.items()}, TOY_RULES, source="toy")
+    torch.testing.assert_close(model.fc.weight, sd["head.weight"], rtol=0, atol=0)
+    partly = {("module." + k if k.startswith("head.") else k): v for k, v in sd.items()}  # not a wrapper's prefix
+    with pytest.raises(KeyError, match=re.escape("unexpected official keys (2): ['module.head.weight', 'module.head.bias']")):
+        load_official(_Toy(), partly, TOY_RULES, source="toy")
+
+
 def test_missing_num_batches_tracked_is_filled_as_torch_does():
     sd = _toy_official()
     del sd["bn1.num_batches_tracked"]
