@@ -112,6 +112,14 @@ class MixedAttention(nn.Module):
         return self.channel(t)
 
 
+def _expect_gate_args(name: str, reduction: object, spatial_kernel: object, **positive: object) -> None:
+    """The gate options of a fusion block, checked under its own name (the gates would name themselves)."""
+    for what, value in (("reduction", reduction), ("spatial_kernel", spatial_kernel), *positive.items()):
+        expect_positive_int(name, what, value)
+    if spatial_kernel % 2 == 0:
+        raise ValueError(f"{name}: expected an odd spatial_kernel, got {spatial_kernel}")
+
+
 class _HierarchicalFusion(OfficialWeights, nn.Module):
     """The skeleton shared by :class:`HFF` and :class:`HEF` (see the module docstring).
 
@@ -306,6 +314,7 @@ class HFF(_HierarchicalFusion):
         fuse_kernel: int = 1,
         drop_path: float = 0.0,
     ):
+        _expect_gate_args(type(self).__name__, reduction, spatial_kernel)
         super().__init__(
             dim, l_dim=l_dim, g_dim=g_dim, with_prev=with_prev, fuse_kernel=fuse_kernel, drop_path=drop_path
         )
@@ -365,6 +374,7 @@ class HEF(_HierarchicalFusion):
         fuse_kernel: int = 1,
         drop_path: float = 0.0,
     ):
+        _expect_gate_args(type(self).__name__, reduction, spatial_kernel, num_heads=num_heads, memory_size=memory_size)
         super().__init__(
             dim, l_dim=l_dim, g_dim=g_dim, with_prev=with_prev, fuse_kernel=fuse_kernel, drop_path=drop_path
         )

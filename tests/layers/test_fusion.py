@@ -251,6 +251,23 @@ def test_batch_mismatch_is_named_before_any_kernel(cls, monkeypatch):
 
 
 @pytest.mark.parametrize("cls", [HFF, HEF])
+def test_gate_options_are_checked_under_the_fusion_blocks_name(cls):
+    # HFF(16, reduction=0) said "ChannelAttn: ...", HEF(16, memory_size=0) "MultiHeadExternalAttention: ..."
+    name = cls.__name__
+    with pytest.raises(ValueError, match=rf"^{name}: expected reduction to be a positive int, got 0$"):
+        cls(16, reduction=0)
+    with pytest.raises(ValueError, match=rf"^{name}: expected an odd spatial_kernel, got 4$"):
+        cls(16, spatial_kernel=4)
+    with pytest.raises(ValueError, match=rf"^{name}: expected spatial_kernel to be a positive int, got True$"):
+        cls(16, spatial_kernel=True)
+    if cls is HEF:
+        with pytest.raises(ValueError, match=r"^HEF: expected memory_size to be a positive int, got 0$"):
+            HEF(16, memory_size=0)
+        with pytest.raises(ValueError, match=r"^HEF: expected num_heads to be a positive int, got 0$"):
+            HEF(16, num_heads=0)
+
+
+@pytest.mark.parametrize("cls", [HFF, HEF])
 @pytest.mark.parametrize("bad", [1, 0, 1.0])
 def test_with_prev_takes_only_none_or_a_bool(cls, bad):
     # 1 == True: a choice check let 1 through, which built both paths yet kept with_prev=1, so the drop list and

@@ -97,8 +97,9 @@ def test_scale_must_be_finite(bad):
     q = torch.randn(1, 2, 12, 4)
     with pytest.raises(ValueError, match=r"^decay_attention: expected scale as a finite float or None, got (nan|inf|-inf)$"):
         ops.decay_attention(q, q, q, torch.zeros(2), hw=(3, 4), scale=bad)
+    q = torch.randn(1, 2, 16, 4)
     with pytest.raises(ValueError, match=r"^window_attention: expected scale as a finite float or None"):
-        ops.window_attention(q, q, q, None, hw=(3, 4), window_size=2, scale=bad)
+        ops.window_attention(q, q, q, None, hw=(4, 4), window_size=2, scale=bad)
 
 
 _ONE_INPUT_BLOCKS = {
