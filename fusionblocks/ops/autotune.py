@@ -70,7 +70,8 @@ CACHE_FORMAT = 2  # 2: a choice names the backend's variant
 MEASURED_DEVICES = ("cpu",)
 MAX_CACHED = 1024  # call classes a cache file keeps (the most recently measured): every new one rewrites the file
 
-__all__ = ["Choice", "Rule", "RULES", "decide", "recall", "call_class", "clear_cache", "cache_path", "tune_mode", "machine_key"]
+__all__ = ["Choice", "Rule", "RULES", "decide", "recall", "call_class", "clear_cache", "forget_answers", "cache_path",
+           "tune_mode", "machine_key"]
 
 
 @dataclass
@@ -431,6 +432,17 @@ def load_cache() -> Dict[str, dict]:
     if _disk is None:
         _disk = _read(cache_path())
     return _disk
+
+
+def forget_answers() -> None:
+    """Drop this process's answers and its machine key, not the cache files: what :func:`fusionblocks.ops.cpp.set_isa`
+    calls, since a choice measured over every ``cpp`` variant does not hold once one is forced (nor the reverse),
+    and the forced variant names another cache file (:func:`machine_key`)."""
+    global _disk, _machine
+    with _lock:
+        _memo.clear()
+        _disk = None
+        _machine = None
 
 
 def clear_cache() -> List[str]:

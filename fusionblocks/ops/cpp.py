@@ -44,6 +44,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from . import flops
+from . import autotune
 from .dispatch import Misconfigured, register_backend
 
 try:
@@ -122,18 +123,23 @@ def set_isa(name: Optional[str]) -> None:
     """Force the CPU kernel variant ``name`` for every later ``cpp`` call in this process (all threads);
     ``None`` or ``"auto"`` returns to the automatic choice (``FUSIONBLOCKS_CPU_ISA``, then the best variant).
 
+    The automatic backend choice forgets what it measured in this process when the setting changes (a choice made
+    over every variant does not hold for a forced one, nor the reverse) and measures again.
+
     Raises ``ValueError`` for an unknown name and ``RuntimeError`` when this CPU (or this build) cannot run it,
     naming what is missing and the variants it can run.
     """
     global _forced_isa
     _require_extension()
     if name is None or (isinstance(name, str) and name.lower() == "auto"):  # any case, like the variant names
-        _C.set_cpu_isa(None)
-        _forced_isa = None
-        return
-    _check_isa_name(name)
-    _C.set_cpu_isa(name.lower())
-    _forced_isa = name.lower()
+        new = None
+    else:
+        _check_isa_name(name)
+        new = name.lower()
+    _C.set_cpu_isa(new)
+    if new != _forced_isa:
+        _forced_isa = new
+        autotune.forget_answers()
 
 
 @contextlib.contextmanager

@@ -308,6 +308,28 @@ def test_under_autocast_every_backend_takes_and_returns_the_autocast_dtype(op, o
             torch.testing.assert_close(g, ref, rtol=1.6e-2, atol=5e-2)
 
 
+@pytest.mark.skipif(not cpp.available() or len(cpp.supported_isas()) < 2, reason="needs two cpp variants")
+def test_set_isa_makes_the_automatic_choice_measure_again(fresh_cache, one_thread):
+    # a choice measured over every variant (cpp[avx2], say) was kept after set_isa forced another, whose kernels
+    # can be slower than the reference: choose() still said "cpp avx2, measured" and the forced variant ran
+    q, tab = torch.randn(2, 4, 196, 32), torch.randn(169, 4)
+    args, kw = (q, q, q, tab), dict(hw=(14, 14), window_size=7)
+    first = ops.choose("window_attention", *args, **kw)
+    assert first.how == "measured" and ops.choose("window_attention", *args, **kw) is first
+    other = next(i for i in cpp.supported_isas() if i != (first.variant or cpp.current_isa()))
+    try:
+        cpp.set_isa(other)
+        forced = ops.choose("window_attention", *args, **kw)
+        assert forced.how == "measured" and forced is not first
+        assert forced.variant is None and (forced.backend == "reference" or f"cpp[{other}]" in forced.why)
+        assert ops.choose("window_attention", *args, **kw) is forced  # the same setting: recalled
+        cpp.set_isa(other)  # no change: nothing forgotten
+        assert ops.choose("window_attention", *args, **kw) is forced
+    finally:
+        cpp.set_isa(None)
+    assert ops.choose("window_attention", *args, **kw).how in ("measured", "cached")
+
+
 def test_a_trace_writes_the_eager_call_class_and_symbolic_sizes_as_any(one_thread):
     q = torch.ones(3, 2, 4, 4)
     kw = dict(flag=True, hw=(2, 2), n=3, mode="x", scale=0.5)
