@@ -195,11 +195,25 @@ class ManhattanSelfAttention(nn.Module):
         return list(RMT_ATTENTION_RULES), []
 
     def reset_parameters(self) -> None:
-        """RMT's init: Xavier-normal q/k/v (gain 2**-2.5) and out_proj, zero out_proj bias."""
+        """RMT's init: Xavier-normal q/k/v (gain 2**-2.5) and out_proj, zero out_proj bias; a fixed decay (not
+        learnable) is filled in again too."""
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.xavier_normal_(proj.weight, gain=2 ** -2.5)
         nn.init.xavier_normal_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
+        self._fill_fixed_decay()
+
+    @torch.no_grad()
+    def _fill_fixed_decay(self) -> None:
+        """The fixed decay is a buffer left out of the ``state_dict`` (a function of ``num_heads``,
+        ``initial_value`` and ``heads_range``): a module built on the meta device and moved with ``to_empty``
+        holds uninitialized memory there until this fills it (HEMF's outputs were off by 0.1)."""
+        if not self.learnable_decay and not self.log_gamma.is_meta:
+            self.log_gamma.copy_(manhattan_log_decay(self.num_heads, self.initial_value, self.heads_range))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fill_fixed_decay()  # meta device -> to_empty -> load_state_dict, as timm and FSDP build large models
 
     def extra_repr(self) -> str:
         return (

@@ -316,3 +316,31 @@ def test_decay_config_must_be_real_numbers(cls, kw, got):
     block = cls(8, 2, initial_value=np.float32(1.5), heads_range=3)
     masa = block if cls is ManhattanSelfAttention else block.attn[0]
     assert (masa.initial_value, masa.heads_range) == (1.5, 3.0) and type(masa.initial_value) is float
+
+
+def test_the_fixed_decay_is_filled_in_after_a_meta_device_build():
+    # built on the meta device (timm, FSDP and accelerate build large models so), moved with to_empty and loaded:
+    # the fixed decay, a buffer outside the state_dict, held uninitialized memory (HEMF's outputs off by 0.1)
+    import fusionblocks as fb
+
+    torch.manual_seed(0)
+    small = dict(dims=(16, 32, 64, 128), num_heads=2)
+    model = fb.create_model("hemf", num_classes=3, **small).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    with torch.device("meta"):
+        empty = fb.create_model("hemf", num_classes=3, **small)
+    loaded = empty.to_empty(device="cpu")
+    for m in loaded.modules():
+        if isinstance(m, ManhattanSelfAttention):
+            m.log_gamma.fill_(float("nan"))  # what to_empty may leave there
+    loaded.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), want, rtol=0, atol=0)
+    with torch.device("meta"):
+        attn = ManhattanSelfAttention(16, 2)
+    attn = attn.to_empty(device="cpu")
+    attn.log_gamma.fill_(float("nan"))
+    attn.reset_parameters()  # the other route: initialise instead of loading
+    torch.testing.assert_close(attn.log_gamma, manhattan_log_decay(2, attn.initial_value, attn.heads_range), rtol=0, atol=0)
