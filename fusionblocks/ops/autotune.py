@@ -246,8 +246,23 @@ def _class_of(op: str, args: tuple, kwargs: dict, grad: bool, compiling: bool) -
     dev = dev or "cpu"
     # autocast changes what the reference computes (its products in the autocast dtype), not what the
     # fused kernels compute: a choice measured with it on is not the answer with it off, and back
-    amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    return op, tuple(tensors), tuple(options), dev, _threads(), grad, amp
+    return op, tuple(tensors), tuple(options), dev, _threads(), grad, autocast_dtype(dev)
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # one call for "autocast is off everywhere"
+
+
+def autocast_anywhere() -> bool:
+    """Whether ``torch.autocast`` may be on for some device: one cheap call for every op call's usual answer, no
+    (0.4 us, against 0.9 us for the per-device question and as much again for a tensor's device type)."""
+    return _any_autocast is None or torch.compiler.is_compiling() or _any_autocast()
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes in on ``device_type``, ``None`` where it is off."""
+    if not autocast_anywhere():
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _text(v) -> str:

@@ -108,10 +108,11 @@ def autocast_inputs(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     (``scaled_dot_product_attention``). Every backend then starts from, and returns, the same dtype: the reference's
     products ran in the autocast dtype (a bfloat16 result) while a fused kernel took the float32 inputs as they
     were (a float32 result), so the output's dtype depended on the backend chosen."""
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
+    if not autotune.autocast_anywhere():
         return tensors
-    dtype = torch.get_autocast_dtype(dev)
+    dtype = autotune.autocast_dtype(tensors[0].device.type)
+    if dtype is None:
+        return tensors
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype not in (dtype, torch.float64) else t
                  for t in tensors)
 
