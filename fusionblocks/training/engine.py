@@ -675,12 +675,19 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                 seen += len(y)
             if hasattr(it, "close"):
                 it.close()
+            if world > 1:  # the train loss/accuracy over every process's samples, not rank 0's shard alone
+                import torch.distributed as dist
+
+                sums = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)  # nccl: on the GPU
+                dist.all_reduce(sums)
+                loss_sum, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
             if rank != 0:
                 continue
             val_loss, labels, probs = predict(model, val_loader, device, amp, weight_t)
             val_metrics = classification_metrics(labels, probs, classes)
             entry = {
                 "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+                "train_samples": seen,
                 "val_loss": val_loss, "val": val_metrics, "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.time() - t0,
             }

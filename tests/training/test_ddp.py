@@ -25,3 +25,5 @@ def test_torchrun_two_processes(tmp_path):
     assert r.stdout.count("trained hatr_conv2d") == 1  # only rank 0 reports and writes
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["epochs"]) == 1 and (out / "best.pt").is_file()
+    # the train loss/accuracy are over both processes' shards (8 samples each), not rank 0's alone
+    assert m["epochs"][0]["train_samples"] == 16
