@@ -30,7 +30,7 @@ def _run_train(args) -> int:
     from ..models.registry import list_models
     from .checkpoint import CheckpointError, file_size_str
     from .data import DataError
-    from .engine import TrainConfig, train
+    from .engine import RefusedOnRank0, TrainConfig, train
     from .recipes import RECIPES, get_recipe
 
     if args.recipe is not None and args.recipe not in RECIPES:
@@ -57,6 +57,8 @@ def _run_train(args) -> int:
     )
     try:
         result = train(cfg)
+    except RefusedOnRank0:  # rank 0 prints the error
+        return 2
     except (DataError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         raise CLIError(str(e)) from None
     if not result:  # a DDP rank other than 0

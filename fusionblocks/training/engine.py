@@ -112,6 +112,11 @@ RUN_DIRS = ("tensorboard",)
 # ----------------------------------------------------------------------------------------------- setup
 
 
+class RefusedOnRank0(ValueError):
+    """Raised under torchrun on the ranks other than 0 when rank 0 refuses the run folder (the same message; the
+    CLI leaves printing it to rank 0)."""
+
+
 def _distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -558,7 +563,20 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     cfg_dict.update(class_weights_resolved=weights, class_weights_source=weights_source, augment_resolved=aug,
                     data_files=_data_files(cfg.data, files))
 
-    resume = _prepare_out(cfg, out, cfg_dict) if rank == 0 else bool(cfg.resume) and (out / "last.pt").is_file()
+    resume, refused = False, None
+    if rank == 0:
+        try:
+            resume = _prepare_out(cfg, out, cfg_dict)
+        except ValueError as e:
+            refused = str(e)
+    if world > 1:  # rank 0's decision for every process: a refusal left the others waiting in DDP's first collective
+        import torch.distributed as dist
+
+        decision = [resume, refused]
+        dist.broadcast_object_list(decision, src=0)
+        resume, refused = decision
+    if refused is not None:
+        raise (ValueError if rank == 0 else RefusedOnRank0)(refused)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(out / "last.pt", require=("model", "config", "classes", "optimizer", "scheduler", "epoch"))

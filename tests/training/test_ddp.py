@@ -27,3 +27,9 @@ def test_torchrun_two_processes(tmp_path):
     assert len(m["epochs"]) == 1 and (out / "best.pt").is_file()
     # the train loss/accuracy are over both processes' shards (8 samples each), not rank 0's alone
     assert m["epochs"][0]["train_samples"] == 16
+    # rank 0 refuses the folder (a run is there): every rank ends, with rank 0's message alone, not rank 1 failing
+    # in DDP's first collective ("Connection closed by peer")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("already holds a run of this configuration") == 1, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
