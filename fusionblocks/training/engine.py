@@ -552,6 +552,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     _check_image_size(cfg.model, cfg.image_size)
     rank, local_rank, world = _distributed()
     device = resolve_device(cfg.device, local_rank)
+    if world > 1 and device.type == "cuda":  # the device nccl's object collectives and barrier use
+        torch.cuda.set_device(device)
     amp = _amp_dtype(cfg.amp, device)
     out = Path(cfg.out)
     say = (lambda *a: print(*a, flush=True)) if (cfg.log and rank == 0) else (lambda *a: None)
@@ -573,7 +575,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         import torch.distributed as dist
 
         decision = [resume, refused]
-        dist.broadcast_object_list(decision, src=0)
+        dist.broadcast_object_list(decision, src=0, device=device if device.type == "cuda" else None)
         resume, refused = decision
     if refused is not None:
         raise (ValueError if rank == 0 else RefusedOnRank0)(refused)
@@ -616,6 +618,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
 
     seed_everything(cfg.seed)
     model = create_model(cfg.model, num_classes=len(classes), **_model_kwargs(cfg_dict)).to(device)
+    if rank > 0:  # a random stream of its own (dropout, drop path) from the seed and the rank; DDP takes rank 0's weights
+        seed_everything(cfg.seed + 1_000_003 * rank)
     if cfg.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
             raise ValueError(f"train: model {cfg.model!r} does not support gradient checkpointing")
@@ -648,7 +652,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         best, history = float(ckpt["best_metric"]), list(ckpt["history"])
         best_epoch = int(ckpt.get("best_epoch", 0))
         best_preds = ckpt.get("best_val_predictions")
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng_ranks"][rank] if "rng_ranks" in ckpt else ckpt["rng"])
         if rank == 0 and int(ckpt.get("version", 1)) >= 2:  # a version-1 best.pt counts its epoch from 0
             _check_best(out, best_epoch, done, ckpt)
         say(f"resuming {out} after epoch {done} of {epochs} (best val accuracy {best:.4f} at epoch {best_epoch})")
@@ -699,6 +703,10 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                 sums = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)  # nccl: on the GPU
                 dist.all_reduce(sums)
                 loss_sum, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+            rng = _rng_state()
+            if world > 1:  # every rank's RNG states, for --resume
+                rng_ranks: List[object] = [None] * world
+                dist.all_gather_object(rng_ranks, rng)
             if rank != 0:
                 continue
             val_loss, labels, probs = predict(model, val_loader, device, amp, weight_t)
@@ -725,7 +733,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             save_checkpoint(out / "last.pt", inference | {
                 "kind": "resume", "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "best_metric": best, "best_epoch": best_epoch, "history": history,
-                "best_val_predictions": best_preds, "rng": _rng_state(),
+                "best_val_predictions": best_preds, "rng": rng, **({"rng_ranks": rng_ranks} if world > 1 else {}),
             }, epoch + 1)
             crash_point("after_last", epoch + 1)
             _write_run_outputs(out, cfg_dict, classes, history, best, best_epoch, best_preds, cfg.plots, improved)

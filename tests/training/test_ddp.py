@@ -33,3 +33,48 @@ def test_torchrun_two_processes(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("already holds a run of this configuration") == 1, r.stderr[-3000:]
     assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+
+
+DRIVER = """
+import sys
+from fusionblocks.training.engine import TrainConfig, train
+train(TrainConfig(model="hatr_conv2d", data="synthetic", out=sys.argv[1], epochs=2, batch_size=4, image_size=32,
+                  synthetic_samples=16, progress=False, plots=False, tensorboard=False, log=False,
+                  resume="auto", model_kwargs={"drop_rate": 0.5}))
+"""
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_rng_per_rank_and_resume(tmp_path):
+    """Each process draws dropout from a stream of its own, and --resume after a kill restores every rank's
+    stream: the resumed 2-process run ends where the uninterrupted one does."""
+    import os
+    import socket
+
+    import torch
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+
+    def run(out, **env):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+               str(script), str(out)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = run(full)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rngs = torch.load(full / "last.pt", weights_only=True)["rng_ranks"]
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
+    r = run(killed, FUSIONBLOCKS_TEST_CRASH_AT="after_last@1", FUSIONBLOCKS_TEST_CRASH_MODE="exit")
+    assert r.returncode != 0 and (killed / "last.pt").is_file()
+    r = run(killed)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    for key in ("train_loss", "train_accuracy", "val_loss"):
+        assert [e[key] for e in a["epochs"]] == [e[key] for e in b["epochs"]], key
+    assert a["test"]["loss"] == b["test"]["loss"]
