@@ -631,7 +631,15 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     train_loader = _loader(train_ds, batch_size, workers, sampler, pin)
     if len(train_loader) == 0:
         raise D.DataError(f"train: {len(sampler)} training sample(s) per process cannot make a batch of 2 or more")
-    if train_loader.batch_sampler.drops_one:
+    if world > 1 and len(train_ds) % world:
+        pad = len(sampler) * world - len(train_ds)
+        say(f"{len(train_ds)} training samples over {world} processes: {pad} of them {'is' if pad == 1 else 'are'} "
+            f"taken twice each epoch (a different {'one' if pad == 1 else 'few'} each time), so that every process "
+            f"has {len(sampler)}")
+    if train_loader.batch_sampler.drops_one and world > 1:
+        say(f"each process's last training batch would hold 1 sample: it is left out each epoch ({world} samples in "
+            "all, different ones each time; BatchNorm needs 2 or more); evaluation sees every sample")
+    elif train_loader.batch_sampler.drops_one:
         say("the last training batch would hold 1 sample: it is left out each epoch (a different one each time; "
             "BatchNorm needs 2 or more); evaluation sees every sample")
     val_loader = _loader(val_ds, batch_size, workers, pin_memory=pin)

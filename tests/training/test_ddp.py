@@ -18,13 +18,16 @@ def test_torchrun_two_processes(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
         "-m", "fusionblocks", "train", "--model", "hatr_conv2d", "--data", "synthetic", "--epochs", "1",
-        "--batch-size", "4", "--image-size", "48", "--out", str(out), "--synthetic-samples", "16", "--no-progress",
+        "--batch-size", "4", "--image-size", "48", "--out", str(out), "--synthetic-samples", "17", "--no-progress",
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("trained hatr_conv2d") == 1  # only rank 0 reports and writes
     m = json.loads((out / "metrics.json").read_text())
     assert len(m["epochs"]) == 1 and (out / "best.pt").is_file()
+    # 17 samples: one is taken twice so that each process has 9, and each process's 9th is left out (a batch of 1)
+    assert "1 of them is taken twice each epoch" in r.stdout, r.stdout
+    assert "each process's last training batch would hold 1 sample" in r.stdout and "(2 samples in all" in r.stdout
     # the train loss/accuracy are over both processes' shards (8 samples each), not rank 0's alone
     assert m["epochs"][0]["train_samples"] == 16
     # rank 0 refuses the folder (a run is there): every rank ends, with rank 0's message alone, not rank 1 failing
