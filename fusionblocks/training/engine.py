@@ -264,7 +264,9 @@ def data_workers(requested, device: torch.device, world: int = 1, who: str = "tr
     if device.type == "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(MAX_AUTO_WORKERS, cores // max(world, 1) - 1))
+    # the processes of this machine (torchrun's LOCAL_WORLD_SIZE), not of every node
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
+    return max(0, min(MAX_AUTO_WORKERS, cores // max(local, 1) - 1))
 
 
 def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None, pin_memory: bool = False) -> DataLoader:

@@ -317,6 +317,8 @@ def test_data_workers_auto_uses_the_cores_on_a_gpu_and_none_on_cpu(monkeypatch):
     assert E.data_workers("auto", cuda) == E.MAX_AUTO_WORKERS == 8  # 15 cores left, capped
     assert E.data_workers("auto", cuda, world=4) == 3  # 16 cores shared by 4 processes, one kept for each
     assert E.data_workers("auto", cuda, world=32) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 nodes of 2 processes: this machine's 16 cores shared by 2
+    assert E.data_workers("auto", cuda, world=4) == 7
     assert E.data_workers(5, cuda) == 5 and E.data_workers(0, cuda) == 0  # a count is taken as given
     for bad in (-1, 1.5, True, "many"):
         with pytest.raises(ValueError, match="expected num_workers as an int >= 0 or 'auto'"):
