@@ -567,30 +567,36 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     cfg_dict.update(class_weights_resolved=weights, class_weights_source=weights_source, augment_resolved=aug,
                     data_files=_data_files(cfg.data, files))
 
-    resume, refused = False, None
-    if rank == 0:
-        try:
-            resume = _prepare_out(cfg, out, cfg_dict)
-        except ValueError as e:
-            refused = str(e)
-    if world > 1:  # rank 0's decision for every process: a refusal left the others waiting in DDP's first collective
-        import torch.distributed as dist
-
-        decision = [resume, refused]
-        dist.broadcast_object_list(decision, src=0, device=device if device.type == "cuda" else None)
-        resume, refused = decision
-    if refused is not None:
-        raise (ValueError if rank == 0 else RefusedOnRank0)(refused)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(out / "last.pt", require=("model", "config", "classes", "optimizer", "scheduler", "epoch"))
-        diffs = config_differences(ckpt["config"], cfg_dict)
-        if list(ckpt["classes"]) != list(classes):
-            diffs.append(f"classes: {list(ckpt['classes'])} in the saved run, {list(classes)} in --data now")
+    def load_resumed() -> Dict[str, object]:
+        last = load_checkpoint(out / "last.pt", require=("model", "config", "classes", "optimizer", "scheduler", "epoch"))
+        diffs = config_differences(last["config"], cfg_dict)
+        if list(last["classes"]) != list(classes):
+            diffs.append(f"classes: {list(last['classes'])} in the saved run, {list(classes)} in --data now")
         if diffs:
             raise ValueError(f"train --resume: {out / 'last.pt'} was trained with other settings; refusing to resume "
                              "with:\n  " + "\n  ".join(diffs)
                              + "\nresume with the saved settings, or start a new run (another --out, or --overwrite)")
+        return last
+
+    resume, refused, ckpt = False, None, None
+    if rank == 0:
+        try:
+            resume = _prepare_out(cfg, out, cfg_dict)
+            ckpt = load_resumed() if resume else None
+        except ValueError as e:
+            refused = e
+    if world > 1:  # rank 0's decision for every process: a refusal left the others waiting in DDP's first collective
+        import torch.distributed as dist
+
+        decision = [resume, None if refused is None else str(refused)]
+        dist.broadcast_object_list(decision, src=0, device=device if device.type == "cuda" else None)
+        resume = decision[0]
+        if rank != 0 and decision[1] is not None:
+            raise RefusedOnRank0(decision[1])
+    if refused is not None:
+        raise refused
+    if resume and ckpt is None:  # a rank other than 0: the checkpoint rank 0 checked
+        ckpt = load_checkpoint(out / "last.pt")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         for p in remove_stale_temporaries(out):

@@ -36,6 +36,11 @@ def test_torchrun_two_processes(tmp_path):
     assert r.returncode != 0
     assert r.stderr.count("already holds a run of this configuration") == 1, r.stderr[-3000:]
     assert "Connection closed" not in r.stderr and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    # a resume refused for a changed setting: said once (by rank 0), not by every rank
+    r = subprocess.run(cmd[:cmd.index("--epochs") + 1] + ["2"] + cmd[cmd.index("--epochs") + 2:] + ["--resume"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("--epochs: 1 in the saved run, 2 now") == 1, r.stderr[-3000:]
 
 
 DRIVER = """
