@@ -174,7 +174,10 @@ def cmd_info(args) -> int:
     if args.clear_cache:
         from .ops import autotune
 
-        removed = autotune.clear_cache()
+        try:
+            removed = autotune.clear_cache()
+        except OSError as e:
+            raise CLIError(str(e)) from None
         print(f"cleared {len(removed)} cache file(s) in {autotune.cache_dir()}", file=sys.stderr)
     info = collect_info(args.device)
     print(json.dumps(info, indent=2) if args.json else format_info(info))

@@ -153,6 +153,20 @@ def test_info_clear_cache(capsys, tmp_path, monkeypatch):
     assert "dispatch-0123.json" not in os.listdir(tmp_path)
 
 
+def test_info_clear_cache_says_what_it_could_not_remove(capsys, tmp_path, monkeypatch):
+    # a cache file that could not be removed was passed over: "cleared 0", and its answers were used again
+    from fusionblocks.ops import autotune
+
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(autotune, "_memo", {})
+    monkeypatch.setattr(autotune, "_disk", None)
+    (tmp_path / "dispatch-0123.json").mkdir()  # os.remove fails on it, as on a file of another user
+    (tmp_path / "dispatch-4567.json").write_text("{}")
+    code, err = cli_error(capsys, "info", "--clear-cache")
+    assert code == 2 and "could not remove 1 cache file(s)" in err and "dispatch-0123.json" in err
+    assert "removed 1" in err and os.listdir(tmp_path) == ["dispatch-0123.json"]
+
+
 def test_info_text(capsys):
     code, out, _ = run_cli(capsys, "info")
     assert code == 0

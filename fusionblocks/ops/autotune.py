@@ -413,6 +413,14 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """This process's umask (read once: reading it means setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _store(choice: Choice) -> None:
     path = cache_path()
     tmp = None
@@ -425,6 +433,8 @@ def _store(choice: Choice) -> None:
             for old in list(entries)[:max(0, len(entries) - MAX_CACHED)]:
                 del entries[old]
             fd, tmp = tempfile.mkstemp(prefix=".dispatch-", dir=os.path.dirname(path))
+            if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide a shared FUSIONBLOCKS_CACHE_DIR from other users
+                os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "w") as f:
                 json.dump({"machine": machine_key(), "entries": entries}, f, indent=1)
             os.replace(tmp, path)
@@ -461,20 +471,32 @@ def forget_answers() -> None:
 
 
 def clear_cache() -> List[str]:
-    """Forget every answer: this process's and the cache files (all machine keys). Returns the files removed."""
+    """Forget every answer: this process's and the cache files (all machine keys). Returns the files removed.
+
+    Raises:
+        OSError: naming the cache files that could not be removed (their answers would be recalled again), after
+            removing every other one.
+    """
     global _disk
     with _lock:
         _memo.clear()
         _disk = None
-        removed = []
+        removed, failed = [], []
         d = cache_dir()
         if os.path.isdir(d):
             for name in sorted(os.listdir(d)):
                 if (name.startswith("dispatch-") and (name.endswith(".json") or name.endswith(".json.lock"))
                         or name.startswith(".dispatch-")):  # a write's temporary file (a process killed mid-write)
-                    with contextlib.suppress(OSError):
+                    try:
                         os.remove(os.path.join(d, name))
                         removed.append(os.path.join(d, name))
+                    except FileNotFoundError:  # another process removed it first
+                        pass
+                    except OSError as e:
+                        failed.append(f"{name} ({e.strerror or e})")
+        if failed:
+            raise OSError(f"clear_cache: could not remove {len(failed)} cache file(s) in {d}: {', '.join(failed)}; "
+                          f"their answers would be used again (removed {len(removed)})")
         return removed
 
 

@@ -512,6 +512,13 @@ def test_a_failed_write_leaves_no_stray_file_and_clearing_removes_old_ones(fresh
     assert stray in autotune.clear_cache() and os.listdir(cache) == []
 
 
+def test_the_cache_file_is_as_readable_as_the_umask_allows(fresh_cache):
+    # mkstemp made it 0600: other users of a shared FUSIONBLOCKS_CACHE_DIR measured everything again
+    autotune._store(autotune.Choice("op", "reference", "measured", "t", key="k0"))
+    mode = os.stat(autotune.cache_path()).st_mode & 0o777
+    assert mode == 0o666 & ~autotune._umask() and mode & 0o044 == 0o044 & ~autotune._umask()
+
+
 def test_the_cache_file_keeps_the_most_recently_measured_classes(fresh_cache, monkeypatch):
     # many input sizes (a class each) would grow the file, and the rewrite each new class costs, without bound
     import json
