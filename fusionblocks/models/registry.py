@@ -38,13 +38,23 @@ def default_cfg(name: str) -> Dict[str, object]:
     return dict(importlib.import_module(_MODELS[name].__module__).default_cfgs[name])
 
 
+def _model_class(name: str) -> Optional[type]:
+    """The class registered factory ``name`` builds, from its return annotation (``None`` where it names none,
+    or one that does not resolve, as a user's own registered factory may): read without building."""
+    try:
+        cls = typing.get_type_hints(_MODELS[name]).get("return")
+    except (NameError, TypeError):
+        return None
+    return cls if isinstance(cls, type) else None
+
+
 def has_official_code(name: str) -> bool:
     """Whether ``name``'s model loads checkpoints of official code (``create_model(name, pretrained_official=PATH)``):
     HiFuse and HEMF do; HATR has no official code. Read from the factory's return annotation, without building."""
     _load()
     if name not in _MODELS:
         raise ValueError(f"has_official_code: unknown model {name!r}; available: {', '.join(sorted(_MODELS))}")
-    return hasattr(typing.get_type_hints(_MODELS[name]).get("return"), "load_official_state_dict")
+    return hasattr(_model_class(name), "load_official_state_dict")
 
 
 def variant_kwargs(name: str, kwargs: Dict[str, object], **fixed) -> Dict[str, object]:
@@ -53,9 +63,9 @@ def variant_kwargs(name: str, kwargs: Dict[str, object], **fixed) -> Dict[str, o
     "got multiple values for argument"); the error says to build the class for other values."""
     clash = sorted(set(fixed) & set(kwargs))
     if clash:
-        cls = typing.get_type_hints(_MODELS[name]).get("return") if name in _MODELS else None
+        cls = _model_class(name) if name in _MODELS else None
         what = ", ".join(f"{k}={fixed[k]!r}" for k in clash)
-        build = f"; for other values build {cls.__module__}.{cls.__name__}(...)" if isinstance(cls, type) else ""
+        build = f"; for other values build {cls.__module__}.{cls.__name__}(...)" if cls is not None else ""
         raise ValueError(f"create_model: {name} is the variant with {what}, got {', '.join(f'{k}={kwargs[k]!r}' for k in clash)}"
                          f"{build}")
     return {**fixed, **kwargs}
@@ -77,14 +87,10 @@ def _constructor_kwargs(name: str, kwargs: Dict[str, object]) -> Tuple[Dict[str,
 
     # timm's generic arguments: None means not given (timm.create_model drops them so)
     kwargs = {k: v for k, v in kwargs.items() if not (k in ("global_pool", "drop_block_rate", "img_size") and v is None)}
-    factory = _MODELS[name]
-    try:
-        cls = typing.get_type_hints(factory).get("return")
-    except (NameError, TypeError):  # an annotation that does not resolve
-        cls = None
-    takes, passes_on = named(factory)
+    cls = _model_class(name)
+    takes, passes_on = named(_MODELS[name])
     if passes_on:  # the factory hands the rest to its class
-        if not isinstance(cls, type):
+        if cls is None:
             return kwargs, None
         more, passes_on = named(cls.__init__)
         if passes_on:
