@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -122,8 +123,6 @@ def _distributed() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), world
@@ -586,8 +585,6 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         except ValueError as e:
             refused = e
     if world > 1:  # rank 0's decision for every process: a refusal left the others waiting in DDP's first collective
-        import torch.distributed as dist
-
         decision = [resume, None if refused is None else str(refused)]
         dist.broadcast_object_list(decision, src=0, device=device if device.type == "cuda" else None)
         resume = decision[0]
@@ -644,12 +641,11 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         say(f"{len(train_ds)} training samples over {world} processes: {pad} of them {'is' if pad == 1 else 'are'} "
             f"taken twice each epoch (a different {'one' if pad == 1 else 'few'} each time), so that every process "
             f"has {len(sampler)}")
-    if train_loader.batch_sampler.drops_one and world > 1:
-        say(f"each process's last training batch would hold 1 sample: it is left out each epoch ({world} samples in "
-            "all, different ones each time; BatchNorm needs 2 or more); evaluation sees every sample")
-    elif train_loader.batch_sampler.drops_one:
-        say("the last training batch would hold 1 sample: it is left out each epoch (a different one each time; "
-            "BatchNorm needs 2 or more); evaluation sees every sample")
+    if train_loader.batch_sampler.drops_one:
+        which = (f"each process's last training batch would hold 1 sample: it is left out each epoch ({world} samples "
+                 "in all, different ones" if world > 1 else
+                 "the last training batch would hold 1 sample: it is left out each epoch (a different one")
+        say(f"{which} each time; BatchNorm needs 2 or more); evaluation sees every sample")
     val_loader = _loader(val_ds, batch_size, workers, pin_memory=pin)
     steps_per_epoch = len(train_loader) if cfg.max_steps_per_epoch is None else min(len(train_loader), cfg.max_steps_per_epoch)
     optimizer = build_optimizer(model, recipe, cfg.lr)
@@ -714,8 +710,6 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             if hasattr(it, "close"):
                 it.close()
             if world > 1:  # the train loss/accuracy over every process's samples, not rank 0's shard alone
-                import torch.distributed as dist
-
                 sums = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)  # nccl: on the GPU
                 dist.all_reduce(sums)
                 loss_sum, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
@@ -763,8 +757,6 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         tb.close()
 
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
@@ -877,14 +869,14 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
         else:
             # one folder ROOT/<class>/*: train split it with the run's seed and fractions, so its val and test
             # splits are found again; auto takes the test split when ROOT is the folder the run trained on
+            kw = {k: cfg.get(k, getattr(TrainConfig, k)) for k in ("val_fraction", "test_fraction", "seed")}
             trained_on = cfg.get("data") not in (None, "synthetic") and Path(cfg["data"]).resolve() == root.resolve()
             if split == "auto":
-                split = "test" if trained_on and cfg.get("test_fraction", 0.15) > 0 else "all"
+                split = "test" if trained_on and kw["test_fraction"] > 0 else "all"
             found, samples = D.scan_folder(root)
             if found != classes:
                 raise D.DataError(f"evaluate: {root} has classes {found}, the checkpoint was trained on {classes}")
             if split != "all":
-                kw = {k: cfg.get(k, v) for k, v in (("val_fraction", 0.15), ("test_fraction", 0.15), ("seed", 0))}
                 samples = getattr(D.load_splits(root, **kw), split)
                 if not samples:
                     raise D.DataError(f"evaluate: the {split} split of {root} (seed {kw['seed']}, --val-fraction "
