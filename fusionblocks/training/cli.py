@@ -8,9 +8,10 @@ from typing import List, Optional
 from ..cli import CLIError, _arg_type, _fraction, _non_negative_int, _positive_int
 
 
-# --workers: auto or a count >= 0
+# --workers: auto or a count >= 0 (train, evaluate, predict: engine.data_workers)
 _workers = _arg_type(lambda s: s if s == "auto" else int(s), lambda v: v == "auto" or v >= 0,
                      "auto or a non-negative integer")
+_WORKERS_HELP = "data-loading worker processes, or auto (default): up to 8 when the model runs on a GPU, none on CPU"
 
 
 def _class_weights(text: Optional[str]):
@@ -124,7 +125,7 @@ def add_cli_commands(sub) -> None:
                    help="recipe (default), none, balanced (inverse frequency) or comma-separated weights")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=_workers, default="auto",
-                   help="data-loading worker processes, or auto (default): up to 8 on a GPU, none on CPU")
+                   help=_WORKERS_HELP)
     t.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), default="auto", help="autocast on CUDA")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
@@ -161,7 +162,7 @@ def add_cli_commands(sub) -> None:
                    help="save Grad-CAM heatmaps of N images, taking the classes in turn")
     e.add_argument("--device", default=None)
     e.add_argument("--workers", type=_workers, default="auto",
-                   help="data-loading worker processes, or auto (default): up to 8 on a GPU, none on CPU")
+                   help=_WORKERS_HELP)
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_run_evaluate)

@@ -38,9 +38,14 @@ class DataError(ValueError):
     """A problem with the data on disk; the message names the file or folder."""
 
 
+def hidden_name(name: str) -> bool:
+    """Dot-files and dot-folders: .DS_Store, macOS AppleDouble ``._name.png`` files, .ipynb_checkpoints (not
+    images; training and ``predict`` leave them out alike)."""
+    return name.startswith(".")
+
+
 def _hidden(p: Path) -> bool:
-    """Dot-files and dot-folders: .DS_Store, macOS AppleDouble ``._name.png`` files, .ipynb_checkpoints."""
-    return p.name.startswith(".")
+    return hidden_name(p.name)
 
 
 def _is_image_file(p: Path) -> bool:

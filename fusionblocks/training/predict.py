@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, DataError, load_image
+from .data import IMAGE_EXTENSIONS, DataError, hidden_name, load_image
 from .transforms import build as build_transform
 
 __all__ = ["Predictor", "PredictResult", "collect_images", "predict_images", "add_cli_commands"]
@@ -31,9 +31,8 @@ def collect_images(inputs: Sequence[str | Path]) -> List[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            # hidden files and folders (macOS "._name.png" AppleDouble files, .ipynb_checkpoints) are not images
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+                           and not any(hidden_name(part) for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"predict: no images ({', '.join(IMAGE_EXTENSIONS)}) under {p}")
         elif p.is_file():
@@ -268,7 +267,7 @@ def _run_predict(args) -> int:
 
 def add_cli_commands(sub) -> None:
     from ..cli import _positive_int
-    from .cli import _workers
+    from .cli import _WORKERS_HELP, _workers
 
     p = sub.add_parser(
         "predict", help="class probabilities of a checkpoint or an exported ONNX file on image files/folders",
@@ -282,9 +281,7 @@ def add_cli_commands(sub) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="DIR|FILE", help="image files and/or folders (recursive)")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--workers", type=_workers, default="auto",
-                   help="image-decoding worker processes, or auto (default): up to 8 when the model runs on a GPU, "
-                        "none on CPU")
+    p.add_argument("--workers", type=_workers, default="auto", help=_WORKERS_HELP)
     p.add_argument("--device", default=None, help="for --checkpoint: default cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_predict)
