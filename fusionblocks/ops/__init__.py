@@ -7,7 +7,7 @@ rule to be faster; env ``FUSIONBLOCKS_BACKEND`` forces one; naming one that cann
 candidate's reasons. :func:`explain` lists each backend's reasons for a call, :func:`choose` says which
 backend the automatic choice picks for it and why.
 """
-from . import autotune, reference
+from . import autotune, flops, reference
 from .autotune import Choice, clear_cache
 from .decay import decay_attention
 from .dispatch import BACKENDS, BackendUnavailable, choose, explain, load_backends, select

@@ -8,9 +8,11 @@ depend on which backend the automatic choice picked. Each op registered here cou
   keys per query: ``H·W`` (full decay), ``H + W`` (decomposed: its row pass, then its column pass), ``ws²``
   over the grid padded to whole windows (window attention; the padded queries are computed too);
 - backward: the four products of autograd's backward of those two (``dV``, ``dP``, ``dQ``, ``dK``): twice the
-  forward; a kernel's recomputation of the forward is not counted (torch's SDPA formulas count the same way).
+  forward; a kernel's recomputation of the forward is not counted (as in torch's count of its unfused SDPA; its
+  formulas for the fused CUDA kernels add the recomputation).
 
-Registered (``register_flop_formula``) by the modules that define the ops, when they are loaded.
+Registered (``register_flop_formula``) by the modules that define the ops, when they are loaded. One op that is
+torch's own is registered here: its CPU flash attention, which torch's counter does not count.
 """
 from __future__ import annotations
 
@@ -57,6 +59,29 @@ def register(ops: Iterable[tuple]) -> None:
             return attention_flops(_mode, a["q"], int(a["h"]), int(a["w"]), int(a.get("window_size", 0)), _kind)
 
         register_flop_formula(packet)(formula)
+
+
+def _register_torch_cpu_sdpa() -> None:
+    """Count torch's CPU flash attention, what ``F.scaled_dot_product_attention`` runs on CPU (HATR's ViT), as
+    torch counts its unfused (math) path: the two products forward, the four of their backward. torch's counter has
+    formulas for its CUDA kernels only, so on CPU that attention counted 0 FLOPs and a model's count depended on its
+    device. Left alone where torch registers the ops itself."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return 2 * sdpa_flop_count(query, key, value)
+
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", forward),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", backward)):
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None and packet not in flop_registry:
+            register_flop_formula(packet)(formula)
+
+
+_register_torch_cpu_sdpa()
 
 
 def op_packet(qualified: str) -> torch._ops.OpOverloadPacket:

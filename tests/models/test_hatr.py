@@ -92,6 +92,15 @@ def test_structure_and_defaults(resnet_model, conv_model):
     assert n_backbone == 23_508_032
 
 
+def test_size_at_224_is_the_stated_one(resnet_model, conv_model):
+    # the module docstring's parameters and FLOPs; torch's CPU attention used to count 0 FLOPs (9.28 / 5.42 G)
+    from fusionblocks.summary import count_flops
+
+    for m, params, gflops in ((resnet_model, 38_270_628, 9.30), (conv_model, 13_628_068, 5.66)):
+        assert sum(p.numel() for p in m.parameters()) == params
+        assert round(count_flops(m, torch.randn(1, 3, 224, 224))["total"] / 1e9, 2) == gflops
+
+
 def test_pos_embed_interpolation(conv_model):
     m = conv_model
     assert m._pos_embed((13, 13)) is m.pos_embed

@@ -5,6 +5,8 @@ the automatic choice. Sizes do not divide evenly; the Triton ops run under the i
 """
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import fusionblocks.ops as ops
@@ -82,3 +84,15 @@ def test_a_model_counts_the_same_whichever_backend_runs(monkeypatch):
             m(x)
         counts[be] = c.get_total_flops()
     assert len(set(counts.values())) == 1, counts
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_torch_sdpa_on_cpu_counts_its_matrix_products(grad):
+    # torch's counter has formulas for its CUDA attention kernels only: on CPU, F.scaled_dot_product_attention (HATR's
+    # ViT) counted 0 FLOPs, and `fusionblocks summary hatr_conv2d` said 5.42 instead of 5.66 GFLOPs
+    b, nh, n, d = 2, 3, 13, 8
+    q, k, v = (torch.randn(b, nh, n, d, requires_grad=grad) for _ in range(3))
+    want = 4 * b * nh * n * n * d * (3 if grad else 1)
+    assert _count(lambda: F.scaled_dot_product_attention(q, k, v), (q, k, v), grad) == want
+    with sdpa_kernel(SDPBackend.MATH):  # torch's unfused path: its bmm's are counted one by one
+        assert _count(lambda: F.scaled_dot_product_attention(q, k, v), (q, k, v), grad) == want
