@@ -26,9 +26,11 @@ Other readings of what §2.3 leaves open:
 * the paper mentions no position embeddings; they are added after :class:`TokenWeighting`, so the token weights
   scale the feature content and not the position code.
 * TokenWeighting's ``reduction=16`` and ``kernel_size=7`` are CBAM's defaults; the paper gives no values.
-* backbone weights: §2.2 motivates the 3-channel input and the ImageNet statistics with pretrained models, but the
-  paper never says the backbones were pretrained; they start from random init here (``load_backbone_state_dict``
-  takes torchvision's ImageNet ResNet-50 weights).
+* backbone weights: §2.2 motivates the 3-channel input and the ImageNet statistics with pretrained models (the
+  standardization "helps the model adapt to the input distribution of the pretrained model"), which suggests an
+  ImageNet-pretrained ResNet-50, but the paper names no weights and never says which parts were pretrained (the
+  Conv2D net is its own). Nothing is downloaded here: both backbones start from random init, in ``fusionblocks
+  train`` too (``load_backbone_state_dict`` takes torchvision's ImageNet ResNet-50 weights in Python).
 
 Position embeddings are learned for the token grid at ``img_size``; for another input size the grid part is
 resized by bicubic interpolation (the CLS entry is kept), so any input size at least the minimum works
@@ -63,6 +65,8 @@ __all__ = ["HATR", "PAPER_RESULTS", "hatr_resnet50", "hatr_conv2d"]
 
 #: Test-set results reported in the HATR paper (Table 2, Kaggle chest X-ray, 2 classes). The paper's
 #: training recipe is ``fusionblocks.training.recipes.RECIPES["hatr"]`` (``fusionblocks train --recipe hatr``).
+#: The paper does not say how precision, recall and F1 are taken (for the pneumonia class, or averaged over both);
+#: ``fusionblocks evaluate`` reports the macro averages (``precision_macro``, ...) and each class's in ``per_class``.
 PAPER_RESULTS: Dict[str, Dict[str, float]] = {
     "hatr_resnet50": {"accuracy": 0.914, "precision": 0.908, "recall": 0.921, "f1": 0.914, "auc": 0.960},
     "hatr_conv2d": {"accuracy": 0.882, "precision": 0.875, "recall": 0.890, "f1": 0.882, "auc": 0.950},
