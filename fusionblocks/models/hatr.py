@@ -45,7 +45,7 @@ parameters (371,264 in the backbone), 5.66 GFLOPs.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -176,10 +176,12 @@ class HATR(ModelContract, nn.Module):
 
     @classmethod
     def data_cfg(
-        cls, backbone: str, num_classes: int = 2, in_chans: int = 3, img_size: Tuple[int, int] = (224, 224)
+        cls, backbone: str, num_classes: int = 2, in_chans: int = 3, img_size: Tuple[int, int] = (224, 224),
+        min_side: Optional[int] = None,
     ) -> Dict[str, object]:
-        """timm ``pretrained_cfg``: the data config of the ``hatr`` recipe, the smallest input that runs."""
-        lo = _MIN_SIDE[backbone]
+        """timm ``pretrained_cfg``: the data config of the ``hatr`` recipe, the smallest input that runs
+        (``min_side``: a model's own, which its tokenizer sets; ``None``: the registered models')."""
+        lo = _MIN_SIDE[backbone] if min_side is None else min_side
         return model_cfg(
             "hatr", num_classes=num_classes, first_conv=_FIRST_CONV[backbone], classifier=cls.classifier_name,
             input_size=(in_chans, *img_size), min_input_size=(in_chans, lo, lo),
@@ -269,7 +271,7 @@ class HATR(ModelContract, nn.Module):
         ]
         self.backbone_only = False
         self._init_weights()
-        self._set_pretrained_cfg(type(self).data_cfg(backbone, num_classes, in_chans, self.img_size))
+        self._set_pretrained_cfg(type(self).data_cfg(backbone, num_classes, in_chans, self.img_size, self._min_side()))
         channels_last_weights(self)
 
     def _init_weights(self) -> None:

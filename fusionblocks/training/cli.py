@@ -58,8 +58,8 @@ def _run_train(args) -> int:
     )
     try:
         result = train(cfg)
-    except RefusedOnRank0:  # rank 0 prints the error
-        return 2
+    except RefusedOnRank0:  # rank 0 prints the error and fails the job; a failing rank here would have torchrun
+        return 0            # stop rank 0, perhaps before it printed, and name this rank as the root cause
     except (DataError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         raise CLIError(str(e)) from None
     if not result:  # a DDP rank other than 0

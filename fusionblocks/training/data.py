@@ -239,6 +239,43 @@ def _check_one(path: Path) -> Optional[str]:
     return None
 
 
+def image_problems(splits: Dict[str, Sequence[Tuple[Path, int]]], *, part: Tuple[int, int] = (0, 1),
+                   progress: bool = False, workers: int = 0) -> Tuple[int, List[Tuple[int, str]]]:
+    """Decode the images of ``part`` ``(k, n)``, every n-th image from the k-th (``(0, 1)``: all of them), as
+    :func:`check_images` does; under torchrun each process checks its own part and the problems are gathered.
+
+    Returns:
+        ``(images in all splits, [(index, "  split: path: problem")])``; the index orders the gathered lines.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    k, n = part
+    items = [(s, p) for s, samples in splits.items() for p, _ in samples]
+    mine = list(range(k, len(items), n))
+    workers = workers or min(8, os.cpu_count() or 1)
+    bar = None
+    if progress and len(mine) >= 500:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine), desc="checking images", leave=False, dynamic_ncols=True)
+    bad: List[Tuple[int, str]] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, problem in zip(mine, pool.map(_check_one, (items[i][1] for i in mine))):
+            if problem is not None:
+                bad.append((i, f"  {items[i][0]}: {items[i][1]}: {problem}"))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
+    return len(items), bad
+
+
+def unreadable_images(total: int, bad: Sequence[Tuple[int, str]]) -> DataError:
+    """The one error that lists every problem :func:`image_problems` found, in the order of the images."""
+    return DataError(f"{len(bad)} of {total} images cannot be read (fix or remove them):\n"
+                     + "\n".join(line for _, line in sorted(bad)))
+
+
 def check_images(splits: Dict[str, Sequence[Tuple[Path, int]]], *, progress: bool = False, workers: int = 0) -> int:
     """Decode every image of every split before training starts; list every bad file in one :class:`DataError`.
 
@@ -250,27 +287,10 @@ def check_images(splits: Dict[str, Sequence[Tuple[Path, int]]], *, progress: boo
     Returns:
         the number of images checked.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    items = [(s, p) for s, samples in splits.items() for p, _ in samples]
-    workers = workers or min(8, os.cpu_count() or 1)
-    bar = None
-    if progress and len(items) >= 500:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc="checking images", leave=False, dynamic_ncols=True)
-    bad: List[str] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (split, path), problem in zip(items, pool.map(_check_one, (p for _, p in items))):
-            if problem is not None:
-                bad.append(f"  {split}: {path}: {problem}")
-            if bar is not None:
-                bar.update()
-    if bar is not None:
-        bar.close()
+    total, bad = image_problems(splits, progress=progress, workers=workers)
     if bad:
-        raise DataError(f"{len(bad)} of {len(items)} images cannot be read (fix or remove them):\n" + "\n".join(bad))
-    return len(items)
+        raise unreadable_images(total, bad)
+    return total
 
 
 class ImageFolderDataset(Dataset):

@@ -617,9 +617,18 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         say(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} of the class folders that "
             f"{'are' if len(skipped) > 1 else 'is'} not {'/'.join(e[1:] for e in D.IMAGE_EXTENSIONS)} "
             f"({', '.join(kinds)}): " + ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
-    if files is not None:
-        n = D.check_images(files, progress=cfg.progress and rank == 0)
-        say(f"checked {n} images: all readable")
+    if files is not None:  # under torchrun each process decodes its share; every process learns of every problem
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
+        total, bad = D.image_problems(files, part=(rank, world), progress=cfg.progress and rank == 0,
+                                      workers=max(1, min(8, (os.cpu_count() or 1) // local)))
+        if world > 1:
+            shares: List[object] = [None] * world
+            dist.all_gather_object(shares, bad)
+            bad = [b for share in shares for b in share]
+        if bad:
+            err = D.unreadable_images(total, bad)
+            raise err if rank == 0 else RefusedOnRank0(str(err))
+        say(f"checked {total} images: all readable" + (f" ({world} processes, a share each)" if world > 1 else ""))
 
     seed_everything(cfg.seed)
     model = create_model(cfg.model, num_classes=len(classes), **_model_kwargs(cfg_dict)).to(device)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from fusionblocks.layers.tokens import OverlapTokenizer, TokenWeighting
 from fusionblocks.models.backbones import Conv2DBackbone, ResNet50
+from fusionblocks.models.registry import default_cfg
 from fusionblocks.models.hatr import HATR, hatr_conv2d, hatr_resnet50
 
 
@@ -99,6 +100,19 @@ def test_size_at_224_is_the_stated_one(resnet_model, conv_model):
     for m, params, gflops in ((resnet_model, 38_270_628, 9.30), (conv_model, 13_628_068, 5.66)):
         assert sum(p.numel() for p in m.parameters()) == params
         assert round(count_flops(m, torch.randn(1, 3, 224, 224))["total"] / 1e9, 2) == gflops
+
+
+def test_min_input_size_is_the_models_own():
+    # the registered models' smallest inputs (33 / 31 px), and a model's own where its tokenizer changes it: the cfg
+    # said 31 for a k=3/s=2 tokenizer that needs 47
+    for name, lo in (("hatr_resnet50", 33), ("hatr_conv2d", 31)):
+        assert default_cfg(name)["min_input_size"] == (3, lo, lo)
+    m = HATR("conv2d", tokenizer_kernel=3, tokenizer_stride=2, embed_dim=32, vit_heads=2, vit_depth=1)
+    lo = m.pretrained_cfg["min_input_size"][-1]
+    assert lo == m._min_side() == 47
+    m.eval()(torch.randn(1, 3, lo, lo))
+    with pytest.raises(ValueError, match="at least 47x47"):
+        m(torch.randn(1, 3, lo - 1, lo - 1))
 
 
 def test_pos_embed_interpolation(conv_model):

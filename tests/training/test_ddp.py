@@ -86,3 +86,58 @@ def test_torchrun_rng_per_rank_and_resume(tmp_path):
     for key in ("train_loss", "train_accuracy", "val_loss"):
         assert [e[key] for e in a["epochs"]] == [e[key] for e in b["epochs"]], key
     assert a["test"]["loss"] == b["test"]["loss"]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_torchrun_unreadable_images_checked_in_shares_and_reported_once(tmp_path):
+    """Under torchrun each process decodes a share of the images before training; the unreadable ones found by
+    any process are listed together, once (by rank 0), and no process is left in a collective."""
+    import os
+    import socket
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "data"
+    bad = []
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(data / c / f"{i}.png")
+        for name in ("empty.png", "text.png"):
+            p = data / c / name
+            p.write_bytes(b"" if name == "empty.png" else b"not an image")
+            bad.append(p)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+           "-m", "fusionblocks", "train", "--model", "hatr_conv2d", "--data", str(data), "--epochs", "1",
+           "--batch-size", "4", "--image-size", "48", "--out", str(tmp_path / "run"), "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert r.stderr.count("4 of 16 images cannot be read") == 1, r.stderr[-3000:]
+    for p in bad:
+        assert r.stderr.count(f" {p}: ") == 1, (p, r.stderr[-3000:])
+    # no process died in a collective or with a traceback of its own (torchrun's launcher may print its own)
+    assert "Connection closed" not in r.stderr and "fusionblocks/training" not in r.stderr, r.stderr[-3000:]
+    assert "rank      : 0" in r.stderr or "Root Cause" not in r.stderr  # the failing process is rank 0, which said why
+
+
+def test_image_problems_parts_cover_every_image_once(tmp_path):
+    from fusionblocks.training import data as D
+
+    files = []
+    for i in range(7):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(b"" if i % 3 == 0 else b"junk")  # every file is bad: each part reports exactly its own
+        files.append((p, 0))
+    splits = {"train": files[:5], "val": files[5:]}
+    total, every = D.image_problems(splits)
+    assert total == 7 and [i for i, _ in every] == list(range(7))
+    parts = [D.image_problems(splits, part=(k, 3)) for k in range(3)]
+    assert all(t == 7 for t, _ in parts)
+    gathered = [b for _, share in parts for b in share]
+    assert sorted(i for i, _ in gathered) == list(range(7)) and [i for i, _ in parts[1][1]] == [1, 4]
+    assert str(D.unreadable_images(7, gathered)) == str(D.unreadable_images(7, every))
+    assert "val: " + str(files[6][0]) in str(D.unreadable_images(7, every))
