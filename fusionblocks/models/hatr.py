@@ -30,7 +30,8 @@ Other readings of what §2.3 leaves open:
   standardization "helps the model adapt to the input distribution of the pretrained model"), which suggests an
   ImageNet-pretrained ResNet-50, but the paper names no weights and never says which parts were pretrained (the
   Conv2D net is its own). Nothing is downloaded here: both backbones start from random init, in ``fusionblocks
-  train`` too (``load_backbone_state_dict`` takes torchvision's ImageNet ResNet-50 weights in Python).
+  train`` too, unless given torchvision's ImageNet ResNet-50 weights (``load_backbone_state_dict`` in Python,
+  ``fusionblocks train --init resnet50.pth``).
 
 Position embeddings are learned for the token grid at ``img_size``; for another input size the grid part is
 resized by bicubic interpolation (the CLS entry is kept), so any input size at least the minimum works

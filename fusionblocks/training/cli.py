@@ -54,7 +54,7 @@ def _run_train(args) -> int:
         overwrite=args.overwrite, device=args.device, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, synthetic_samples=args.synthetic_samples,
         synthetic_classes=args.synthetic_classes, max_steps_per_epoch=args.max_steps, progress=not args.no_progress,
-        tensorboard=not args.no_tensorboard, plots=not args.no_plots, class_names=args.class_names,
+        tensorboard=not args.no_tensorboard, plots=not args.no_plots, class_names=args.class_names, init=args.init,
     )
     try:
         result = train(cfg)
@@ -123,6 +123,10 @@ def add_cli_commands(sub) -> None:
     t.add_argument("--in-chans", type=int, default=3, choices=(1, 3), help="1 reads images as grayscale")
     t.add_argument("--class-weights", type=_class_weights, default="recipe",
                    help="recipe (default), none, balanced (inverse frequency) or comma-separated weights")
+    t.add_argument("--init", metavar="PATH", default=None,
+                   help="weights to start from instead of random init: a run's best.pt/last.pt of the same model "
+                        "(the classifier too when its classes are the same), an official HiFuse/HEMF checkpoint, or "
+                        "torchvision ResNet-50 weights for hatr_resnet50's backbone")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workers", type=_workers, default="auto",
                    help=_WORKERS_HELP)

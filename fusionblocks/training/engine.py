@@ -49,6 +49,7 @@ from . import plots
 from .checkpoint import (CHECKPOINT_VERSION, CheckpointError, _model_kwargs, crash_point, file_size_str,
                          load_checkpoint, load_inference, model_from_checkpoint, preprocessing_of,
                          recorded_epoch, remove_stale_temporaries, save_checkpoint)
+from .warmstart import apply_init, describe_record, read_init
 from .recipes import (Recipe, augment_spec, build_optimizer, build_scheduler, default_recipe, describe_augment,
                       get_recipe, load_optimizer_state, resolve_class_weights)
 from .transforms import build as build_transform
@@ -91,6 +92,7 @@ class TrainConfig:
     plots: bool = True  # curves, confusion matrices and ROC curves as PNG
     log: bool = True  # print the setup and one line per epoch
     model_kwargs: Dict[str, object] = field(default_factory=dict)
+    init: Optional[str] = None  # weights to start from (fine-tuning; see fusionblocks.training.warmstart)
 
 
 # fields of the resolved config that change the result of a run, with the option that sets each
@@ -100,7 +102,7 @@ RESULT_FIELDS = {
     "in_chans": "--in-chans", "class_weights": "--class-weights", "seed": "--seed", "val_fraction": "--val-fraction",
     "test_fraction": "--test-fraction", "synthetic_samples": "--synthetic-samples",
     "synthetic_classes": "--synthetic-classes", "max_steps_per_epoch": "--max-steps", "amp": "--amp",
-    "world_size": "world size (torchrun --nproc-per-node)", "data_files": "the images in --data",
+    "world_size": "world size (torchrun --nproc-per-node)", "data_files": "the images in --data", "init": "--init",
 }
 # invocation controls, not part of a run's identity
 _NOT_SAVED = ("resume", "overwrite", "progress", "log", "plots", "tensorboard")
@@ -347,6 +349,8 @@ def _comparable(cfg: Dict[str, object]) -> Dict[str, object]:
             v = None
         if k == "augment" and v is None:
             v = "recipe"
+        if k == "init":
+            v = describe_record(v)
         if k == "data_files" and isinstance(v, dict):
             v = ", ".join(f"{v[s]} {s}" for s in D.SPLITS if s in v) + f" (fingerprint {v.get('sha1', '?')})"
         out[k] = v
@@ -565,6 +569,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     cfg_dict = _resolved_config(cfg, recipe, epochs, batch_size, world)
     cfg_dict.update(class_weights_resolved=weights, class_weights_source=weights_source, augment_resolved=aug,
                     data_files=_data_files(cfg.data, files))
+    init = read_init(cfg.init, cfg_dict) if cfg.init is not None else None  # refused here, before any image is decoded
+    cfg_dict["init"] = init[0] if init is not None else None
 
     def load_resumed() -> Dict[str, object]:
         last = load_checkpoint(out / "last.pt", require=("model", "config", "classes", "optimizer", "scheduler", "epoch"))
@@ -617,6 +623,12 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
         say(f"left out {len(skipped)} file{'s' if len(skipped) > 1 else ''} of the class folders that "
             f"{'are' if len(skipped) > 1 else 'is'} not {'/'.join(e[1:] for e in D.IMAGE_EXTENSIONS)} "
             f"({', '.join(kinds)}): " + ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, num_classes=len(classes), **_model_kwargs(cfg_dict))
+    if init is not None and not resume:  # a resumed run's weights come from last.pt
+        say(apply_init(model, *init, cfg_dict, classes))
+    init = None  # the file's tensors are no longer needed
+    model = model.to(device)
     if files is not None:  # under torchrun each process decodes its share; every process learns of every problem
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
         total, bad = D.image_problems(files, part=(rank, world), progress=cfg.progress and rank == 0,
@@ -630,8 +642,6 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             raise err if rank == 0 else RefusedOnRank0(str(err))
         say(f"checked {total} images: all readable" + (f" ({world} processes, a share each)" if world > 1 else ""))
 
-    seed_everything(cfg.seed)
-    model = create_model(cfg.model, num_classes=len(classes), **_model_kwargs(cfg_dict)).to(device)
     if rank > 0:  # a random stream of its own (dropout, drop path) from the seed and the rank; DDP takes rank 0's weights
         seed_everything(cfg.seed + 1_000_003 * rank)
     if cfg.grad_checkpointing:

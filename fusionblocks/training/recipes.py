@@ -9,7 +9,7 @@ horizontal flip, mean/std 0.5.
 normal:pneumonia = 3:1, horizontal flips, ±10° rotation, ±10 % brightness, mean 0.485 / std 0.229 on every
 channel. The paper's Table 1 / §3.1 name an "initial" lr but no schedule and no weight decay: the recipe keeps
 the lr constant and uses none. §2.2 lists the augmentations without an order: resize, flip, rotation, brightness
-here. The model starts from random init: §2.2 speaks of "the pretrained model" but names no weights (see
+here. The model starts from random init (or from `train --init`): §2.2 speaks of "the pretrained model" but names no weights (see
 :mod:`fusionblocks.models.hatr`). On classes not named normal/pneumonia the 3:1 weights cannot apply; the recipe then uses
 inverse-frequency ("balanced") weights — the paper's intent, weighting the rarer class up — and says so:
 :func:`resolve_class_weights` returns the weights with a sentence stating where they come from, which the
