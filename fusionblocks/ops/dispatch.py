@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad
 
 from . import autotune
 from .autotune import Choice
@@ -57,13 +58,32 @@ class Backend:
     in_variant: Optional[Callable[[str], ContextManager]] = None
 
     def reasons(self, *args, auto: bool = False, **kwargs) -> List[str]:
-        return list(self.check(*args, auto=auto, **kwargs))
+        reasons = list(self.check(*args, auto=auto, **kwargs))
+        if self.name != "reference":
+            reasons += autodiff_reasons(args)
+        return reasons
 
     def scope(self, variant: Optional[str]) -> ContextManager:
         """The context that runs ``variant`` (nothing to set for ``None``)."""
         if variant is None or self.in_variant is None:
             return contextlib.nullcontext()
         return self.in_variant(variant)
+
+
+def autodiff_reasons(args: tuple) -> List[str]:
+    """Why no fused kernel can run a call made under a ``torch.func`` transform or with forward-mode AD dual
+    tensors (empty: neither): only the reference, plain PyTorch ops, has the rules for them. The fused kernels have
+    no jvp and no functorch rules: the C++ ones raised, and Triton's custom ops dropped the tangent silently
+    (``torch.func.jvp`` returned zeros, ``forward_ad.unpack_dual`` no tangent)."""
+    if torch.compiler.is_compiling():  # not asked in a trace (dynamo would put the calls in the graph): a compiled
+        return []                      # transform keeps the trace's choice
+    if torch._C._are_functorch_transforms_active():
+        return ["torch.func transforms (grad, vmap, jvp, jacrev, ...) run on the reference only: "
+                "the fused kernels have no functorch rules"]
+    if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+        return ["forward-mode AD (dual tensors, torch.autograd.forward_ad) runs on the reference only: "
+                "the fused kernels have no jvp"]
+    return []
 
 
 _REGISTRY: Dict[str, Dict[str, Backend]] = {}

@@ -774,3 +774,57 @@ def test_explain_names_a_backend_argument_it_does_not_take():
     q = torch.randn(1, 1, 6, 4)
     with pytest.raises(TypeError, match=r"^explain: got backend='cpp', but explain takes the op's other arguments"):
         ops.explain("decay_attention", q, q, q, torch.zeros(1), hw=(2, 3), mode="full", backend="cpp")
+
+
+def _transform_case(op):
+    """A call of ``op`` (float64, 4x4 tokens, head dim 12: every backend's kernels take it) as f(q, backend)."""
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(1, 2, 16, 12, dtype=torch.float64, generator=g) for _ in range(2))
+    if op == "window":
+        table = torch.randn(9, 2, dtype=torch.float64, generator=g)
+        return lambda q, backend: ops.window_attention(q, k, v, table, hw=(4, 4), window_size=2, shift=1,
+                                                       backend=backend)
+    lg = torch.tensor([-0.3, -1.0], dtype=torch.float64)
+    return lambda q, backend: ops.decay_attention(q, k, v, lg, hw=(4, 4), mode=op, backend=backend)
+
+
+@pytest.mark.parametrize("op", ["full", "decomposed", "window"])
+def test_forward_ad_and_torch_func_transforms_run_the_reference(op, fresh_cache):
+    # the fused kernels have no jvp and no functorch rules: the automatic choice measured them under the transform
+    # and raised ("every backend failed while measuring"), or picked cpp, whose C++ autograd node raised; a named
+    # Triton backend returned a zero jvp. Now only the reference runs there, and a named fast backend says why.
+    from torch.autograd import forward_ad
+
+    f = _transform_case(op)
+    g = torch.Generator().manual_seed(1)
+    q, tangent = (torch.randn(1, 2, 16, 12, dtype=torch.float64, generator=g) for _ in range(2))
+
+    def dual_tangent(backend):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(f(forward_ad.make_dual(q, tangent), backend)).tangent
+
+    runs = {
+        "jvp": lambda b: torch.func.jvp(lambda x: f(x, b), (q,), (tangent,))[1],
+        "dual": dual_tangent,
+        "grad": lambda b: torch.func.grad(lambda x: f(x, b).square().sum())(q),
+        "vmap": lambda b: torch.func.vmap(lambda x: f(x, b))(torch.stack([q, 2 * q, -q])),
+    }
+    for name, run in runs.items():
+        want = run("reference")
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(run(None), want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    def runs_plainly(backend):
+        try:
+            f(q, backend)
+        except ops.BackendUnavailable:
+            return False
+        return True
+
+    runnable = [b for b in dispatch.BACKENDS if b != "reference" and runs_plainly(b)]
+    assert "cpp" in runnable or not cpp.available()
+    for backend in runnable:
+        with pytest.raises(ops.BackendUnavailable, match=r"forward-mode AD \(dual tensors"):
+            dual_tangent(backend)
+        for name in ("jvp", "grad", "vmap"):
+            with pytest.raises(ops.BackendUnavailable, match=r"torch\.func transforms .* run on the reference only"):
+                runs[name](backend)
