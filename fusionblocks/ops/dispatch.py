@@ -80,7 +80,8 @@ def autodiff_reasons(args: tuple) -> List[str]:
     if torch._C._are_functorch_transforms_active():
         return ["torch.func transforms (grad, vmap, jvp, jacrev, ...) run on the reference only: "
                 "the fused kernels have no functorch rules"]
-    if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
+    if forward_ad._current_level >= 0 and any(  # dual tensors exist only inside a dual level (cheap gate)
+            isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args):
         return ["forward-mode AD (dual tensors, torch.autograd.forward_ad) runs on the reference only: "
                 "the fused kernels have no jvp"]
     return []
