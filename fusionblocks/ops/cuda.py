@@ -51,6 +51,9 @@ def check_window_cuda(q, k, v, bias_table, *, hw, window_size, shift, scale, aut
         reasons.append(f"window_size {window_size} above the supported {MAX_WINDOW}")
     if q.shape[-1] > MAX_HEAD_DIM:
         reasons.append(f"head dim {q.shape[-1]} above the supported {MAX_HEAD_DIM}")
+    if q.shape[0] == 0 or q.shape[1] == 0:  # CUDA refuses a launch with a zero grid dimension
+        reasons.append(f"cuda window_attention launches batch x heads as grid z x y, which CUDA refuses at 0; got "
+                       f"batch {q.shape[0]}, heads {q.shape[1]} (the reference returns the empty result)")
     if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
         reasons.append(f"cuda window_attention launches batch x heads as grid z x y (at most {MAX_GRID_YZ} each), "
                        f"got batch {q.shape[0]}, heads {q.shape[1]}")

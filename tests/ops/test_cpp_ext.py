@@ -732,6 +732,20 @@ def test_cuda_float64_parity_cases_fit_sm90_shared_memory():
         assert need <= SHARED_BYTES_BY_CAPABILITY[(9, 0)], f"window_size {ws} head dim {d}: {need} bytes"
 
 
+def test_cuda_window_refuses_an_empty_batch_or_no_heads():
+    """A launch with grid z (batch) or y (heads) 0 is an invalid configuration for CUDA: such calls go to the
+    reference, whatever this machine has (the check's other reasons, e.g. a CPU tensor, are beside the point)."""
+    import fusionblocks.ops.cuda as cuda_backend
+
+    for b, nh in ((0, 3), (2, 0)):
+        q = torch.randn(b, nh, 49, 8)
+        reasons = cuda_backend.check_window_cuda(q, q, q, None, hw=(7, 7), window_size=7, shift=0, scale=0.35)
+        assert any("CUDA refuses at 0" in r and f"batch {b}, heads {nh}" in r for r in reasons), reasons
+    q = torch.randn(1, 3, 49, 8)
+    assert not any("refuses at 0" in r for r in cuda_backend.check_window_cuda(q, q, q, None, hw=(7, 7), window_size=7,
+                                                                                shift=0, scale=0.35))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("ws, shift, bias, hw, d", CUDA_F64_CASES)
 def test_cuda_window_float64_parity(ws, shift, bias, hw, d):
