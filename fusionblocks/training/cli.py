@@ -93,9 +93,10 @@ def _run_evaluate(args) -> int:
         print(json.dumps(m, indent=2))
         return 0
     auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}"
+    kappa = "n/a" if m["kappa"] is None else f"{m['kappa']:.4f}"
     print(f"evaluated {args.checkpoint} (epoch {m['epoch']}) on {m['num_samples']} images ({m['split']}) -> {args.out}")
     print(f"  accuracy {m['accuracy']:.4f}  precision {m['precision_macro']:.4f}  recall {m['recall_macro']:.4f}  "
-          f"F1 {m['f1_macro']:.4f}  AUC {auc}  MCC {m['mcc']:.4f}  kappa {m['kappa']:.4f}")
+          f"F1 {m['f1_macro']:.4f}  AUC {auc}  MCC {m['mcc']:.4f}  kappa {kappa}")
     if m.get("gradcam"):
         print(f"  Grad-CAM heatmaps: {len(m['gradcam'])} in {args.out}/gradcam/")
     return 0

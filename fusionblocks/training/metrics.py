@@ -14,7 +14,8 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
         probs: ``(N, K)`` class probabilities.
         classes: the K class names.
 
-    ``auc`` is ``None`` (with ``auc_note``) when it is undefined, e.g. a class absent from ``y_true``.
+    ``auc`` is ``None`` (with ``auc_note``) when it is undefined, e.g. a class absent from ``y_true``; ``kappa``
+    likewise (with ``kappa_note``) when every label and every prediction is one class (chance agreement 1: 0/0).
     """
     from sklearn import metrics as skm
 
@@ -49,4 +50,7 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
         out["auc_note"] = "undefined: some class has no positive or no negative sample in y_true"
     if np.isnan(out["mcc"]):
         out["mcc"] = 0.0
+    if np.isnan(out["kappa"]):  # NaN would be written to metrics.json as NaN, which is not JSON
+        out["kappa"] = None
+        out["kappa_note"] = "undefined: every label and every prediction is the same class (chance agreement 1)"
     return out

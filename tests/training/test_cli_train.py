@@ -95,3 +95,18 @@ def test_zero_epochs_or_batch_size_in_the_api_is_refused(tmp_path):
                             synthetic_samples=4, progress=False, log=False, **kw)
         with pytest.raises(ValueError, match=msg):
             E.train(cfg)
+
+
+def test_evaluate_prints_an_undefined_kappa_as_n_a(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from fusionblocks.training import engine
+    from fusionblocks.training.metrics import classification_metrics
+
+    def fake_evaluate(checkpoint, data, out, **kw):  # a split whose labels and predictions are all one class
+        m = classification_metrics([1, 1], np.array([[0.3, 0.7], [0.2, 0.8]]), ["a", "b"])
+        return m | {"epoch": 1, "split": "test"}
+
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    assert main(["evaluate", "--checkpoint", "best.pt", "--data", "d", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "AUC n/a  MCC 0.0000  kappa n/a" in capsys.readouterr().out

@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import numpy as np
@@ -199,3 +200,11 @@ def test_no_weight_decay_must_return_names():
     m.no_weight_decay = lambda: "weight"
     with pytest.raises(TypeError, match=r"Linear.no_weight_decay\(\) should return a set of parameter names"):
         R.param_groups(m, 0.01, True)
+
+
+def test_metrics_undefined_kappa_is_null_not_nan():
+    # every label and every prediction is class b: chance agreement 1, kappa 0/0; NaN made metrics.json invalid JSON
+    m = classification_metrics([1, 1, 1], np.array([[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]]), ["a", "b"])
+    assert m["kappa"] is None and "same class" in m["kappa_note"]
+    assert m["accuracy"] == 1 and m["mcc"] == 0.0 and m["auc"] is None
+    json.dumps(m, allow_nan=False)
