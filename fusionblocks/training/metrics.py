@@ -22,6 +22,19 @@ def classification_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Se
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     labels = list(range(len(classes)))
+    if probs.shape != (len(y_true), len(classes)):
+        raise ValueError(f"classification_metrics: expected probs of shape (N, K) = ({len(y_true)}, {len(classes)}) "
+                         f"for {len(y_true)} labels and {len(classes)} classes, got {probs.shape}")
+    if len(y_true) and (y_true.min() < 0 or y_true.max() >= len(classes)):
+        raise ValueError(f"classification_metrics: expected labels 0 .. {len(classes) - 1}, got {y_true.min()} .. "
+                         f"{y_true.max()}")
+    # logits instead of probabilities gave a wrong binary AUC (column 1 alone) and no multi-class AUC;
+    # rows of NaN (a diverged model) are let through as before
+    off = (np.abs(probs.sum(1) - 1) > 1e-3) | (probs < 0).any(1)
+    if off.any():
+        i = int(np.argmax(off))
+        raise ValueError(f"classification_metrics: expected probabilities (each row >= 0, summing to 1), got row {i} "
+                         f"{probs[i].tolist()} summing to {probs[i].sum():g}: logits? pass their softmax")
     y_pred = probs.argmax(1)
     p, r, f1, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     out: Dict[str, object] = {

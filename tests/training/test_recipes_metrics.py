@@ -208,3 +208,20 @@ def test_metrics_undefined_kappa_is_null_not_nan():
     assert m["kappa"] is None and "same class" in m["kappa_note"]
     assert m["accuracy"] == 1 and m["mcc"] == 0.0 and m["auc"] is None
     json.dumps(m, allow_nan=False)
+
+
+def test_metrics_refuse_logits_and_mismatched_shapes():
+    y = [0, 0, 1, 1]
+    logits = np.array([[4.0, 3.0], [0.0, 2.5], [-3.0, 1.0], [-2.0, 2.0]])
+    assert classification_metrics(y, torch.tensor(logits).softmax(-1).numpy(), ["a", "b"])["auc"] == 1
+    # column 1 of the logits alone ranks every positive below every negative: the AUC was 0, silently
+    with pytest.raises(ValueError, match=r"expected probabilities .* row 0 \[4.0, 3.0\] summing to 7: logits"):
+        classification_metrics(y, logits, ["a", "b"])
+    with pytest.raises(ValueError, match="expected probabilities"):  # multi-class: the AUC was None, 'undefined'
+        classification_metrics([0, 1, 2], np.eye(3) * 5 - 1, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"expected probs of shape \(N, K\) = \(3, 3\) .* got \(3, 4\)"):
+        classification_metrics([0, 1, 2], np.eye(4)[[0, 1, 3]], ["a", "b", "c"])
+    with pytest.raises(ValueError, match="expected labels 0 .. 1, got 0 .. 2"):
+        classification_metrics([0, 1, 2], np.eye(2)[[0, 1, 1]], ["a", "b"])
+    m = classification_metrics([0, 1], np.array([[np.nan, np.nan], [0.2, 0.8]]), ["a", "b"])  # NaN rows still pass
+    assert m["num_samples"] == 2
