@@ -859,14 +859,18 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
     model = ck.model.to(dev).eval()
     tf = ck.transform()
     if data == "synthetic":
+        if split not in ("auto", "test"):
+            raise D.DataError(f"evaluate: synthetic data has a test split only, got --split {split}")
+        split = "test"
         ds = D.SyntheticDataset(max(cfg.get("synthetic_samples", 64) // 4, len(classes)), len(classes),
                                 max(pre["image_size"], 32), pre["in_chans"], tf, cfg.get("seed", 0) + 2)
         what = "synthetic test set"
     elif str(data).lower().endswith(".npz"):
         from .medmnist import eval_samples
 
+        split = "test" if split == "auto" else split
         ds = D.ImageFolderDataset(eval_samples(data, split, classes), classes, tf, pre["in_chans"])
-        what = f"{split if split != 'auto' else 'test'} split of {Path(data).name}"
+        what = f"{split} split of {Path(data).name}" if split != "all" else f"all of {Path(data).name}"
     else:
         root = Path(data)
         if not root.is_dir():

@@ -124,6 +124,15 @@ def test_evaluate_loss_is_the_runs_own_weighted_loss(tmp_path, tiny_model, image
     assert m["loss"] == pytest.approx(result["test"]["loss"], rel=1e-5)
 
 
+def test_evaluate_on_synthetic_data_is_the_runs_test_set(tmp_path, tiny_model):
+    result = E.train(_cfg(tmp_path, tiny_model, epochs=1, plots=False, tensorboard=False))
+    m = E.evaluate(tmp_path / "run" / "best.pt", "synthetic", tmp_path / "eval", progress=False)
+    assert m["split"] == "test" and m["num_samples"] == result["test"]["num_samples"]  # the split was "auto"
+    assert m["accuracy"] == result["test"]["accuracy"]
+    with pytest.raises(E.D.DataError, match="synthetic data has a test split only, got --split val"):
+        E.evaluate(tmp_path / "run" / "best.pt", "synthetic", tmp_path / "eval", split="val", progress=False)
+
+
 def test_gradcam_heatmap_range(tiny_model):
     from fusionblocks import create_model
 

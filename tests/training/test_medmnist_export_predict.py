@@ -126,6 +126,18 @@ def test_train_and_evaluate_on_npz(trained):
     assert json.loads(r.stdout)["num_samples"] == 4
 
 
+def test_evaluate_names_the_npz_split_it_took(tmp_path, tiny_model):
+    # the default (auto) is the official test split; metrics.json and the console said "auto"
+    from fusionblocks.training import engine as E
+
+    data = _npz(tmp_path / "toymnist.npz", n=(8, 4, 6), classes=2)
+    E.train(E.TrainConfig(model=tiny_model, data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=4,
+                          image_size=16, progress=False, log=False, plots=False, tensorboard=False))
+    for split, n in (("auto", 6), ("val", 4), ("all", 18)):
+        m = E.evaluate(tmp_path / "run" / "best.pt", str(data), tmp_path / "eval", split=split, progress=False)
+        assert (m["split"], m["num_samples"]) == ("test" if split == "auto" else split, n)
+
+
 def test_export_then_predict_from_checkpoint_and_from_onnx_alone(trained):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
