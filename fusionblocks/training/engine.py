@@ -877,22 +877,27 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path, *, split: str =
             raise D.DataError(f"evaluate: data folder not found: {root}")
         present = [s for s in D.SPLITS if (root / s).is_dir()]
         D.check_split_names(root, present)
+        kw = {k: cfg.get(k, getattr(TrainConfig, k)) for k in ("val_fraction", "test_fraction", "seed")}
         if present:
             if split == "auto":
                 split = "test" if "test" in present else ("val" if "val" in present else "all")
-            if split != "all" and split not in present:
+            # without val/, train took its validation images from train/ with the run's seed and --val-fraction:
+            # val and train are those shares of train/, found again
+            carved = split in ("train", "val") and "val" not in present and "train" in present
+            if split != "all" and split not in present and not carved:
                 raise D.DataError(f"evaluate: no {split}/ split in {root}")
             samples = []
-            for s in present if split == "all" else [split]:
+            for s in present if split == "all" else ["train" if carved else split]:
                 folder = root / s
                 found, part = D.scan_folder(folder)
                 if found != classes:
                     raise D.DataError(f"evaluate: {folder} has classes {found}, the checkpoint was trained on {classes}")
                 samples += part
+            if carved:
+                samples = getattr(D.load_splits(root, **kw), split)
         else:
             # one folder ROOT/<class>/*: train split it with the run's seed and fractions, so its val and test
             # splits are found again; auto takes the test split when ROOT is the folder the run trained on
-            kw = {k: cfg.get(k, getattr(TrainConfig, k)) for k in ("val_fraction", "test_fraction", "seed")}
             trained_on = cfg.get("data") not in (None, "synthetic") and Path(cfg["data"]).resolve() == root.resolve()
             if split == "auto":
                 split = "test" if trained_on and kw["test_fraction"] > 0 else "all"

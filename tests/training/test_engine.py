@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -167,6 +168,20 @@ def test_evaluate_finds_the_seeded_splits_of_a_single_folder_again(tmp_path, tin
     assert m["split"] == "test" and m["loss"] == pytest.approx(result["test"]["loss"], rel=1e-5)
     other = shutil.copytree(flat, tmp_path / "other")  # not the folder the run trained on: auto takes all of it
     assert E.evaluate(ckpt, str(other), out, progress=False)["num_samples"] == 12
+
+
+def test_evaluate_finds_the_validation_share_of_train_again_without_a_val_folder(tmp_path, tiny_model, image_tree):
+    # train/ and test/ only: the run validated on a seeded share of train/; evaluate said "no val/ split", and its
+    # train split held the validation images too
+    shutil.rmtree(image_tree / "val")
+    result = E.train(_cfg(tmp_path, tiny_model, data=str(image_tree), recipe="hatr", epochs=1, in_chans=1))
+    val = result["epochs"][0]["val"]
+    m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", split="val", progress=False)
+    assert (m["split"], m["num_samples"]) == ("val", val["num_samples"]) == ("val", 2)
+    assert m["confusion_matrix"] == val["confusion_matrix"]
+    assert m["loss"] == pytest.approx(result["epochs"][0]["val_loss"], rel=1e-5)
+    m = E.evaluate(tmp_path / "run" / "best.pt", str(image_tree), tmp_path / "eval", split="train", progress=False)
+    assert m["num_samples"] == result["epochs"][0]["train_samples"] == 10
 
 
 def test_evaluate_split_all_takes_every_split_folder(tmp_path, tiny_model, image_tree):
