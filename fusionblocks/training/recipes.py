@@ -263,4 +263,6 @@ def resolve_class_weights(spec, classes: Sequence[str], counts: Sequence[int],
     weights = [float(w) for w in spec]
     if len(weights) != k:
         raise ValueError(f"class weights: expected {k} values (one per class {list(classes)}), got {len(weights)}")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"class weights: expected numbers > 0 (one per class {list(classes)}), got {weights}")
     return weights, "given on the command line"

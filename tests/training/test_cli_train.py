@@ -87,6 +87,13 @@ def test_bad_class_weights_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
 
 
+def test_negative_class_weights_are_refused(tmp_path, tiny_model, capsys):
+    with pytest.raises(SystemExit) as e:  # the run trained, raising class a's loss
+        main(["train", "--model", tiny_model, "--data", "synthetic", "--epochs", "1", "--image-size", "32",
+              "--synthetic-samples", "16", "--class-weights=-1,1", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert e.value.code == 2 and "class weights: expected numbers > 0" in capsys.readouterr().err
+
+
 def test_zero_epochs_or_batch_size_in_the_api_is_refused(tmp_path):
     from fusionblocks.training import engine as E
 

@@ -94,6 +94,11 @@ def test_class_weights():
     assert R.resolve_class_weights([2.0, 1.0], ["a", "b"], [1, 1]) == ([2.0, 1.0], "given on the command line")
     with pytest.raises(ValueError, match="expected 2 values"):
         R.resolve_class_weights([1.0], ["a", "b"], [1, 1])
+    # a negative weight trained to raise that class's loss; NaN made the loss NaN, and so did 0 on any batch
+    # holding only that class: all were taken
+    for bad in ([-1.0, 1.0], [float("nan"), 1.0], [0.0, 1.0]):
+        with pytest.raises(ValueError, match=r"expected numbers > 0 \(one per class \['a', 'b'\]\)"):
+            R.resolve_class_weights(bad, ["a", "b"], [1, 1])
 
 
 def test_default_recipes_and_augment_modes():
