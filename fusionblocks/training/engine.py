@@ -707,7 +707,7 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             t0 = time.time()
             sampler.set_epoch(epoch)  # the loader hands the epoch to the dataset with each index (_AtEpoch)
             train_model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum, norm, correct, seen = 0.0, 0.0, 0, 0
             it = _progress(train_loader, cfg.progress and rank == 0, desc=f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch)
             for step, (x, y) in enumerate(it):
                 if step >= steps_per_epoch:
@@ -723,15 +723,19 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
                 scheduler.step()
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"train: loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}")
-                loss_sum += loss.item() * len(y)
+                # the epoch's loss as predict gives the validation loss: with class weights sum(w_y * loss) / sum(w_y)
+                # over the epoch (the mean of the batches' weighted means is biased: their sums of weights differ)
+                w = len(y) if weight_t is None else weight_t[y].sum().item()
+                loss_sum += loss.item() * w
+                norm += w
                 correct += (logits.argmax(-1) == y).sum().item()
                 seen += len(y)
             if hasattr(it, "close"):
                 it.close()
             if world > 1:  # the train loss/accuracy over every process's samples, not rank 0's shard alone
-                sums = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)  # nccl: on the GPU
+                sums = torch.tensor([loss_sum, norm, correct, seen], dtype=torch.float64, device=device)  # nccl: on the GPU
                 dist.all_reduce(sums)
-                loss_sum, correct, seen = sums[0].item(), int(sums[1].item()), int(sums[2].item())
+                loss_sum, norm, correct, seen = sums[0].item(), sums[1].item(), int(sums[2].item()), int(sums[3].item())
             rng = _rng_state()
             if world > 1:  # every rank's RNG states, for --resume
                 rng_ranks: List[object] = [None] * world
@@ -741,8 +745,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
             val_loss, labels, probs = predict(model, val_loader, device, amp, weight_t)
             val_metrics = classification_metrics(labels, probs, classes)
             entry = {
-                "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-                "train_samples": seen,
+                "epoch": epoch + 1, "train_loss": loss_sum / norm if norm > 0 else 0.0,
+                "train_accuracy": correct / max(seen, 1), "train_samples": seen,
                 "val_loss": val_loss, "val": val_metrics, "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.time() - t0,
             }

@@ -391,3 +391,36 @@ def test_predict_workers_auto_decodes_in_workers_only_for_a_gpu_model(monkeypatc
     assert seen == [0, 3, 2]  # CPU: none; GPU: 4 cores less one; a count as given
     with pytest.raises(ValueError, match=r"^predict: expected num_workers as an int >= 0 or 'auto', got -1"):
         P.predict_images(pred, [], num_workers=-1, progress=False)
+
+
+def test_weighted_train_loss_is_the_epochs_weighted_mean_as_the_val_loss(tmp_path, image_tree):
+    # the train loss was the mean of the batches' weighted means, which differs from sum(w_y * loss) / sum(w_y) over
+    # the epoch (how the val loss is taken) when the batches hold the classes in other proportions
+    from fusionblocks.models import registry
+    from fusionblocks.training import data as D
+    from fusionblocks.training.checkpoint import load_inference
+
+    class Linear(torch.nn.Module):  # no BatchNorm or dropout: train mode computes what eval mode does
+        def __init__(self, num_classes=2, in_chans=3):
+            super().__init__()
+            self.head = torch.nn.Linear(in_chans, num_classes)
+
+        def forward(self, x):
+            return self.head(x.mean((2, 3)))
+
+    def linear_test_net(num_classes=2, **kw):
+        return Linear(num_classes, **kw)
+
+    registry._load()
+    registry.register_model(linear_test_net)
+    try:  # lr 0: the weights stay those of best.pt; augment none: the training transform is the evaluation one
+        result = E.train(_cfg(tmp_path, "linear_test_net", data=str(image_tree), recipe="hatr", epochs=1, in_chans=1,
+                              batch_size=4, lr=0.0, augment="none", plots=False, tensorboard=False))
+        ck = load_inference(tmp_path / "run" / "best.pt")
+    finally:
+        registry._MODELS.pop("linear_test_net", None)
+    ds = D.ImageFolderDataset(D.load_splits(image_tree).train, ck.classes, ck.transform(), 1)
+    weight = torch.tensor(result["config"]["class_weights_resolved"])  # normal:pneumonia = 3:1
+    want, _, _ = E.predict(ck.model, E._loader(ds, 32, 0), torch.device("cpu"), None, weight)
+    assert result["epochs"][0]["train_samples"] == len(ds) == 12
+    assert result["epochs"][0]["train_loss"] == pytest.approx(want, rel=1e-5)
