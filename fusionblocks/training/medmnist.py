@@ -7,8 +7,8 @@ integer ``(N, 1)``. Images are decoded per item like files on disk (gray replica
 reduced to luma for ``--in-chans 1``) and then go through the recipe's transforms, which resize to
 ``--image-size``.
 
-Class names come from ``medmnist.INFO`` when the ``medmnist`` package is importable (the file's stem,
-minus a ``_28/_64/_128/_224`` size suffix, names the dataset), else from ``class_names``, else
+Class names come from ``class_names`` when given, else from ``medmnist.INFO`` when the ``medmnist`` package is
+importable (the file's stem, minus a ``_28/_64/_128/_224`` size suffix, names the dataset), else
 ``class_0 ... class_{K-1}``. Multi-label files (ChestMNIST: labels ``(N, 14)``) are rejected.
 """
 from __future__ import annotations
