@@ -6,7 +6,8 @@ Three kinds of file are taken, told apart by what they hold:
   arguments): every weight, the classifier included when that run's classes are this run's, in the same order;
 * **an official HiFuse or HEMF checkpoint** (what ``create_model(name, pretrained_official=PATH)`` loads, also
   wrapped in ``{"model": ...}`` / ``{"state_dict": ...}`` or saved under DataParallel): every weight but the
-  classifier, whose classes are unknown here;
+  classifier, whose classes are unknown here (for ``--in-chans 1`` the first convolutions' RGB filters are summed,
+  as ``load_backbone_state_dict`` does for ResNet-50);
 * **torchvision ResNet-50 weights** for ``hatr_resnet50`` (e.g. ImageNet's ``resnet50-0676ba61.pth``, downloaded by
   the user): the backbone, through ``HATR.load_backbone_state_dict``.
 
@@ -133,13 +134,20 @@ def apply_init(model: nn.Module, record: Mapping[str, object], content: Mapping[
                 + ("" if same else f" but the classifier (that run's classes {list(content['classes'])} are not "
                                    f"this run's)"))
     if kind == OFFICIAL:
-        donor = create_model(name, num_classes=0, **_model_kwargs(config))  # no classifier: the official one's is dropped
+        # built as the official code builds it, RGB, and without a classifier (the official one's is dropped)
+        donor = create_model(name, num_classes=0, **{**_model_kwargs(config), "in_chans": 3})
         try:
             donor.load_official_state_dict(_state_dict(content))
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"train --init: {where}: {_said(e)}") from None
-        _load_all_but_classifier(model, donor.state_dict(), False, where)
-        return f"started from {where} ({kind}): every weight but the classifier (the official classes are unknown)"
+        state, gray = donor.state_dict(), config.get("in_chans", 3) == 1
+        if gray:  # a gray image replicated to RGB gives the same first-conv outputs as the summed filters
+            firsts = model.pretrained_cfg["first_conv"]
+            for conv in (firsts,) if isinstance(firsts, str) else firsts:
+                state[f"{conv}.weight"] = state[f"{conv}.weight"].sum(1, keepdim=True)
+        _load_all_but_classifier(model, state, False, where)
+        return (f"started from {where} ({kind}): every weight but the classifier (the official classes are unknown)"
+                + ("; the first convolutions' RGB filters summed for 1-channel input" if gray else ""))
     try:
         model.load_backbone_state_dict(dict(_state_dict(content)))
     except (KeyError, ValueError, RuntimeError) as e:

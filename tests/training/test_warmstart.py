@@ -87,6 +87,11 @@ def test_an_official_checkpoint_starts_every_weight_but_the_classifier(tmp_path)
     assert head and all(torch.equal(got[k], fresh[k]) for k in head) and got["head.fc.weight"].shape[0] == 3
     assert all(torch.equal(got[k], want[k]) for k in got if k not in head)
     assert "official checkpoint" in said
+    # gray input: the stems' RGB filters are summed, so a gray image replicated to RGB gives the same stem output
+    got, _, said = _started(path, {"model": "hifuse_tiny", "in_chans": 1, "model_kwargs": {"in_chans": 1}}, ["a", "b"])
+    for conv in ("local_branch.stem.0", "global_branch.stem.proj"):
+        assert torch.equal(got[f"{conv}.weight"], want[f"{conv}.weight"].sum(1, keepdim=True)), conv
+    assert "summed" in said
     del sd["conv_norm.weight"]
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match="missing official keys .*conv_norm.weight"):
