@@ -232,11 +232,12 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], *, num
 
 
 def _load_strict(model: nn.Module, sd: Dict[str, torch.Tensor], what: str) -> None:
+    from .training.checkpoint import weights_mismatch
+
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:6]
-        raise ExportError(f"{what}: " + "; ".join(lines)) from None
+        raise ExportError(f"{what}: {weights_mismatch(model, sd, e)}") from None
 
 
 def _from_training_checkpoint(path, ckpt, model_name, num_classes, image_size, in_chans):

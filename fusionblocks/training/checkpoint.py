@@ -172,6 +172,24 @@ def _model_kwargs(cfg: Dict[str, object]) -> Dict[str, object]:
     return kw
 
 
+def weights_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], error: RuntimeError) -> str:
+    """What ``model.load_state_dict(state_dict)`` refused (``error``), in one line: the number of missing and
+    unexpected keys and of shape mismatches, each with its first few names (torch's message lists every key,
+    tens of kilobytes for another model's weights)."""
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in ours]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} in the weights, {tuple(ours[k].shape)} in the model" for k in ours
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(ours[k].shape)]
+    parts = [f"{what} ({len(names)}): {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+             for what, names in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", shapes)) if names]
+    if not parts:  # refused by a module's own loading rules: torch's first lines say why
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        parts = [" ".join(lines[:3])[:500]]
+    return "; ".join(parts)
+
+
 def model_from_checkpoint(ckpt: Dict[str, object], path: Optional[Path] = None) -> nn.Module:
     """Build the model named in a checkpoint's config and load its weights (strict)."""
     from ..models.registry import create_model
@@ -182,7 +200,8 @@ def model_from_checkpoint(ckpt: Dict[str, object], path: Optional[Path] = None) 
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         where = f"{path}: " if path else ""
-        raise CheckpointError(f"{where}weights do not fit model {cfg['model']!r}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"{where}weights do not fit model {cfg['model']!r}: "
+                              f"{weights_mismatch(model, ckpt['model'], e)}") from None
     return model
 
 

@@ -71,7 +71,7 @@ class Predictor:
 
         dev = resolve_device(device)  # a bad --device before a large checkpoint is read
         ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt).to(dev).eval()
+        model = model_from_checkpoint(ckpt, Path(path)).to(dev).eval()
 
         @torch.no_grad()
         def run(x: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,32 @@ def test_export_rejects_a_checkpoint_of_another_model_or_size(trained):
     assert r.returncode == 2 and "does not fit hatr_resnet50" in r.stderr
 
 
+def test_weights_that_do_not_fit_are_named_in_one_short_line(tmp_path):
+    """Weights of a wrapped model (every key prefixed) or of another class count: the counts and the first keys, not
+    torch's list of every key (export: tens of kilobytes) nor its bare 'Error(s) in loading state_dict' (predict)."""
+    from PIL import Image
+
+    from fusionblocks import create_model
+
+    sd = create_model("hatr_conv2d", num_classes=2).state_dict()
+    wrapped = {f"net.{k}": v for k, v in sd.items()}
+    torch.save(wrapped, tmp_path / "wrapped.pt")
+    missing = f"missing keys ({len(sd)}): {', '.join(list(sd)[:4])} ...; unexpected keys ({len(sd)}): net.{list(sd)[0]}"
+    r = _cli("export", "hatr_conv2d", "--checkpoint", tmp_path / "wrapped.pt", "--num-classes", 2, "--out", tmp_path / "x.pt2")
+    assert r.returncode == 2 and len(r.stderr) < 1000 and len(r.stderr.strip().splitlines()) == 1, r.stderr[:2000]
+    assert f"does not fit hatr_conv2d (num_classes=2, in_chans=3): {missing}" in r.stderr
+    torch.save(sd, tmp_path / "sd.pt")
+    r = _cli("export", "hatr_conv2d", "--checkpoint", tmp_path / "sd.pt", "--num-classes", 3, "--out", tmp_path / "x.pt2")
+    assert r.returncode == 2 and "shape mismatches (2): head.weight (2, 512) in the weights, (3, 512) in the model" in r.stderr
+    torch.save({"model": wrapped, "classes": ["a", "b"],
+                "config": {"model": "hatr_conv2d", "recipe": "hatr", "image_size": 32, "in_chans": 3}}, tmp_path / "best.pt")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    r = _cli("predict", "--checkpoint", tmp_path / "best.pt", "--device", "cpu", "--input", tmp_path / "a.png",
+             "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.returncode == 2 and len(r.stderr) < 1000, r.stderr[:2000]
+    assert f"{tmp_path / 'best.pt'}: weights do not fit model 'hatr_conv2d': {missing}" in r.stderr
+
+
 def test_export_pt2_of_a_checkpoint(trained):
     from fusionblocks.export import read_metadata
 
