@@ -111,6 +111,8 @@ def expect_divisible(block: str, what: str, value: int, divisor: int, divisor_na
 
 def is_int(value: object) -> bool:
     """An integral number (``int``, NumPy integer), not a ``bool``."""
+    if isinstance(value, torch.Tensor) and torch.jit.is_tracing():  # torch.jit.trace reads sizes as 0-dim tensors
+        return value.dim() == 0 and not value.is_floating_point() and value.dtype != torch.bool
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 

@@ -31,10 +31,13 @@ def _grid_coords(h: int, w: int, device: torch.device) -> Tuple[torch.Tensor, to
 
 
 def _cached(fn):
-    """``fn`` itself, or its uncached body while tracing (``torch.compile``, ``torch.export``): there the
-    tensors a call makes belong to the trace (fake tensors) and must never be kept for later eager calls,
-    and dynamo, which ignores ``lru_cache`` wrappers anyway, would warn about each one it meets."""
-    return fn.__wrapped__ if torch.compiler.is_compiling() or torch.compiler.is_exporting() else fn
+    """``fn`` itself, or its uncached body while tracing (``torch.compile``, ``torch.export``, ``torch.jit.trace``):
+    there the tensors a call makes belong to the trace (fake tensors) and must never be kept for later eager calls,
+    dynamo, which ignores ``lru_cache`` wrappers anyway, would warn about each one it meets, and ``torch.jit.trace``
+    would record the first call's computation and a later call's cached constant, failing its check that two
+    traces give the same graph."""
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return fn.__wrapped__ if tracing else fn
 
 
 def manhattan_distance(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:

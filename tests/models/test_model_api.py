@@ -191,3 +191,26 @@ def test_official_unused_params_follow_num_classes():
     a, b = create_model("hifuse_tiny", num_classes=7), create_model("hifuse_tiny", num_classes=10)
     assert b.official_unused_params() - a.official_unused_params() == 3 * 768 + 3
     assert create_model("hemf", num_classes=10).official_unused_params() == create_model("hemf", num_classes=7).official_unused_params()
+
+
+def _small(name):
+    from fusionblocks.models.hemf import HEMF
+
+    if name == "hifuse":
+        return HiFuse((2, 1, 1, 1), num_heads=(1, 2, 4, 8), dims=DIMS, num_classes=3)
+    if name == "hemf":
+        return HEMF((1, 1, 1, 1), (1, 1, 1, 1), dims=DIMS, num_heads=2, num_classes=3)
+    return create_model("hatr_conv2d", num_classes=3, vit_depth=1)
+
+
+@pytest.mark.parametrize("name", ["hifuse", "hemf", "hatr_conv2d"])
+def test_jit_trace_runs_and_keeps_the_batch_dynamic(name):
+    # torch.jit.trace (and so the legacy dynamo=False ONNX exporter) reads sizes as 0-dim tensors, which the hw checks
+    # refused ("window_attention: expected hw as a pair of positive ints (H, W), got (tensor(14), tensor(14))"), and
+    # its check that a second trace gives the same graph failed on the cached relative-position index
+    torch.manual_seed(0)
+    model = _small(name).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+        x = torch.randn(3, 3, 32, 32)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
