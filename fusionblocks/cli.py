@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sys
+from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 COMMAND_MODULES = ("fusionblocks.training.cli", "fusionblocks.export", "fusionblocks.training.predict")
@@ -150,6 +151,17 @@ def _check_device(device: Optional[str]) -> None:
         resolve_device(device)
     except ValueError as e:
         raise CLIError(str(e)) from None
+
+
+def check_out_file(out: str, what: str, example: str) -> None:
+    """Raise :class:`CLIError` for an ``--out`` a command could not write ``what`` to (a folder, or a path under a
+    file), checked before any work: the work's result would be lost at the end."""
+    path = Path(out)
+    if path.is_dir():
+        raise CLIError(f"--out {out} is a folder; expected {what} to write, e.g. {path / example}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CLIError(f"--out {out}: {parent} is a file, not a folder; expected {what} to write")
 
 
 def _check_info_setup(device: Optional[str]) -> None:

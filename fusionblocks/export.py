@@ -292,14 +292,17 @@ def run_export(model_name, checkpoint, *, format, out, num_classes=None, image_s
 
 
 def _cmd_export(args) -> int:
-    from .cli import CLIError
+    from .cli import CLIError, check_out_file
 
     fmt = args.format
+    suffix = Path(args.out).suffix.lower().lstrip(".")
     if fmt is None:
-        suffix = Path(args.out).suffix.lower().lstrip(".")
         if suffix not in FORMATS:
             raise CLIError(f"--format not given and --out {args.out!r} ends in neither .onnx nor .pt2")
         fmt = suffix
+    elif suffix in FORMATS and suffix != fmt:  # read_metadata and predict tell the formats apart by the suffix
+        raise CLIError(f"--format {fmt}, but --out {args.out!r} ends in .{suffix}: name the file .{fmt}")
+    check_out_file(args.out, f"the .{fmt} file", f"model.{fmt}")
     try:
         r = run_export(args.model, args.checkpoint, format=fmt, out=args.out, num_classes=args.num_classes,
                        image_size=args.image_size, in_chans=args.in_chans)

@@ -218,16 +218,14 @@ def write_csv(path: str | Path, classes: Sequence[str], rows: Sequence[Tuple[str
 
 
 def _run_predict(args) -> int:
-    from ..cli import CLIError
+    from ..cli import CLIError, check_out_file
     from ..export import ExportError
     from ..ops.dispatch import BackendUnavailable
     from .checkpoint import CheckpointError
 
     if args.checkpoint is None and args.onnx is None:
         raise CLIError("give --checkpoint (a training checkpoint) or --onnx (a file from `fusionblocks export`)")
-    if Path(args.out).is_dir():  # checked before the model runs: the predictions would be lost at the end
-        raise CLIError(f"--out {args.out} is a folder; expected the CSV file to write, e.g. "
-                       f"{Path(args.out) / 'predictions.csv'}")
+    check_out_file(args.out, "the CSV file", "predictions.csv")
     try:
         if args.onnx is not None:
             predictor = Predictor.from_onnx(args.onnx, args.checkpoint)

@@ -479,3 +479,33 @@ def test_predict_folders_leave_hidden_files_out(tmp_path):
     Image.new("L", (8, 8)).save(tmp_path / ".ipynb_checkpoints" / "x-checkpoint.png")
     assert collect_images([tmp_path]) == [tmp_path / "x.png"]
     assert collect_images([tmp_path / "._x.png"]) == [tmp_path / "._x.png"]  # named: taken as asked
+
+
+def test_export_and_predict_refuse_an_out_they_cannot_write_before_any_work(tmp_path, monkeypatch):
+    """A folder, a path under a file, or (export) a suffix of the other format: an error before the model is built
+    (export raised IsADirectoryError / FileExistsError tracebacks after exporting, and wrote a .pt2 archive named
+    .onnx that read_metadata and predict --onnx then took for ONNX; predict failed after predicting every image)."""
+    from fusionblocks import export
+    from fusionblocks.training import predict
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command went to work")
+
+    monkeypatch.setattr(export, "run_export", work)
+    monkeypatch.setattr(predict, "predict_images", work)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    _fake_checkpoint(tmp_path / "c.pt")
+    for cmd, what in [
+        (("export", "hemf", "--format", "onnx", "--out", tmp_path / "folder"),
+         f"--out {tmp_path / 'folder'} is a folder; expected the .onnx file to write, e.g. {tmp_path / 'folder' / 'model.onnx'}"),
+        (("export", "hemf", "--out", tmp_path / "file" / "m.pt2"),
+         f"--out {tmp_path / 'file' / 'm.pt2'}: {tmp_path / 'file'} is a file, not a folder"),
+        (("export", "hemf", "--format", "pt2", "--out", tmp_path / "m.onnx"), "--format pt2, but --out"),
+        (("predict", "--checkpoint", tmp_path / "c.pt", "--input", tmp_path / "file", "--out", tmp_path / "file" / "p.csv"),
+         f"--out {tmp_path / 'file' / 'p.csv'}: {tmp_path / 'file'} is a file, not a folder"),
+    ]:
+        r = _cli(*cmd)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"fusionblocks {cmd[0]}: error: {what}" in r.stderr
+    assert not (tmp_path / "m.onnx").exists()
