@@ -190,8 +190,9 @@ def _export_flag() -> bool:
 
 
 def exporting() -> bool:
-    """True while torch.export or an ONNX exporter (dynamo or legacy) traces the program (not torch.compile)."""
-    return _export_flag() or bool(torch.onnx.is_in_onnx_export())
+    """True while torch.export, torch.jit.trace or an ONNX exporter (dynamo, or legacy, which runs torch.jit.trace)
+    traces the program (not torch.compile): their files are loaded elsewhere, where fusionblocks' ops may be absent."""
+    return _export_flag() or bool(torch.onnx.is_in_onnx_export()) or torch.jit.is_tracing()
 
 
 def _threads() -> int:
@@ -676,8 +677,8 @@ def decide(op: str, candidates: list, args: tuple, kwargs: dict, key: Optional[s
     ``key``: the call's class where the caller has it (inside a trace, taken before the backends' checks)."""
     names = [b.name for b in candidates]
     if "reference" in names and exporting():
-        return Choice(op, "reference", "rule", "exporting (torch.export / ONNX): an exported program holds standard "
-                      "ops only, no compiled extension's", candidates=names)
+        return Choice(op, "reference", "rule", "exporting (torch.export / torch.jit.trace / ONNX): an exported program "
+                      "holds standard ops only, no compiled extension's", candidates=names)
     if len(candidates) == 1:
         return Choice(op, names[0], "only candidate", "the only backend that can run this call", candidates=names)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]

@@ -618,6 +618,25 @@ def test_exporting_is_false_under_torch_compile_and_true_under_export():
     assert torch.export.export(M(), (torch.zeros(1),)).module()(torch.zeros(1)).item() == 1.0
 
 
+@pytest.mark.skipif(not cpp.available(), reason="needs fusionblocks._C")
+def test_jit_trace_records_the_reference_unless_a_backend_is_named(fresh_cache, monkeypatch):
+    # torch.jit.trace recorded the automatic choice (here cpp, by the rule for a 28x28 full decay): a TorchScript
+    # file that torch.jit.load refused without fusionblocks ("ops.fusionblocks_C.decay_full_fwd"), like an export
+    monkeypatch.setenv(autotune.ENV_TUNE, "off")
+    q = torch.randn(1, 2, 28 * 28, 8)
+    lg = torch.tensor([-0.5, -1.0])
+
+    def traced_ops(backend):
+        fn = lambda q, k, v: ops.decay_attention(q, k, v, lg, hw=(28, 28), mode="full", backend=backend)  # noqa: E731
+        traced = torch.jit.trace(fn, (q, q, q))
+        torch.testing.assert_close(traced(q, q, q), fn(q, q, q))
+        return [n.kind() for n in traced.inlined_graph.nodes() if "fusionblocks" in n.kind()]
+
+    assert ops.choose("decay_attention", q, q, q, lg, hw=(28, 28), mode="full").backend == "cpp"
+    assert traced_ops(None) == []
+    assert traced_ops("cpp") != []
+
+
 def test_compile_uses_the_known_choice_and_never_measures_in_the_trace(fresh_cache, monkeypatch):
     q = torch.randn(1, 2, 36, 8)
     lg = torch.tensor([-0.5, -1.0])
