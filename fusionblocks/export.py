@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -272,6 +273,13 @@ def _from_training_checkpoint(path, ckpt, model_name, num_classes, image_size, i
 
 
 def run_export(model_name, checkpoint, *, format, out, num_classes=None, image_size=None, in_chans=None) -> ExportResult:
+    from .ops.dispatch import ENV_VAR
+
+    backend = os.environ.get(ENV_VAR)
+    if format == "onnx" and backend and backend != "reference":  # found by the exporter after tracing, as a traceback
+        raise ExportError(f"{ENV_VAR}={backend}: an ONNX file cannot hold fusionblocks' {backend} kernels (no ONNX "
+                          f"translation exists); unset {ENV_VAR} (the export then traces the reference, the same "
+                          "function in standard operators) or export --format pt2")
     model, meta = load_for_export(model_name, checkpoint, num_classes=num_classes, image_size=image_size,
                                   in_chans=in_chans)
     from . import __version__

@@ -509,3 +509,20 @@ def test_export_and_predict_refuse_an_out_they_cannot_write_before_any_work(tmp_
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert f"fusionblocks {cmd[0]}: error: {what}" in r.stderr
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_to_onnx_refuses_a_named_backend_before_tracing(tmp_path, monkeypatch):
+    """FUSIONBLOCKS_BACKEND=cpp puts fusionblocks' own ops in the graph, which ONNX cannot express: the exporter
+    failed after tracing the whole model, with a ConversionError traceback ('No ONNX function found for
+    fusionblocks_C.decay_dec_fwd')."""
+    from fusionblocks import export
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command went to work")
+
+    monkeypatch.setattr(export, "load_for_export", work)
+    monkeypatch.setenv("FUSIONBLOCKS_BACKEND", "cpp")
+    r = _cli("export", "hemf", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith("fusionblocks export: error: FUSIONBLOCKS_BACKEND=cpp: an ONNX file cannot hold")
+    assert "--format pt2" in r.stderr
