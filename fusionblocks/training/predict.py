@@ -90,6 +90,10 @@ class Predictor:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"predict: ONNX file not found: {path}")
+        other = {".pt2": "a torch.export program (--format pt2)", ".pt": "a torch.save file", ".pth": "a torch.save file"}
+        if path.suffix.lower() in other:  # ONNX Runtime would only say "Protobuf parsing failed"
+            raise DataError(f"predict: --onnx {path} is {other[path.suffix.lower()]}, not an ONNX file; give the "
+                            "training checkpoint as --checkpoint, or an .onnx file from `fusionblocks export`")
         try:
             import onnxruntime as ort
         except ImportError:

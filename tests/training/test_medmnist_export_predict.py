@@ -526,3 +526,13 @@ def test_export_to_onnx_refuses_a_named_backend_before_tracing(tmp_path, monkeyp
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.startswith("fusionblocks export: error: FUSIONBLOCKS_BACKEND=cpp: an ONNX file cannot hold")
     assert "--format pt2" in r.stderr
+
+
+@pytest.mark.parametrize("name, what", [("model.pt2", "a torch.export program"), ("best.pt", "a torch.save file")])
+def test_a_pt2_program_or_checkpoint_given_as_onnx_is_named(tmp_path, name, what):
+    # ONNX Runtime said only "INVALID_PROTOBUF : Load model from model.pt2 failed:Protobuf parsing failed."
+    pytest.importorskip("onnxruntime")
+    (tmp_path / name).write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    r = _cli("predict", "--onnx", tmp_path / name, "--input", tmp_path, "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"--onnx {tmp_path / name} is {what}" in r.stderr and "--checkpoint" in r.stderr
