@@ -24,7 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, _model_kwargs, load_checkpoint
+from .checkpoint import CheckpointError, _model_kwargs, load_checkpoint, weights_mismatch
 
 __all__ = ["read_init", "apply_init", "describe_record"]
 
@@ -103,17 +103,14 @@ def _load_all_but_classifier(model: nn.Module, state: Mapping[str, torch.Tensor]
     if not keep_classifier and classifier is None:
         raise CheckpointError(f"train --init: {where}: the classes differ, and {type(model).__name__} does not name its "
                               f"classifier (pretrained_cfg['classifier']) to start it anew")
-    prefix = f"{classifier}."
-    if not keep_classifier:
-        state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if not keep_classifier:  # the model's own, freshly initialised classifier
+        own = model.state_dict()
+        state = {**{k: v for k, v in state.items() if not k.startswith(f"{classifier}.")},
+                 **{k: v for k, v in own.items() if k.startswith(f"{classifier}.")}}
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a shape differs
-        raise CheckpointError(f"train --init: {where}: weights do not fit: {_said(e)}") from None
-    missing = [k for k in missing if keep_classifier or not k.startswith(prefix)]
-    if missing or unexpected:
-        raise CheckpointError(f"train --init: {where}: weights do not fit: missing {missing[:6]}, unexpected "
-                              f"{list(unexpected)[:6]}")
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"train --init: {where}: weights do not fit: {weights_mismatch(model, state, e)}") from None
 
 
 def apply_init(model: nn.Module, record: Mapping[str, object], content: Mapping[str, object],

@@ -63,6 +63,12 @@ def test_runs_of_another_model_or_other_arguments_are_refused(tmp_path):
         _started(best, {"model": "hatr_conv2d", "model_kwargs": {**SMALL, "vit_depth": 2}, "in_chans": 3}, ["a", "b"])
     with pytest.raises(FileNotFoundError):
         read_init(tmp_path / "missing.pt", {"model": "hatr_conv2d"})
+    # weights of the right model that do not fit (a damaged or hand-edited file): one short line, not torch's list
+    bad = torch.load(best, weights_only=True)
+    bad["model"]["cls_token"] = torch.zeros(1, 1, 7)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"weights do not fit: shape mismatches \(1\): cls_token \(1, 1, 7\)"):
+        _started(tmp_path / "bad.pt", {"model": "hatr_conv2d", "model_kwargs": SMALL, "in_chans": 3}, bad["classes"])
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.zeros(2)}, plain)
     with pytest.raises(CheckpointError, match="hatr_conv2d starts only from one"):
