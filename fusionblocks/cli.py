@@ -415,8 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except CLIError as e:
-        parser.exit(2, f"fusionblocks {args.command}: error: {e}\n")
+    except CLIError as e:  # a message from the library may name the command already ("predict: ...")
+        message = str(e).removeprefix(f"{args.command}: ")
+        parser.exit(2, f"fusionblocks {args.command}: error: {message}\n")
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`

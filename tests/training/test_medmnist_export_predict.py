@@ -288,6 +288,8 @@ def test_predict_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "input not found" in r.stderr
     r = _cli("predict", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
     assert r.returncode == 2 and "give --checkpoint" in r.stderr
+    r = _cli("predict", "--onnx", tmp_path / "gone.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv")
+    assert r.returncode == 2 and "fusionblocks predict: error: ONNX file not found" in r.stderr, r.stderr  # named once
     (tmp_path / "img" / "bad.jpg").write_bytes(b"\x00" * 10)
     r = _cli("predict", "--onnx", tmp_path / "ok.onnx", "--input", tmp_path / "img", "--out", tmp_path / "p.csv",
              "--no-progress")
