@@ -115,7 +115,8 @@ def test_readme_script_options_exist():
 OTHER_TOOLS = {"--no-build-isolation",  # pip
                "--dist",  # pytest-xdist
                "--nproc-per-node",  # torchrun
-               "--inplace"}  # setup.py build_ext
+               "--inplace",  # setup.py build_ext
+               "--pretrained", "--pretrained-path"}  # timm's train.py
 
 
 def test_every_option_the_readme_names_exists():

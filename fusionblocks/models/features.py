@@ -77,19 +77,29 @@ class FeatureExtractor(nn.Module):
 
 
 def _no_weights_message(name: str) -> str:
-    """What ``timm.create_model(name, pretrained=True)`` says: no timm weights, and where weights can come from."""
+    """What ``timm.create_model(name, pretrained=True)`` without a weights file says: no timm weights, and where
+    weights can come from."""
     from .registry import has_official_code
 
+    own = (f"weights you trained load with timm.create_model({name!r}, checkpoint_path=PATH), or with pretrained=True, "
+           "pretrained_cfg_overlay=dict(file=PATH) (timm's train.py --pretrained-path: every weight but the classifier)")
     if has_official_code(name):
-        where = f"load an official checkpoint with fusionblocks.create_model({name!r}, pretrained_official=PATH)"
+        where = f"load an official checkpoint with fusionblocks.create_model({name!r}, pretrained_official=PATH); {own}"
     else:
-        where = (
-            f"{name} has no official code or checkpoint (the paper is the spec); load weights you trained with "
-            f"timm.create_model({name!r}, checkpoint_path=PATH)"
-        )
+        where = f"{name} has no official code or checkpoint (the paper is the spec); {own}"
         if name == "hatr_resnet50":
             where += "; torchvision's ResNet-50 weights load into its backbone with model.load_backbone_state_dict(sd)"
     return f"{name}: fusionblocks publishes no timm weights; {where} (with smp: encoder_weights=None)"
+
+
+def _names_weights(name: str, kwargs: Dict[str, object]) -> bool:
+    """Whether the caller's ``pretrained_cfg`` / ``pretrained_cfg_overlay`` name weights for timm to load (``file``,
+    ``url``, ``hf_hub_id`` or ``state_dict``: timm's train.py ``--pretrained-path`` sets ``file``)."""
+    from timm.models import resolve_pretrained_cfg
+
+    cfg = resolve_pretrained_cfg(name, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    return bool(cfg.has_weights or cfg.state_dict)
 
 
 def _timm_entrypoint(name: str):
@@ -105,14 +115,14 @@ def _timm_entrypoint(name: str):
         return model if dtype is None else model.to(dtype=dtype)
 
     def entry(pretrained: bool = False, **kwargs):
-        if pretrained:
-            raise ValueError(_no_weights_message(name))
         from timm.models import build_model_with_cfg
 
         from .contract import adapt_cfg
 
         if kwargs.get("pretrained_cfg") is None:  # this model's cfg for the channels/size asked for
             kwargs["pretrained_cfg"] = adapt_cfg(default_cfg(name), kwargs.get("in_chans", 3), kwargs.get("img_size"))
+        if pretrained and not _names_weights(name, kwargs):  # weights the caller names are loaded by timm
+            raise ValueError(_no_weights_message(name))
         # features_only: timm's FeatureGetterNet prunes the model to the levels asked for (all by default)
         # and returns forward_intermediates(x, indices=..., intermediates_only=True)
         return build_model_with_cfg(build, name, pretrained, feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs)

@@ -130,6 +130,28 @@ def test_timm_pretrained_error_names_a_route_that_exists(name, tmp_path):
         assert hasattr(fusionblocks.create_model(name, **SMALL[name]), "load_official_state_dict")
 
 
+@pytest.mark.parametrize("name", ["hifuse_tiny", "hatr_conv2d"])
+def test_timm_pretrained_loads_the_file_the_caller_names(name, tmp_path):
+    # timm's train.py --pretrained --pretrained-path PATH passes pretrained=True with
+    # pretrained_cfg_overlay=dict(file=PATH, num_classes=-1); it was refused as "publishes no timm weights"
+    torch.manual_seed(0)
+    src = timm.create_model(name, num_classes=3, **SMALL[name])
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    m = timm.create_model(name, pretrained=True, num_classes=5, **SMALL[name],
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth"), num_classes=-1))
+    head = m.pretrained_cfg["classifier"] + "."
+    want = {k: v for k, v in src.state_dict().items() if not k.startswith(head)}
+    got = m.state_dict()
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())  # all but the classifier of 3 classes
+    assert m.get_classifier().out_features == 5
+    enc = timm.create_model(name, pretrained=True, features_only=True, out_indices=(0,), **SMALL[name],
+                            pretrained_cfg_overlay=dict(file=str(tmp_path / "w.pth")))
+    level0 = {k: v for k, v in enc.model.state_dict().items() if k.startswith(enc.feature_info.module_name()[0] + ".")}
+    assert level0 and all(torch.equal(v, want[k]) for k, v in level0.items())
+    with pytest.raises(ValueError, match=r"publishes no timm weights.*pretrained_cfg_overlay=dict\(file=PATH\)"):
+        timm.create_model(name, pretrained=True, **SMALL[name])
+
+
 @pytest.mark.parametrize("name", ["hemf", "hatr_resnet50"])
 def test_fusion_unet_takes_a_timm_features_only_encoder(name):
     from fusionblocks.models.unet import FusionUNet
