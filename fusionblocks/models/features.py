@@ -102,6 +102,23 @@ def _names_weights(name: str, kwargs: Dict[str, object]) -> bool:
     return bool(cfg.has_weights or cfg.state_dict)
 
 
+def _checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` (``pretrained=True`` with a weights file): refuse a file that lacks any of the
+    model's weights but the classifier. timm itself loads what matches and leaves the rest at random init, saying so
+    only in a log (every weight, with an official HiFuse/HEMF checkpoint, whose names differ)."""
+    ours = model.state_dict()
+    head = model.classifier_name + "."
+    missing = [k for k in ours if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")]
+    if missing:
+        name = model._model_name
+        hint = (f" (a checkpoint of the official code loads with fusionblocks.create_model({name!r}, "
+                "pretrained_official=PATH))" if hasattr(model, "load_official_state_dict") else "")
+        raise ValueError(f"{name}: expected a weights file with every weight of the model but the classifier, got one "
+                         f"without {len(missing)} of them: {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}"
+                         f"{hint}")
+    return state_dict
+
+
 def _timm_entrypoint(name: str):
     from .registry import create_model, default_cfg
 
@@ -125,7 +142,9 @@ def _timm_entrypoint(name: str):
             raise ValueError(_no_weights_message(name))
         # features_only: timm's FeatureGetterNet prunes the model to the levels asked for (all by default)
         # and returns forward_intermediates(x, indices=..., intermediates_only=True)
-        return build_model_with_cfg(build, name, pretrained, feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs)
+        check = _checkpoint_filter if kwargs.get("pretrained_strict", True) else None  # pretrained_strict=False: timm's way
+        return build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=check,
+                                    feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__module__ = __name__

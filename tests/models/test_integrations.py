@@ -152,6 +152,23 @@ def test_timm_pretrained_loads_the_file_the_caller_names(name, tmp_path):
         timm.create_model(name, pretrained=True, **SMALL[name])
 
 
+def test_timm_pretrained_refuses_a_file_without_the_models_weights(tmp_path):
+    # timm loads what matches (strict=False once the classifier is left out) and leaves the rest at random init,
+    # saying so only in a log: an official HEMF checkpoint (other key names) or another model's file trained nothing
+    kw = dict(pretrained=True, num_classes=3, **SMALL["hemf"])
+    torch.save(timm.create_model("hatr_conv2d", **SMALL["hatr_conv2d"]).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"hemf: expected a weights file with every weight of the model but the "
+                                         r"classifier, got one without \d+ of them: local_branch\.stem\.0\.weight, .*"
+                                         r"pretrained_official=PATH"):
+        timm.create_model("hemf", pretrained_cfg_overlay=dict(file=str(tmp_path / "other.pth"), num_classes=-1), **kw)
+    # pretrained_strict=False asks for timm's lenient load
+    timm.create_model("hemf", pretrained_strict=False, pretrained_cfg_overlay=dict(file=str(tmp_path / "other.pth")), **kw)
+    # a file without a classifier (a model built with num_classes=0) has every weight that is needed
+    torch.save(timm.create_model("hemf", num_classes=0, **SMALL["hemf"]).state_dict(), tmp_path / "headless.pth")
+    m = timm.create_model("hemf", pretrained_cfg_overlay=dict(file=str(tmp_path / "headless.pth"), num_classes=-1), **kw)
+    assert m.get_classifier().out_features == 3
+
+
 @pytest.mark.parametrize("name", ["hemf", "hatr_resnet50"])
 def test_fusion_unet_takes_a_timm_features_only_encoder(name):
     from fusionblocks.models.unet import FusionUNet
