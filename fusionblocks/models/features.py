@@ -10,6 +10,7 @@ With timm installed, ``import fusionblocks`` registers every model in timm's reg
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 from typing import Dict, List, Sequence
@@ -102,10 +103,24 @@ def _names_weights(name: str, kwargs: Dict[str, object]) -> bool:
     return bool(cfg.has_weights or cfg.state_dict)
 
 
-def _checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """timm's ``pretrained_filter_fn`` (``pretrained=True`` with a weights file): refuse a file that lacks any of the
-    model's weights but the classifier. timm itself loads what matches and leaves the rest at random init, saying so
-    only in a log (every weight, with an official HiFuse/HEMF checkpoint, whose names differ)."""
+def _checkpoint_filter(state_dict: Dict[str, torch.Tensor], model: nn.Module, strict: bool = True) -> Dict[str, torch.Tensor]:
+    """timm's ``pretrained_filter_fn`` (``pretrained=True`` with a weights file): refuse (``strict``; timm's
+    ``pretrained_strict=False`` turns it off) a file that lacks any of the model's weights but the classifier. timm
+    itself loads what matches and leaves the rest at random init, saying so only in a log (every weight, with an
+    official HiFuse/HEMF checkpoint, whose names differ).
+
+    An RGB file's first convs are adapted to the model's ``in_chans`` as timm adapts its own models' (``in_chans=1``
+    sums the RGB filters): timm reads the file's channels from ``pretrained_cfg["input_size"]``, which states the
+    model's channels here (its data config), and refused the file."""
+    from timm.models import adapt_input_conv
+
+    convs = model.pretrained_cfg.get("first_conv") or ()
+    for conv in (convs,) if isinstance(convs, str) else convs:
+        key, chans = conv + ".weight", model.get_submodule(conv).in_channels
+        if key in state_dict and state_dict[key].dim() == 4 and state_dict[key].shape[1] == 3 != chans:
+            state_dict[key] = adapt_input_conv(chans, state_dict[key])
+    if not strict:
+        return state_dict
     ours = model.state_dict()
     head = model.classifier_name + "."
     missing = [k for k in ours if k not in state_dict and not k.startswith(head) and not k.endswith("num_batches_tracked")]
@@ -142,7 +157,7 @@ def _timm_entrypoint(name: str):
             raise ValueError(_no_weights_message(name))
         # features_only: timm's FeatureGetterNet prunes the model to the levels asked for (all by default)
         # and returns forward_intermediates(x, indices=..., intermediates_only=True)
-        check = _checkpoint_filter if kwargs.get("pretrained_strict", True) else None  # pretrained_strict=False: timm's way
+        check = functools.partial(_checkpoint_filter, strict=kwargs.get("pretrained_strict", True))
         return build_model_with_cfg(build, name, pretrained, pretrained_filter_fn=check,
                                     feature_cfg={"feature_cls": "getter", "out_indices": None}, **kwargs)
 

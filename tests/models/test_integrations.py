@@ -152,6 +152,29 @@ def test_timm_pretrained_loads_the_file_the_caller_names(name, tmp_path):
         timm.create_model(name, pretrained=True, **SMALL[name])
 
 
+@pytest.mark.parametrize("name", ["hifuse_tiny", "hatr_conv2d"])
+def test_timm_pretrained_adapts_an_rgb_file_to_in_chans(name, tmp_path):
+    # train.py --pretrained-path rgb.pth --in-chans 1: timm read the file's channels from pretrained_cfg's input_size,
+    # which states the model's (1), and refused "weight shape (.., 3, ..) is inconsistent with input_size[0]=1"
+    torch.manual_seed(0)
+    src = timm.create_model(name, num_classes=3, **SMALL[name])
+    torch.save(src.state_dict(), tmp_path / "rgb.pth")
+    convs = src.pretrained_cfg["first_conv"]
+    convs = (convs,) if isinstance(convs, str) else convs
+    for chans in (1, 4):
+        m = timm.create_model(name, pretrained=True, in_chans=chans, num_classes=2, **SMALL[name],
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth"), num_classes=-1))
+        for conv in convs:
+            rgb = src.get_submodule(conv).weight
+            want = rgb.sum(1, keepdim=True) if chans == 1 else rgb.repeat(1, 2, 1, 1)[:, :4] * 3 / 4
+            torch.testing.assert_close(m.get_submodule(conv).weight, want)
+        with torch.no_grad():
+            assert m.eval()(torch.randn(1, chans, 64, 64)).shape == (1, 2)
+    lenient = timm.create_model(name, pretrained=True, in_chans=1, pretrained_strict=False, **SMALL[name],
+                                pretrained_cfg_overlay=dict(file=str(tmp_path / "rgb.pth"), num_classes=-1))
+    torch.testing.assert_close(lenient.get_submodule(convs[0]).weight, src.get_submodule(convs[0]).weight.sum(1, keepdim=True))
+
+
 def test_timm_pretrained_refuses_a_file_without_the_models_weights(tmp_path):
     # timm loads what matches (strict=False once the classifier is left out) and leaves the rest at random init,
     # saying so only in a log: an official HEMF checkpoint (other key names) or another model's file trained nothing
