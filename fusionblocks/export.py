@@ -83,7 +83,8 @@ def _example(in_chans: int, image_size: int, batch: int = 2, seed: int = 0) -> t
 
 def export_model(model: nn.Module, path: str | Path, *, format: str, image_size: int, in_chans: int = 3,
                  metadata: Optional[Dict[str, object]] = None) -> float:
-    """Export ``model`` (put in eval mode) to ``path``; returns the export time in seconds.
+    """Export ``model``, in eval mode, to ``path``; returns the export time in seconds. The model is left in the
+    mode it was given in (a model in training is exported as for inference and goes on training).
 
     Args:
         model: any fusionblocks model (or module taking ``(B, in_chans, H, W)``).
@@ -99,7 +100,8 @@ def export_model(model: nn.Module, path: str | Path, *, format: str, image_size:
         _require_onnx()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
+    was_training = model.training
+    model.eval()
     x = _example(in_chans, image_size)
     meta = json.dumps(metadata or {})
     # the exporter logs every torchvision op it skips when torchvision is absent: not about this model
@@ -120,6 +122,7 @@ def export_model(model: nn.Module, path: str | Path, *, format: str, image_size:
                 torch.export.save(program, str(path), extra_files={PT2_METADATA_FILE: meta})
     finally:
         registry_log.setLevel(level)
+        model.train(was_training)
     return time.perf_counter() - t0
 
 

@@ -168,3 +168,18 @@ def test_model_onnx_parity_dynamic_batch(name, tmp_path, monkeypatch):
     for batch, seed in ((3, 1), (1, 7)):
         _, rel = check_exported(path, "onnx", model, image_size=size, batch=batch, seed=seed)
         assert rel <= 1e-4, (name, batch, rel)
+
+
+def test_export_model_leaves_the_model_in_the_mode_it_was_given(tmp_path):
+    # the program is the eval-mode function (dropout off, BatchNorm's running statistics); the caller's model,
+    # exported in the middle of training, goes on training (export_model used to leave it in eval mode)
+    from fusionblocks.export import export_model, run_exported
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten())
+    x = torch.randn(2, 3, 8, 8)
+    for training in (True, False):
+        model.train(training)
+        export_model(model, tmp_path / "m.pt2", format="pt2", image_size=8)
+        assert model.training is training
+    model.eval()
+    torch.testing.assert_close(run_exported(tmp_path / "m.pt2", "pt2", x), model(x))
