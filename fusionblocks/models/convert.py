@@ -182,6 +182,15 @@ def unwrap_keys(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Te
     return state_dict
 
 
+def nested_state_dict(ckpt: Mapping[str, object]) -> Mapping[str, object]:
+    """The state_dict of a checkpoint file: under ``model`` and/or ``state_dict`` as official and torchvision
+    training scripts often save it, or the file's dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+    return ckpt
+
+
 def load_official(
     model: nn.Module,
     state_dict: Mapping[str, torch.Tensor],

@@ -168,9 +168,8 @@ def create_model(
     if pretrained_official is not None:
         import torch
 
-        sd = torch.load(pretrained_official, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
-        model.load_official_state_dict(sd)
+        from .convert import nested_state_dict
+
+        model.load_official_state_dict(nested_state_dict(torch.load(pretrained_official, map_location="cpu",
+                                                                    weights_only=True)))
     return model

@@ -116,8 +116,8 @@ RUN_DIRS = ("tensorboard",)
 
 
 class RefusedOnRank0(ValueError):
-    """Raised under torchrun on the ranks other than 0 when rank 0 refuses the run folder (the same message; the
-    CLI leaves printing it to rank 0)."""
+    """Raised under torchrun on the ranks other than 0 when rank 0 refuses the run (its folder, or unreadable
+    images any process found), with the same message; the CLI leaves printing it to rank 0."""
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -265,9 +265,13 @@ def data_workers(requested, device: torch.device, world: int = 1, who: str = "tr
     if device.type == "cpu":
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # the processes of this machine (torchrun's LOCAL_WORLD_SIZE), not of every node
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
-    return max(0, min(MAX_AUTO_WORKERS, cores // max(local, 1) - 1))
+    return max(0, min(MAX_AUTO_WORKERS, cores // _local_processes(world) - 1))
+
+
+def _local_processes(world: int) -> int:
+    """The training processes of this machine (torchrun's ``LOCAL_WORLD_SIZE``), not of every node: what shares
+    its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world))) if world > 1 else 1
 
 
 def _loader(ds: Dataset, batch_size: int, num_workers: int, sampler=None, pin_memory: bool = False) -> DataLoader:
@@ -630,9 +634,8 @@ def train(cfg: TrainConfig) -> Dict[str, object]:
     init = None  # the file's tensors are no longer needed
     model = model.to(device)
     if files is not None:  # under torchrun each process decodes its share; every process learns of every problem
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if world > 1 else 1
         total, bad = D.image_problems(files, part=(rank, world), progress=cfg.progress and rank == 0,
-                                      workers=max(1, min(8, (os.cpu_count() or 1) // local)))
+                                      workers=max(1, min(8, (os.cpu_count() or 1) // _local_processes(world))))
         if world > 1:
             shares: List[object] = [None] * world
             dist.all_gather_object(shares, bad)

@@ -24,6 +24,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..models.convert import nested_state_dict
 from .checkpoint import CheckpointError, _model_kwargs, load_checkpoint, weights_mismatch
 
 __all__ = ["read_init", "apply_init", "describe_record"]
@@ -37,15 +38,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _state_dict(ckpt: Mapping[str, object]) -> Mapping[str, torch.Tensor]:
-    """The tensors of a plain checkpoint: nested under ``model`` / ``state_dict`` as official and torchvision
-    checkpoints often are, or at the top."""
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
 
 
 def read_init(path: str | Path, config: Mapping[str, object]) -> Tuple[Dict[str, object], Dict[str, object]]:
@@ -80,7 +72,7 @@ def read_init(path: str | Path, config: Mapping[str, object]) -> Tuple[Dict[str,
         raise CheckpointError(f"train --init: {path} is not a fusionblocks run (no 'model', 'config' and 'classes' "
                               f"entries), and {model_name} starts only from one ({model_name} has no official code "
                               f"and no backbone weights to load)")
-    if kind != RUN and not all(isinstance(v, torch.Tensor) for v in _state_dict(ckpt).values()):
+    if kind != RUN and not all(isinstance(v, torch.Tensor) for v in nested_state_dict(ckpt).values()):
         raise CheckpointError(f"train --init: {path} holds no state_dict (entries {sorted(map(str, ckpt))[:6]}); "
                               f"expected a fusionblocks run, or the {kind} for {model_name}")
     return {"path": str(path), "sha256": _sha256(path), "kind": kind}, ckpt
@@ -134,7 +126,7 @@ def apply_init(model: nn.Module, record: Mapping[str, object], content: Mapping[
         # built as the official code builds it, RGB, and without a classifier (the official one's is dropped)
         donor = create_model(name, num_classes=0, **{**_model_kwargs(config), "in_chans": 3})
         try:
-            donor.load_official_state_dict(_state_dict(content))
+            donor.load_official_state_dict(nested_state_dict(content))
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"train --init: {where}: {_said(e)}") from None
         state, gray = donor.state_dict(), config.get("in_chans", 3) == 1
@@ -146,7 +138,7 @@ def apply_init(model: nn.Module, record: Mapping[str, object], content: Mapping[
         return (f"started from {where} ({kind}): every weight but the classifier (the official classes are unknown)"
                 + ("; the first convolutions' RGB filters summed for 1-channel input" if gray else ""))
     try:
-        model.load_backbone_state_dict(dict(_state_dict(content)))
+        model.load_backbone_state_dict(dict(nested_state_dict(content)))
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"train --init: {where} as {kind}: {_said(e)}") from None
     return f"started from {where} ({kind}) in the backbone; the rest starts from random initialisation"
